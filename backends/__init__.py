@@ -1,0 +1,121 @@
+"""Backend layer: the only place in refmtp that knows about NumPy, CuPy, Numba or CUDA.
+
+Installed, this directory is the package ``refmtp.backends``.
+
+    from refmtp.backends import get_backend
+    bk = get_backend("numpy")          # or "cupy"
+    xp = bk.xp                         # array-api-compat namespace
+    rng = bk.rng(seed)                 # host-side numpy Generator; draws moved to the device
+    w = rng.normal((4, 8), std=0.02, dtype="float64")
+
+The math in ``refmtp/`` finds the backend of its inputs with :func:`backend_of` (or the array
+namespace with :func:`array_namespace`) and never imports numpy or cupy itself.
+
+Asking for an unavailable backend raises :class:`BackendUnavailable` with one line naming what
+is missing and how to fix it. There is no silent fallback.
+"""
+from __future__ import annotations
+
+import os
+
+from refmtp.backends.base import Backend, BackendUnavailable, HostRNG
+from refmtp.backends.numpy_backend import NumpyBackend
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "HostRNG",
+    "get_backend",
+    "backend_of",
+    "array_namespace",
+    "available_backends",
+    "BACKEND_NAMES",
+    "set_kernels_enabled",
+    "kernels_enabled",
+]
+
+BACKEND_NAMES = ("numpy", "cupy")
+
+_cache: dict[str, Backend] = {}
+
+# Kernels (Numba on numpy, RawKernels on cupy) are on by default; the plain array path is the
+# reference. REFMTP_KERNELS=0 or set_kernels_enabled(False) turns them off everywhere.
+_KERNELS_ENABLED = os.environ.get("REFMTP_KERNELS", "1") not in ("0", "false", "False", "no")
+
+
+def set_kernels_enabled(flag: bool) -> bool:
+    """Switch the kernel table on or off globally; returns the previous setting."""
+    global _KERNELS_ENABLED
+    previous = _KERNELS_ENABLED
+    _KERNELS_ENABLED = bool(flag)
+    return previous
+
+
+def kernels_enabled() -> bool:
+    return _KERNELS_ENABLED
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """Return the backend object for ``name`` ("numpy" or "cupy").
+
+    ``None`` reads ``REFMTP_BACKEND`` (default "numpy"). Raises ValueError for an unknown
+    name and BackendUnavailable when cupy or a GPU is missing.
+    """
+    if name is None:
+        name = os.environ.get("REFMTP_BACKEND", "numpy")
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"unknown backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}"
+        )
+    if name not in _cache:
+        if name == "numpy":
+            _cache[name] = NumpyBackend()
+        else:
+            from refmtp.backends.cupy_backend import CupyBackend
+
+            _cache[name] = CupyBackend()  # raises BackendUnavailable with the reason
+    return _cache[name]
+
+
+def available_backends() -> dict[str, str]:
+    """Map each backend name to "ok" or the one-line reason it is unavailable."""
+    status = {}
+    for name in BACKEND_NAMES:
+        try:
+            get_backend(name)
+            status[name] = "ok"
+        except BackendUnavailable as exc:
+            status[name] = str(exc)
+    return status
+
+
+def backend_of(*arrays) -> Backend:
+    """The backend that owns ``arrays`` (all must live on the same one).
+
+    Mixed numpy/cupy inputs raise TypeError with advice, as thinc does.
+    """
+    kinds = set()
+    for a in arrays:
+        if a is None or isinstance(a, (int, float, bool)):
+            continue
+        mod = type(a).__module__.split(".")[0]
+        if mod == "numpy":
+            kinds.add("numpy")
+        elif mod == "cupy":
+            kinds.add("cupy")
+        else:
+            raise TypeError(
+                f"refmtp got an array of type {type(a).__name__} ({type(a).__module__}); "
+                "pass numpy or cupy arrays (move data with backend.asarray)"
+            )
+    if len(kinds) > 1:
+        raise TypeError(
+            "refmtp got numpy and cupy arrays in one call: move every input to one backend "
+            "with backend.asarray(...) first"
+        )
+    return get_backend(kinds.pop() if kinds else "numpy")
+
+
+def array_namespace(*arrays):
+    """The array-api-compat namespace of ``arrays`` (``xp``)."""
+    return backend_of(*arrays).xp

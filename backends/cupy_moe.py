@@ -1,0 +1,2 @@
+"""CuPy RawKernels: moe (see cupy_kernels.py for the contract)."""
+KERNELS: dict = {}

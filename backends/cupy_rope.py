@@ -1,0 +1,2 @@
+"""CuPy RawKernels: rope (see cupy_kernels.py for the contract)."""
+KERNELS: dict = {}

@@ -1,0 +1,2 @@
+"""CuPy RawKernels: xent (see cupy_kernels.py for the contract)."""
+KERNELS: dict = {}

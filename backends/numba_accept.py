@@ -1,0 +1,2 @@
+"""Numba kernels: accept (see numba_kernels.py for the contract)."""
+KERNELS: dict = {}

@@ -1,0 +1,13 @@
+"""The Numba kernel table of the numpy backend.
+
+Each ``numba_<op>.py`` module defines plain-Python loops ``_<op>_loop`` and their compiled
+twins ``<op>_numba = njit(cache=True)(_<op>_loop)``, plus a ``KERNELS`` dict mapping the
+kernel name (the same name the refmtp op asks ``backend.kernel(...)`` for) to a wrapper with
+the exact signature of the plain array reference in ``refmtp/``. No fastmath anywhere.
+Set ``NUMBA_DISABLE_JIT=1`` to run every kernel as plain Python when debugging.
+"""
+from refmtp.backends import numba_accept, numba_moe, numba_rope, numba_xent
+
+KERNELS: dict = {}
+for _mod in (numba_rope, numba_xent, numba_moe, numba_accept):
+    KERNELS.update(_mod.KERNELS)

@@ -1,0 +1,2 @@
+"""Numba kernels: moe (see numba_kernels.py for the contract)."""
+KERNELS: dict = {}
