@@ -25,7 +25,10 @@ def cu_files() -> list[Path]:
 class LazyKernel:
     """A templated kernel from ``<file>.cu`` compiled on first use (thinc's LazyKernel idea)."""
 
+    instances: list["LazyKernel"] = []  # every kernel module declared, for the nvcc compile test
+
     def __init__(self, file: str, name_expressions: list[str]):
+        LazyKernel.instances.append(self)
         self.file = file
         self.name_expressions = list(name_expressions)
         self._module = None
