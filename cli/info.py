@@ -34,13 +34,23 @@ def collect_info() -> dict:
         "numpy": np.__version__,
         "blas": blas_info(),
     }
-    for mod in ("numba", "scipy", "click", "safetensors", "array_api_compat", "cupy", "torch",
-                "transformers", "matplotlib"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    dists = {"numba": "numba", "scipy": "scipy", "click": "click", "safetensors": "safetensors",
+             "array_api_compat": "array-api-compat", "cupy": "cupy-cuda12x", "torch": "torch",
+             "transformers": "transformers", "matplotlib": "matplotlib"}
+    for mod, dist in dists.items():
         try:
-            m = __import__(mod)
-            info[mod] = getattr(m, "__version__", "?")
-        except Exception:
+            info[mod] = version(dist)
+        except PackageNotFoundError:
             info[mod] = None
+    if info["cupy"] is None:  # cupy may come from another wheel name (cupy-cuda11x, cupy)
+        try:
+            import cupy
+
+            info["cupy"] = cupy.__version__
+        except Exception:
+            info["cupy"] = None
     info["backends"] = available_backends()
     try:
         from refmtp.backends import get_backend
