@@ -65,7 +65,7 @@ class CupyBackend(Backend):
     def _load_kernels(self) -> dict:
         from refmtp.backends import cupy_kernels
 
-        return cupy_kernels.KERNELS
+        return cupy_kernels.collect()
 
     def describe(self) -> dict:
         cupy = self._raw

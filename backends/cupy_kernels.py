@@ -50,7 +50,9 @@ class LazyKernel:
         return self._module.get_function(name_expression)
 
 
-def _collect() -> dict:
+def collect() -> dict:
+    """The kernel table, built on first use (not at import, so wrapper modules may import
+    LazyKernel from here in any order)."""
     from refmtp.backends import cupy_accept, cupy_moe, cupy_rope, cupy_xent
 
     table: dict = {}
@@ -58,5 +60,3 @@ def _collect() -> dict:
         table.update(mod.KERNELS)
     return table
 
-
-KERNELS: dict = _collect()
