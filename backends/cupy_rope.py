@@ -9,22 +9,15 @@ from __future__ import annotations
 
 import numpy as np
 
-_ROPE = None  # LazyKernel("rope", ...), made on first call (see _kernel)
+from refmtp.backends.cupy_kernels import LazyKernel
+
+_ROPE = LazyKernel("rope", ["rope_apply<float>", "rope_apply<double>"])  # compiled on first call
 _THREADS = 256
 _MAX_BLOCKS = 65535  # the grid-stride loop covers the rest
 
 
 def _kernel(name: str):
-    """The compiled ``rope_apply<float|double>``; compiles backends/rope.cu on first use.
-
-    The LazyKernel is created here rather than at import so that importing this module first
-    (before cupy_kernels, which imports it back) cannot hit a circular import.
-    """
-    global _ROPE
-    if _ROPE is None:
-        from refmtp.backends.cupy_kernels import LazyKernel
-
-        _ROPE = LazyKernel("rope", ["rope_apply<float>", "rope_apply<double>"])
+    """The compiled ``rope_apply<float|double>``; compiles backends/rope.cu on first use."""
     return _ROPE.get(name)
 
 
