@@ -263,7 +263,7 @@ def test_rope_kernel_is_registered_and_dispatched():
 def test_cupy_rope_registered():
     from refmtp.backends import cupy_kernels, cupy_rope
 
-    assert cupy_kernels.KERNELS["rope_apply"] is cupy_rope.rope_apply
+    assert cupy_kernels.collect()["rope_apply"] is cupy_rope.rope_apply
     assert "template <typename scalar_t>" in cu_source("rope")
 
 
@@ -301,7 +301,7 @@ def test_cupy_rope_parity(shape, dtype, max_blocks, monkeypatch):
     bk = get_backend("cupy")
     x, cos, sin = _kernel_inputs(shape, dtype, seed=sum(shape))
     xd, cd, sd = (bk.asarray(a) for a in (x, cos, sin))
-    kern = cupy_kernels.KERNELS["rope_apply"]
+    kern = cupy_kernels.collect()["rope_apply"]
     y = kern(xd, cd, sd)
     assert y.shape == xd.shape and y.dtype == xd.dtype
     # _rn intrinsics: IEEE products and sums, identical to the host reference
