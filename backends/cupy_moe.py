@@ -1,2 +1,154 @@
-"""CuPy RawKernels: moe (see cupy_kernels.py for the contract)."""
-KERNELS: dict = {}
+"""CuPy RawKernels: MoE dispatch and combine (source: backends/moe_dispatch.cu).
+
+Same contracts as ``refmtp.moe.moe_dispatch_plan_ref``, ``moe_permute_ref``,
+``moe_permute_backward_ref``, ``moe_combine_ref`` and ``moe_combine_backward_ref``. The kernels
+use no atomics (each output element has one owner thread adding its slots in dispatch order),
+so they are deterministic and bit-exact with the NumPy reference except ``dweight`` (a
+sequential sum, to rounding). Compiled lazily on first call; importing this module never
+imports cupy.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from refmtp.backends.cupy_kernels import LazyKernel
+
+_TEMPLATED = ("moe_permute", "moe_permute_backward", "moe_combine", "moe_combine_backward_dys",
+              "moe_combine_backward_dweight")
+_MOD = LazyKernel(
+    "moe_dispatch",
+    ["moe_plan_count", "moe_plan_place", "moe_inverse_permutation"]
+    + [f"{k}<{t}>" for k in _TEMPLATED for t in ("float", "double")],
+)
+_THREADS = 256
+
+
+def _tname(dtype) -> str:
+    if dtype == np.float32:
+        return "float"
+    if dtype == np.float64:
+        return "double"
+    raise TypeError(f"moe kernel handles float32 and float64, got {dtype}")
+
+
+def _launch(name, n, args):
+    """Grid-stride launch of ``name`` over n work items (nothing to do when n == 0)."""
+    if n <= 0:
+        return
+    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 65535))
+    _MOD.get(name)((blocks,), (_THREADS,), args)
+
+
+def _order(order, S):
+    import cupy
+
+    order = cupy.ascontiguousarray(order, dtype=cupy.int64)
+    if order.shape != (S,):
+        raise ValueError(f"moe kernel: order has shape {order.shape}, expected ({S},)")
+    return order
+
+
+def _inverse(order):
+    import cupy
+
+    pos = cupy.empty_like(order)
+    _launch("moe_inverse_permutation", order.shape[0], (order, np.int64(order.shape[0]), pos))
+    return pos
+
+
+def moe_dispatch_plan(topk_idx, n_experts):
+    """Same contract as ``refmtp.moe.moe_dispatch_plan_ref``: (order (S,), offsets (E+1,))."""
+    import cupy
+
+    flat = cupy.ascontiguousarray(topk_idx.reshape(-1), dtype=cupy.int64)
+    S, E = flat.shape[0], int(n_experts)
+    # two scalars device -> host: a bad index would make the kernels write out of bounds
+    if S and (int(flat.min()) < 0 or int(flat.max()) >= E):
+        raise ValueError(f"moe dispatch: expert indices must lie in [0, {E})")
+    counts = cupy.empty(E, dtype=cupy.int64)
+    _launch("moe_plan_count", E, (flat, np.int64(S), np.int32(E), counts))
+    offsets = cupy.zeros(E + 1, dtype=cupy.int64)
+    offsets[1:] = cupy.cumsum(counts)  # integer prefix sum: exact
+    order = cupy.empty(S, dtype=cupy.int64)
+    _launch("moe_plan_place", E, (flat, np.int64(S), np.int32(E), offsets, order))
+    return order, offsets
+
+
+def moe_permute(x, order, K):
+    """Same contract as ``refmtp.moe.moe_permute_ref``: xs (S, d)."""
+    import cupy
+
+    x = cupy.ascontiguousarray(x)
+    order = cupy.ascontiguousarray(order, dtype=cupy.int64)
+    S, d = order.shape[0], x.shape[1]
+    xs = cupy.empty((S, d), dtype=x.dtype)
+    _launch(f"moe_permute<{_tname(x.dtype)}>", S * d,
+            (x, order, np.int64(S), np.int32(K), np.int32(d), xs))
+    return xs
+
+
+def moe_permute_backward(dxs, order, n_tokens):
+    """Same contract as ``refmtp.moe.moe_permute_backward_ref``: dx (N, d)."""
+    import cupy
+
+    dxs = cupy.ascontiguousarray(dxs)
+    S, d = dxs.shape
+    N = int(n_tokens)
+    K = S // N
+    if K * N != S:
+        raise ValueError(f"moe permute_backward: {S} slots is not a multiple of {N} tokens")
+    order = _order(order, S)
+    dx = cupy.empty((N, d), dtype=dxs.dtype)
+    _launch(f"moe_permute_backward<{_tname(dxs.dtype)}>", N * d,
+            (dxs, _inverse(order), np.int64(N), np.int32(K), np.int32(d), dx))
+    return dx
+
+
+def moe_combine(ys, order, weight):
+    """Same contract as ``refmtp.moe.moe_combine_ref``: y (N, d)."""
+    import cupy
+
+    ys = cupy.ascontiguousarray(ys)
+    weight = cupy.ascontiguousarray(weight, dtype=ys.dtype)
+    N, K = weight.shape
+    S, d = ys.shape
+    if S != N * K:
+        raise ValueError(f"moe combine: ys has {S} rows, expected N*K = {N * K}")
+    order = _order(order, S)
+    y = cupy.empty((N, d), dtype=ys.dtype)
+    _launch(f"moe_combine<{_tname(ys.dtype)}>", N * d,
+            (ys, order, _inverse(order), weight, np.int64(N), np.int32(K), np.int32(d), y))
+    return y
+
+
+def moe_combine_backward(dy, ys, order, weight):
+    """Same contract as ``refmtp.moe.moe_combine_backward_ref``: (dys (S, d), dweight (N, K))."""
+    import cupy
+
+    ys = cupy.ascontiguousarray(ys)
+    dy = cupy.ascontiguousarray(dy, dtype=ys.dtype)
+    weight = cupy.ascontiguousarray(weight, dtype=ys.dtype)
+    N, K = weight.shape
+    S, d = ys.shape
+    if S != N * K or dy.shape != (N, d):
+        raise ValueError(
+            f"moe combine_backward: dy {dy.shape} / ys {ys.shape} do not fit weight ({N}, {K})"
+        )
+    order = _order(order, S)
+    t = _tname(ys.dtype)
+    dys = cupy.empty_like(ys)
+    dweight = cupy.empty((N, K), dtype=ys.dtype)
+    _launch(f"moe_combine_backward_dys<{t}>", S * d,
+            (dy, order, weight, np.int64(S), np.int32(K), np.int32(d), dys))
+    _launch(f"moe_combine_backward_dweight<{t}>", S,
+            (dy, ys, order, np.int64(S), np.int32(K), np.int32(d), dweight))
+    return dys, dweight
+
+
+KERNELS = {
+    "moe_dispatch_plan": moe_dispatch_plan,
+    "moe_permute": moe_permute,
+    "moe_permute_backward": moe_permute_backward,
+    "moe_combine": moe_combine,
+    "moe_combine_backward": moe_combine_backward,
+}
