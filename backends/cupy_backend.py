@@ -57,10 +57,12 @@ class CupyBackend(Backend):
         return self._raw.asnumpy(a)  # explicit device -> host copy
 
     def scatter_add(self, out, idx, vals):
-        import cupyx
+        # Not cupyx.scatter_add: its float atomicAdd sums duplicates in a scheduling-dependent
+        # order (run-to-run differences in the last bit). The RawKernel in scatter_add.cu adds
+        # them in index order, bit-identical to np.add.at on the numpy backend.
+        from refmtp.backends.cupy_scatter import scatter_add
 
-        cupyx.scatter_add(out, idx, vals)
-        return out
+        return scatter_add(out, idx, vals)
 
     def _load_kernels(self) -> dict:
         from refmtp.backends import cupy_kernels

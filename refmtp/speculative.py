@@ -30,7 +30,7 @@ import copy
 import math
 from typing import Any, Callable, NamedTuple
 
-from refmtp.backends import backend_of
+from refmtp.backends import backend_of, get_backend
 
 # Medusa typical acceptance defaults as used by ``medusa_generate`` (spec section 4).
 TYPICAL_EPS = 0.09
@@ -84,10 +84,23 @@ def processed_probs(logits, temperature: float):
     return e / xp.sum(e, axis=-1, keepdims=True)  # (..., V)
 
 
+def _host_cumsum(w):
+    """Inclusive cumsum along the last axis, summed sequentially on the host.
+
+    R5 compares ``c[i] > u * S`` exactly, so the summation order matters at a boundary: a GPU
+    scan (cupy's parallel cumsum) may round differently from numpy's left-to-right sum. Summing
+    on the host makes every backend take the same decision; the result goes back to w's device.
+    """
+    bk = backend_of(w)
+    host = get_backend("numpy")
+    return bk.asarray(host.xp.cumsum(bk.to_numpy(w), axis=-1))
+
+
 def _icdf(w, u: float):
     """R5 on a float64 weight vector (no validation); -1 when no weight is positive."""
-    xp = backend_of(w).xp
-    c = xp.cumsum(w)  # (V,) inclusive cumulative sum in index order
+    bk = backend_of(w)
+    xp = bk.xp
+    c = _host_cumsum(w)  # (V,) inclusive cumulative sum in index order
     t = u * float(c[-1])  # t = u * S
     hit = xp.nonzero((w > 0) & (c > t))[0]  # strict >, zero-weight entries skipped
     if hit.shape[0] > 0:
@@ -425,7 +438,7 @@ def _icdf_rows(w, u):
     """R5 on each row of w (N, V) with coins u (N,); -1 where a row has no positive weight."""
     xp = backend_of(w, u).xp
     V = w.shape[-1]
-    c = xp.cumsum(w, axis=-1)  # (N, V) sequential per row, as the 1-d cumsum
+    c = _host_cumsum(w)  # (N, V) sequential per row, as the 1-d cumsum
     t = u * c[:, -1]  # (N,) t = u * S
     hit = (w > 0) & (c > t[:, None])  # (N, V)
     first_hit = xp.argmax(xp.asarray(hit, dtype=xp.int8), axis=-1)  # (N,) first True

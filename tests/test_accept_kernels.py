@@ -124,17 +124,29 @@ def test_batch_ref_equals_loop_and_numba(N, K, V, one_hot, dtype, logits):
     assert ((ref.tokens >= 0) == valid).all()  # -1 padding exactly after A+1 tokens
 
 
-def test_mixed_dtypes_and_kernel_switch():
+def _on(bk, args):
+    return [None if a is None else bk.asarray(a) for a in args]
+
+
+def _host(bk, verdict):
+    return [bk.to_numpy(x) for x in verdict]
+
+
+def test_mixed_dtypes_and_kernel_switch(backend):
+    bk = backend
+    kern = numba_accept.verify_drafts_batch if bk.name == "numpy" else cupy_accept.verify_drafts_batch
     args = random_batch(5, 80, 2, 6, dtype=np.float32, q_dtype=np.float64)
-    ref = verify_drafts_batch_ref(*args)
-    assert_same(ref, numba_accept.verify_drafts_batch(*args), "float32 p / float64 q")
+    ref = verify_drafts_batch_ref(*args)  # numpy, on the host
+    dev = _on(bk, args)
+    assert_same(ref, _host(bk, kern(*dev)), "float32 p / float64 q")
+    assert_same(ref, _host(bk, verify_drafts_batch(*dev)), "kernels on (dispatch)")
     previous = set_kernels_enabled(False)
     try:
-        assert get_backend("numpy").kernel("verify_drafts_batch") is None
-        assert_same(ref, verify_drafts_batch(*args), "kernels off")
+        assert bk.kernel("verify_drafts_batch") is None
+        assert_same(ref, _host(bk, verify_drafts_batch(*dev)), "kernels off")
     finally:
         set_kernels_enabled(previous)
-    assert get_backend("numpy").kernel("verify_drafts_batch") is numba_accept.verify_drafts_batch
+    assert bk.kernel("verify_drafts_batch") is kern
 
 
 def _dyadic_groups():
@@ -159,12 +171,16 @@ def _stack_cases(cases):
     return p, q, drafts, ua, us, greedy, logits
 
 
-def test_dyadic_cases_batched_equal_verify_drafts():
+def test_dyadic_cases_batched_equal_verify_drafts(backend):
     n = 0
     for cases in _dyadic_groups().values():
         args = _stack_cases(cases)
         ref = verify_drafts_batch_ref(*args)
-        assert_same(ref, numba_accept.verify_drafts_batch(*args), "dyadic numba")
+        if backend.name == "numpy":
+            assert_same(ref, numba_accept.verify_drafts_batch(*args), "dyadic numba")
+        dev = _on(backend, args)
+        assert_same(ref, _host(backend, verify_drafts_batch(*dev)), f"dyadic dispatch ({backend.name})")
+        assert_same(ref, _host(backend, verify_drafts_batch_ref(*dev)), f"dyadic reference ({backend.name})")
         for i, c in enumerate(cases):
             v = verify_drafts(c["p"], c["q"], c["drafts"], c["u_accept"], c["u_sample"], c["greedy"], c["logits"])
             assert (int(ref.num_accepted[i]), tuple(int(t) for t in ref.tokens[i, : v.num_accepted + 1]),
@@ -173,15 +189,16 @@ def test_dyadic_cases_batched_equal_verify_drafts():
     assert n == len(DYADIC_CASES)
 
 
-def test_batch_input_checks():
-    p, q, drafts, ua, us, greedy, lg = random_batch(3, 6, 2, 4, greedy_frac=0.0, fallback_frac=0.0)
-    bad_q = q.copy()
-    bad_q[2, 1, drafts[2, 1]] = 0.0
+def test_batch_input_checks(backend):
+    host = random_batch(3, 6, 2, 4, greedy_frac=0.0, fallback_frac=0.0)
+    p, q, drafts, ua, us, greedy, lg = _on(backend, host)
+    bad_q = backend.asarray(host[1].copy())
+    bad_q[2, 1, int(host[2][2, 1])] = 0.0
     with pytest.raises(ValueError, match=r"q\[2, 1, \d\] = 0\.0"):
         verify_drafts_batch(p, bad_q, drafts, ua, us, False)
     g = np.zeros(6, bool)
     g[2] = True  # a greedy row ignores q
-    verify_drafts_batch(p, bad_q, drafts, ua, us, g)
+    verify_drafts_batch(p, bad_q, drafts, ua, us, backend.asarray(g))
     with pytest.raises(ValueError, match=r"\[0, 4\)"):
         verify_drafts_batch(p, q, drafts + 4, ua, us, False)
     with pytest.raises(ValueError, match=r"u_accept must be \(N, K\)"):
@@ -189,11 +206,12 @@ def test_batch_input_checks():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         verify_drafts_batch(p, q, drafts, ua + 1.0, us, False)
     with pytest.raises(ValueError, match="greedy must be"):
-        verify_drafts_batch(p, q, drafts, ua, us, np.zeros(5, bool))
+        verify_drafts_batch(p, q, drafts, ua, us, backend.asarray(np.zeros(5, bool)))
     with pytest.raises(ValueError, match="u_accept"):
         verify_drafts_batch(p, q, drafts, None, None, False)
     out = verify_drafts_batch(None, None, drafts, None, None, True, lg)  # all greedy: logits only
-    assert_same(out, verify_drafts_batch_ref(p, q, drafts, ua, us, np.ones(6, bool), lg), "logits-only greedy")
+    want = verify_drafts_batch_ref(*host[:5], np.ones(6, bool), host[6])  # numpy, on the host
+    assert_same(_host(backend, out), want, "logits-only greedy")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +351,7 @@ def test_cupy_kernel_matches_reference(N, K, V, one_hot, dtype, logits):
     assert_same(ref, [bk.to_numpy(x) for x in verify_drafts_batch_ref(*dev)], "cupy array reference")
 
 
-def test_empty_batch_and_k0():
+def test_empty_batch_and_k0(backend):
     for N, K in [(0, 2), (3, 0)]:
         p, q = np.full((N, K + 1, 3), 1 / 4), np.full((N, K, 3), 1 / 3)
         args = (p, q, np.zeros((N, K), np.int64), np.zeros((N, K)), np.full(N, 0.5), np.zeros(N, bool), None)
@@ -341,5 +359,8 @@ def test_empty_batch_and_k0():
         assert ref.tokens.shape == (N, K + 1)
         if N:  # K = 0: only the bonus, ICDF([1/4]*3, 0.5): t = 0.375 -> token 1
             assert (ref.tokens == 1).all() and ref.is_bonus.all()
-        assert_same(ref, numba_accept.verify_drafts_batch(*args), "numba")
-        assert_same(ref, verify_drafts_batch(*args), "public")
+        if backend.name == "numpy":
+            assert_same(ref, numba_accept.verify_drafts_batch(*args), "numba")
+        dev = _on(backend, args)
+        assert_same(ref, _host(backend, verify_drafts_batch(*dev)), "public")
+        assert_same(ref, _host(backend, verify_drafts_batch_ref(*dev)), "reference")

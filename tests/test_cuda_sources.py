@@ -17,7 +17,7 @@ NVCC = shutil.which("nvcc")
 
 def _declared_kernels() -> dict[str, list[str]]:
     # Importing the wrapper modules never imports cupy (they import it inside functions).
-    for mod in ("cupy_rope", "cupy_xent", "cupy_moe", "cupy_accept"):
+    for mod in ("cupy_rope", "cupy_xent", "cupy_moe", "cupy_accept", "cupy_scatter"):
         importlib.import_module(f"refmtp.backends.{mod}")
     by_file = defaultdict(list)
     for lk in cupy_kernels.LazyKernel.instances:

@@ -116,3 +116,112 @@ def test_backward_is_pure(backend):
     np.testing.assert_array_equal(backend.to_numpy(g1.dx), backend.to_numpy(g2.dx))
     np.testing.assert_array_equal(backend.to_numpy(x), x0)
     assert g1.dx is not g2.dx
+
+
+# -------------------------------------------------------------------------------------------
+# numpy <-> cupy parity (float64, 1e-12 relative): every op, forward and backward, with the
+# backend's kernels on and off. Imported by the layer test files (test_mla, test_moe).
+# -------------------------------------------------------------------------------------------
+PARITY_RTOL = 1e-12
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want| (0 for empty arrays): a norm-wise relative error."""
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if want.size == 0:
+        return 0.0
+    scale = float(np.max(np.abs(want)))
+    return float(np.max(np.abs(got - want))) / (scale if scale > 0 else 1e-300)
+
+
+def assert_parity(got: dict, want: dict, rtol: float = PARITY_RTOL, what: str = "") -> None:
+    """Host arrays keyed alike: same shapes and dtypes, integers equal, floats within rtol."""
+    assert sorted(got) == sorted(want), f"{what}: keys differ: {sorted(set(got) ^ set(want))}"
+    for k in sorted(want):
+        g, w = np.asarray(got[k]), np.asarray(want[k])
+        assert g.shape == w.shape and g.dtype == w.dtype, f"{what}{k}: {g.shape} {g.dtype} vs {w.shape} {w.dtype}"
+        if w.dtype.kind in "biu":
+            np.testing.assert_array_equal(g, w, err_msg=f"{what}{k}")
+        else:
+            err = rel_err(g, w)
+            assert err <= rtol, f"{what}{k}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def run_on(bk, fn, kernels: bool):
+    """fn(bk) with the kernel table switched on or off, restoring the previous setting."""
+    from refmtp.backends import set_kernels_enabled
+
+    prev = set_kernels_enabled(kernels)
+    try:
+        return fn(bk)
+    finally:
+        set_kernels_enabled(prev)
+
+
+def _op_case(name):
+    """fn(bk) -> {output and gradient name: host array}; inputs drawn from a fixed seed on the host."""
+    from refmtp.config import preset
+    from refmtp.ops.attention import attention_backward, attention_forward
+    from refmtp.ops.rope import rope_backward, rope_forward, rope_tables
+
+    def fn(bk):
+        rng = np.random.default_rng(sum(map(ord, name)))
+        h = bk.to_numpy
+
+        def A(*shape, scale=1.0):
+            return bk.asarray(rng.standard_normal(shape) * scale, dtype="float64")
+
+        if name == "linear":
+            x, w = A(3, 5, 7), A(6, 7)
+            y, c = linear_forward(x, w)
+            g = linear_backward(A(3, 5, 6), c)
+            return {"y": h(y), "dx": h(g.dx), "dweight": h(g.dweight)}
+        if name == "rmsnorm":
+            x, w = A(3, 5, 9), A(9)
+            y, c = rmsnorm_forward(x, w, 1e-6)
+            g = rmsnorm_backward(A(3, 5, 9), c)
+            return {"y": h(y), "dx": h(g.dx), "dweight": h(g.dweight)}
+        if name == "swiglu":
+            x, gp, up, dn = A(2, 7, 6), A(5, 6), A(5, 6), A(6, 5)
+            y, c = swiglu_forward(x, gp, up, dn)
+            g = swiglu_backward(A(2, 7, 6), c)
+            return {"y": h(y), "dx": h(g.dx), "dgate": h(g.dgate_proj), "dup": h(g.dup_proj),
+                    "ddown": h(g.ddown_proj)}
+        if name == "embedding":
+            ids = bk.asarray(rng.integers(0, 5, size=(4, 6)), dtype="int64")  # many repeats
+            y, c = embedding_forward(ids, A(5, 3))
+            return {"y": h(y), "dweight": h(embedding_backward(A(4, 6, 3), c).dweight)}
+        if name == "xent":
+            t = rng.integers(0, 11, size=9)
+            t[[2, 5]] = -100
+            z = A(9, 11, scale=3.0)
+            losses, c = xent_forward(z, bk.asarray(t, dtype="int64"))
+            return {"losses": h(losses), "lse": h(c.lse), "dlogits": h(xent_backward(A(9), c).dlogits)}
+        if name == "attention":
+            q, k, v = A(2, 3, 4, 5), A(2, 3, 6, 5), A(2, 3, 6, 7)
+            o, c = attention_forward(q, k, v, 0.4, start=2)
+            g = attention_backward(A(2, 3, 4, 7), c)
+            return {"o": h(o), "p": h(c.p), "dq": h(g.dq), "dk": h(g.dk), "dv": h(g.dv)}
+        if name == "rope":
+            x = A(2, 3, 5, 8)
+            cfg = preset("deepseek-v3").replace(qk_rope_head_dim=8)  # YaRN frequencies
+            cos, sin = rope_tables(cfg, bk.asarray(np.arange(5) + 4000, dtype="int64"), x)
+            y, c = rope_forward(x, cos, sin)
+            return {"cos": h(cos), "sin": h(sin), "y": h(y), "dx": h(rope_backward(A(2, 3, 5, 8), c).dx)}
+        raise AssertionError(name)
+
+    return fn
+
+
+OPS = ["linear", "rmsnorm", "swiglu", "embedding", "xent", "attention", "rope"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "plain"])
+@pytest.mark.parametrize("op", OPS)
+def test_cupy_matches_numpy_float64(op, kernels):
+    from refmtp.backends import get_backend
+
+    want = run_on(get_backend("numpy"), _op_case(op), kernels=False)  # the plain numpy reference
+    got = run_on(get_backend("cupy"), _op_case(op), kernels=kernels)
+    assert_parity(got, want, what=f"{op} ({'kernels' if kernels else 'plain'}): ")

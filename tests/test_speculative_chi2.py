@@ -128,7 +128,14 @@ def outcome_counts(num_accepted, tokens):
     return Counter((int(A), tuple(int(t) for t in row[: A + 1])) for A, row in zip(num_accepted, tokens))
 
 
-def test_rng_v1_outcomes_match_exact_law_and_controls_fail():
+def _batch(bk, *args):
+    """verify_drafts_batch on backend ``bk`` (inputs moved there), the verdict back on the host."""
+    out = verify_drafts_batch(*[a if a is None or isinstance(a, bool) else bk.asarray(a) for a in args])
+    return type(out)(*[bk.to_numpy(x) for x in out])
+
+
+def test_rng_v1_outcomes_match_exact_law_and_controls_fail(backend):
+    """The scalar rule runs on numpy (a Python loop over N); the batched one on ``backend``."""
     V, K, N = 4, 2, 20000
     P, Q = make_tables(V, K, seed=3)
     law = exact_law(P, Q, K, V)
@@ -140,26 +147,26 @@ def test_rng_v1_outcomes_match_exact_law_and_controls_fail():
         v = verify_drafts(p[n], q[n], drafts[n], u_accept[n], u_sample[n])
         scalar[(v.num_accepted, v.tokens)] += 1
     assert chi2_pvalue(scalar, law, N) > ALPHA
-    out = verify_drafts_batch(p, q, drafts, u_accept, u_sample, False)
+    out = _batch(backend, p, q, drafts, u_accept, u_sample, False)
     assert outcome_counts(out.num_accepted, out.tokens) == scalar  # same coins, same outcomes
     # negative controls, same N and test
     controls = {}
-    bad = verify_drafts_batch(p, q, drafts, np.zeros_like(u_accept), u_sample, False)  # coin hard-coded to 0
+    bad = _batch(backend, p, q, drafts, np.zeros_like(u_accept), u_sample, False)  # coin hard-coded to 0
     controls["accept-all (u=0)"] = outcome_counts(bad.num_accepted, bad.tokens)
     p_A = p[np.arange(N), out.num_accepted][:, None, :]  # (N, 1, V) the target row at the stop
-    y = verify_drafts_batch(p_A, None, np.zeros((N, 0), np.int64), np.zeros((N, 0)), u_sample, False).tokens[:, 0]
+    y = _batch(backend, p_A, None, np.zeros((N, 0), np.int64), np.zeros((N, 0)), u_sample, False).tokens[:, 0]
     resampled = np.where(out.is_bonus, out.tokens[np.arange(N), out.num_accepted], y)  # ICDF(p_j) on rejection
     tok = out.tokens.copy()
     tok[np.arange(N), out.num_accepted] = resampled
     controls["resample-from-p"] = outcome_counts(out.num_accepted, tok)
-    shared = verify_drafts_batch(p, q, drafts, v_draft, u_sample, False)  # draft uniform reused as coin
+    shared = _batch(backend, p, q, drafts, v_draft, u_sample, False)  # draft uniform reused as coin
     controls["shared-noise"] = outcome_counts(shared.num_accepted, shared.tokens)
     for name, counts in controls.items():
         pv = chi2_pvalue(counts, law, N)
         assert pv < ALPHA, f"negative control {name} was not rejected (p = {pv})"
 
 
-def test_batch_one_hot_drafter_k3_matches_exact_law():
+def test_batch_one_hot_drafter_k3_matches_exact_law(backend):
     """verify_drafts_batch (kernel path) with a deterministic drafter, K = 3, N = 50 000."""
     V, K, N = 4, 3, 50000
     P, Q = make_tables(V, K, seed=4)
@@ -172,8 +179,8 @@ def test_batch_one_hot_drafter_k3_matches_exact_law():
     p_rows = np.array([[float(x) for x in P[tuple(d[:k])]] for k in range(K + 1)])
     gen = np.random.Generator(np.random.PCG64(11))
     u_accept, u_sample = rng_v1_draws_batch(gen, N, K)
-    out = verify_drafts_batch(np.broadcast_to(p_rows, (N, K + 1, V)).copy(), None,
-                              np.tile(np.array(d), (N, 1)), u_accept, u_sample, False)
+    out = _batch(backend, np.broadcast_to(p_rows, (N, K + 1, V)).copy(), None,
+                 np.tile(np.array(d), (N, 1)), u_accept, u_sample, False)
     assert chi2_pvalue(outcome_counts(out.num_accepted, out.tokens), law, N) > ALPHA
     # A against prod a_k (spec 1.3, conditional on the fixed drafts) and E[A]
     a = [min(1.0, p_rows[k, d[k]]) for k in range(K)]
@@ -187,8 +194,8 @@ def test_batch_one_hot_drafter_k3_matches_exact_law():
     assert abs(out.num_accepted.mean() - EA) < 5 * sd
     # control with the same N and test: coins hard-coded to 0 accept every draft with p(d) > 0
     assert all(p_rows[k, d[k]] > 0 for k in range(K))
-    bad = verify_drafts_batch(np.broadcast_to(p_rows, (N, K + 1, V)).copy(), None, np.tile(np.array(d), (N, 1)),
-                              np.zeros((N, K)), u_sample, False)
+    bad = _batch(backend, np.broadcast_to(p_rows, (N, K + 1, V)).copy(), None, np.tile(np.array(d), (N, 1)),
+                 np.zeros((N, K)), u_sample, False)
     assert bad.is_bonus.all()
     assert chi2_pvalue(outcome_counts(bad.num_accepted, bad.tokens), law, N) < ALPHA
 

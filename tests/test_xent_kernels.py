@@ -49,8 +49,13 @@ def test_numba_xent_bit_exact_with_py_func(N, V):
     np.testing.assert_array_equal(a, b)
 
 
+# + a vocabulary much wider than the 256-thread block, more rows than the 65535-block grid of
+# the forward, and more N*V elements than the backward's grid covers in one pass
+GPU_CASES = CASES + [(9, 5000), (70000, 3), (66000, 260)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,V", CASES)
+@pytest.mark.parametrize("N,V", GPU_CASES)
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_cupy_xent_matches_reference(N, V, dtype):
     from refmtp.backends import cupy_xent, get_backend
@@ -59,9 +64,18 @@ def test_cupy_xent_matches_reference(N, V, dtype):
     z, t, d = _data(N, V, np.dtype(dtype))
     zc, tc, dc = bk.asarray(z), bk.asarray(t), bk.asarray(d)
     losses, lse = cupy_xent.xent_forward(zc, tc)
+    assert losses.dtype == lse.dtype == zc.dtype
     rl, rlse = xent_forward_ref(zc, tc)
+    hl, hlse = xent_forward_ref(z, t)  # the numpy reference on the host
     tol = 1e-13 if dtype == "float64" else 2e-5
+    for got in (losses, rl):  # kernel and plain cupy path, both against numpy
+        np.testing.assert_allclose(bk.to_numpy(got), hl, rtol=tol, atol=tol)
     np.testing.assert_allclose(bk.to_numpy(losses), bk.to_numpy(rl), rtol=tol, atol=tol)
+    np.testing.assert_allclose(bk.to_numpy(lse), hlse, rtol=tol, atol=tol)
     dz = cupy_xent.xent_backward(dc, zc, tc, lse)
+    host_dz = xent_backward_ref(d, z, t, hlse)
     np.testing.assert_allclose(bk.to_numpy(dz), bk.to_numpy(xent_backward_ref(dc, zc, tc, rlse)),
                                rtol=tol, atol=tol)
+    np.testing.assert_allclose(bk.to_numpy(dz), host_dz, rtol=tol, atol=tol)
+    if N > 2:
+        assert float(losses[1]) == 0.0 and not bk.to_numpy(dz[1]).any()  # the ignored row
