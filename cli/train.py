@@ -1,0 +1,204 @@
+"""``refmtp train``: train a model on bytes, with checkpoints, metrics and exact resume.
+
+The loop lives in :mod:`refmtp.train`; this module parses options, prints, and maps errors to
+exit codes: 2 for input the user can fix (unknown preset, bad config, unreadable or empty data,
+an existing --out, a --resume that does not match), 1 for a numerical failure (non-finite loss
+or gradient), 130 after Ctrl-C (a checkpoint is saved first). No traceback reaches the user.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import click
+
+from refmtp.backends import BackendUnavailable
+from refmtp.config import ConfigError, ModelConfig, preset as get_preset
+
+
+class InputError(click.ClickException):
+    """Bad input the user can fix: one line, exit code 2."""
+
+    exit_code = 2
+
+
+def _default_out(name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{name}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"{name}-{stamp}-{n}"
+    return out
+
+
+def _fmt_losses(losses: dict) -> str:
+    parts = [f"loss {losses['main']:.4f}"]
+    parts += [f"{k} {v:.4f}" for k, v in losses.items() if k.startswith("mtp.")]
+    if "balance" in losses:
+        parts.append(f"bal {losses['balance']:.2e}")
+    return "  ".join(parts)
+
+
+def _fmt_eval(rec: dict) -> str:
+    loss, acc = rec["eval_loss"], rec["eval_acc"]
+    parts = [f"held-out: loss {loss['main']:.4f} acc {acc['main']:.3f}"]
+    for k in acc:
+        if k.startswith("mtp."):
+            parts.append(f"{k} loss {loss.get(k, float('nan')):.4f} acc {acc[k]:.3f}")
+    return "  ".join(parts)
+
+
+def _fmt_step(rec: dict) -> str:
+    line = (f"step {rec['step']:>6}  {_fmt_losses(rec['loss'])}  gnorm {rec['grad_norm']:.3f}  "
+            f"lr {rec['lr']:.2e}  {rec.get('tokens_per_s', 0):,.0f} tok/s")
+    if "imbalance_max" in rec:
+        line += f"  imb {rec['imbalance_max']:.2f}"
+    return line
+
+
+@click.command()
+@click.option("--preset", "preset_name", default=None,
+              help="Model preset: tiny, small (default) or deepseek-v3.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="Model config.json (HF DeepSeek-V3 field names) instead of a preset.")
+@click.option("--data", type=click.Path(), default=None,
+              help="Text file or directory of text files (default: the Python stdlib source).")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Total number of updates, also with --resume (default 1500).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows per step (16).")
+@click.option("--seq-len", type=click.IntRange(min=1), default=None, help="Tokens per window (128).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (3e-3).")
+@click.option("--warmup-steps", type=click.IntRange(min=0), default=None,
+              help="Linear warmup steps (default min(100, decay steps / 10)).")
+@click.option("--decay-steps", type=click.IntRange(min=1), default=None,
+              help="Step where the cosine reaches its minimum (default: --steps).")
+@click.option("--backend", type=click.Choice(["numpy", "cupy"]), default=None,
+              help="Array backend (numpy).")
+@click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
+              help="Parameter dtype (float32).")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Init and data seed (0).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Run directory (default runs/<preset>-<timestamp>).")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the run in this directory from its newest checkpoint.")
+@click.option("--eval-every", type=click.IntRange(min=0), default=None,
+              help="Held-out evaluation every N steps (250; 0: only at the end).")
+@click.option("--log-every", type=click.IntRange(min=1), default=None,
+              help="metrics.jsonl line every N steps (10).")
+@click.option("--checkpoint-every", type=click.IntRange(min=0), default=None,
+              help="Checkpoint every N steps (250; 0: only at the end and on Ctrl-C).")
+def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
+          decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
+          checkpoint_every):
+    """Train a DeepSeek-V3-style model (MLA + MoE + MTP) on byte-level text.
+
+    With no options: the `small` preset on the Python standard library source, numpy, float32
+    (about 10 minutes on 2 CPU cores). Checkpoints, metrics.jsonl and run.json go to --out.
+    """
+    from refmtp.train import NonFiniteError, RunError, Trainer, TrainSettings
+
+    requested = {
+        "data": data, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
+        "warmup_steps": warmup_steps, "decay_steps": decay_steps, "backend": backend,
+        "dtype": dtype, "seed": seed, "eval_every": eval_every, "log_every": log_every,
+        "checkpoint_every": checkpoint_every,
+    }
+    try:
+        if preset_name is not None and config_file is not None:
+            raise InputError("give --preset or --config, not both")
+        cfg = None
+        if config_file is not None:
+            cfg = ModelConfig.load(config_file)
+        elif preset_name is not None:
+            cfg = get_preset(preset_name)
+        if resume_dir is not None:
+            if out is not None and Path(out).resolve() != Path(resume_dir).resolve():
+                raise InputError("--out cannot be combined with --resume (the run continues "
+                                 "in the --resume directory)")
+            if requested["data"] is not None:
+                requested["data"] = str(Path(data).expanduser().resolve())
+            trainer = Trainer.resume(resume_dir, requested, cfg)
+        else:
+            settings = TrainSettings()
+            settings.preset = preset_name if config_file is None else None
+            settings.config_file = str(Path(config_file).resolve()) if config_file else None
+            if settings.preset is None and settings.config_file is None:
+                settings.preset = "small"
+            for key, value in requested.items():
+                if value is not None:
+                    setattr(settings, key, value)
+            if data is not None:
+                settings.data = str(Path(data).expanduser().resolve())
+            if cfg is None:
+                cfg = get_preset(settings.preset)
+            name = settings.preset or Path(config_file).stem
+            out_dir = Path(out) if out is not None else _default_out(name)
+            trainer = Trainer.new(settings, cfg, out_dir)
+    except (ConfigError, RunError, BackendUnavailable, ValueError, OSError) as exc:
+        raise InputError(str(exc)) from None
+
+    for line in trainer.describe():
+        click.echo(line)
+    _run(trainer, NonFiniteError)
+
+
+def _run(trainer, NonFiniteError):
+    s = trainer.settings
+    if trainer.step >= s.steps:
+        click.echo(f"the run is already at step {trainer.step} (--steps {s.steps}): nothing to "
+                   f"do; checkpoint: {trainer.resumed_from}")
+        return
+    tty = sys.stdout.isatty()
+    start = trainer.step
+    # Without a terminal: one line per ~5% of the run (and at every evaluation).
+    every = max(s.log_every, ((s.steps - start) // 20) // s.log_every * s.log_every)
+    status = {"text": ""}
+
+    def on_log(rec):
+        if "loss" not in rec:  # the evaluation before the first step
+            click.echo(f"step {rec['step']:>6}  {_fmt_eval(rec)}")
+            return
+        if "eval_loss" in rec:
+            prefix = "\n" if tty else ""
+            click.echo(f"{prefix}{_fmt_step(rec)}\nstep {rec['step']:>6}  {_fmt_eval(rec)}")
+        elif not tty and (rec["step"] % every == 0 or rec["step"] == s.steps):
+            click.echo(_fmt_step(rec))
+
+    try:
+        with warnings.catch_warnings():
+            # overflow warnings are superseded by the non-finite check's one-line message
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if tty:
+                with click.progressbar(length=s.steps - start, label="training", show_eta=True,
+                                       show_percent=False, show_pos=True, width=20,
+                                       item_show_func=lambda _: status["text"]) as bar:
+                    def on_step(step, rec):
+                        status["text"] = (f"step {step}  {_fmt_losses(rec['loss'])}  "
+                                          f"{rec.get('tokens_per_s', 0):,.0f} tok/s")
+                        bar.update(1)
+
+                    result = trainer.run(on_step=on_step, on_log=on_log)
+            else:
+                result = trainer.run(on_log=on_log)
+    except NonFiniteError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
+        raise click.ClickException(f"training stopped: {exc}") from None
+
+    ev = result.last_eval
+    click.echo(
+        f"{result.status} at step {result.step}: {result.tokens_per_s:,.0f} tokens/s, "
+        f"{result.elapsed_s:.0f} s this session"
+    )
+    if result.last:
+        click.echo(f"last train step: {_fmt_losses(result.last['loss'])}")
+    if ev is not None:
+        click.echo(f"step {ev['step']} {_fmt_eval({'eval_loss': ev['loss'], 'eval_acc': ev['acc']})}")
+    click.echo(f"checkpoint: {result.checkpoint}")
+    click.echo(f"metrics:    {result.out_dir / 'metrics.jsonl'}  (plot: refmtp plot {result.out_dir})")
+    if result.status == "interrupted":
+        click.echo(f"interrupted; continue with: refmtp train --resume {result.out_dir}", err=True)
+        sys.exit(130)

@@ -1,0 +1,687 @@
+"""The training loop: data -> forward -> backward -> clip -> AdamW -> expert-bias update.
+
+    trainer = Trainer.new(TrainSettings(preset="tiny", steps=20), preset("tiny"), "runs/x")
+    result = trainer.run()                       # TrainResult(status, step, checkpoint, ...)
+    trainer = Trainer.resume("runs/x", {"steps": 40})
+    trainer.run()
+
+One step (``step`` counts completed updates, so the update taken now is number ``step + 1``)::
+
+    tokens = sampler.next(B)                         # (B, T+1) int64, random windows
+    out, cache = forward(params, cfg, tokens)        # losses: main, mtp.k, balance, total
+    grads = backward(cache)                          # d total / d param
+    grads, norm = clip_grads(grads, grad_clip)       # global-norm clipping
+    opt.step(params, grads, schedule(step))          # AdamW, warmup + cosine lr
+    update_expert_bias(params, out.load, gamma)      # aux-loss-free balancing (V3 sec. 2.1.2)
+
+A run directory holds ``run.json`` (settings, model config, data fingerprint), ``metrics.jsonl``
+(one JSON object per logged step), ``latest`` (name of the newest checkpoint) and one
+``checkpoint-NNNNNNN/`` directory: ``config.json`` + ``model.safetensors`` (HF layout, written by
+:func:`refmtp.checkpoint.save_checkpoint`), ``optimizer.safetensors`` (AdamW m, v, step) and
+``trainer_state.json`` (step, data-sampler PCG64 state, tokens seen). No pickle anywhere.
+
+Checkpoints are written into ``ckpt.tmp/`` and renamed with ``os.replace``, so a crash never
+leaves a half-written checkpoint under a final name. Ctrl-C (SIGINT) is deferred to the end of
+the current step, then a checkpoint is written and :meth:`Trainer.run` returns with status
+"interrupted". A non-finite loss term or gradient raises :class:`NonFiniteError` naming the step
+and the term; nothing is saved, so the last good checkpoint stays the newest.
+
+Resume is exact: ``--steps N`` in one go and ``k`` steps + resume to ``N`` give bit-identical
+parameters on one backend and dtype (the lr schedule's horizon ``decay_steps`` is fixed when the
+run starts; the optimizer moments, expert biases and sampler state are restored bit for bit).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from refmtp import __version__
+from refmtp.backends import get_backend, kernels_enabled
+from refmtp.config import PASSTHROUGH_FIELDS, ModelConfig
+from refmtp.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
+from refmtp.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, first_nonfinite,
+                          global_grad_norm, load_optimizer, save_optimizer)
+
+RUN_FORMAT = "refmtp-run"
+RUN_FORMAT_VERSION = 1
+LOSS_ORDER = ("main", "mtp", "balance", "total")  # order in which non-finite terms are named
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or gradient became NaN/inf; the message names the step and the term."""
+
+
+class RunError(ValueError):
+    """A run directory or a resume request that cannot be used (one line, says the fix)."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything that defines a training run besides the model config."""
+
+    preset: str | None = "small"  # preset name, or None with a --config file
+    config_file: str | None = None  # the --config path (informational)
+    data: str | None = None  # None: the Python standard library source
+    steps: int = 1500  # total number of updates (also with resume)
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
+    warmup_steps: int | None = None  # None -> min(100, decay_steps // 10) when the run starts
+    decay_steps: int | None = None  # cosine horizon; None -> steps when the run starts
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global gradient-norm clip (<= 0: off)
+    seed: int = 0  # init_params(seed); data windows use seed + 1
+    backend: str = "numpy"
+    dtype: str = "float32"
+    eval_every: int = 250  # held-out evaluation every N steps (0: only at the end)
+    eval_batches: int = 4  # held-out windows = eval_batches * batch_size
+    log_every: int = 10  # one metrics.jsonl line every N steps
+    checkpoint_every: int = 250  # checkpoint every N steps (0: only at the end / on Ctrl-C)
+
+    # settings that may change when a run is resumed; every other one must match
+    RESUMABLE = ("steps", "backend", "eval_every", "eval_batches", "log_every",
+                 "checkpoint_every")
+
+    def validate(self) -> "TrainSettings":
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1")
+        for name in ("eval_every", "checkpoint_every", "warmup_steps", "seed"):
+            v = getattr(self, name)
+            if v is None and name == "warmup_steps":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be an integer >= 0")
+        if self.decay_steps is not None and (not isinstance(self.decay_steps, int)
+                                             or self.decay_steps < 1):
+            raise ValueError(f"decay_steps={self.decay_steps!r} must be an integer >= 1")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype {self.dtype!r} is not supported: choose float32 or float64")
+        if not (isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip={self.grad_clip!r} must be a finite number")
+        self.schedule()  # lr, warmup, decay, min ratio
+        AdamWSettings(self.beta1, self.beta2, self.eps, self.weight_decay)
+        return self
+
+    def schedule(self) -> CosineSchedule:
+        decay = self.decay_steps if self.decay_steps is not None else self.steps
+        warmup = self.warmup_steps if self.warmup_steps is not None else min(100, decay // 10)
+        return CosineSchedule(lr=self.lr, warmup_steps=warmup, decay_steps=decay,
+                              min_lr_ratio=self.min_lr_ratio)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise RunError(f"run.json has unknown training settings {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done" | "interrupted"
+    step: int  # completed updates
+    checkpoint: Path | None  # newest checkpoint directory
+    out_dir: Path
+    last: dict = field(default_factory=dict)  # the last metrics record
+    last_eval: dict | None = None  # {"loss": {...}, "acc": {...}} of the last evaluation
+    tokens_per_s: float = 0.0  # training throughput over this invocation
+    elapsed_s: float = 0.0  # wall time of this invocation
+
+
+def byte_level_config(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
+    """Training data are bytes: raise vocab_size to 256 when it is smaller (said, not silent)."""
+    if cfg.vocab_size >= VOCAB_SIZE:
+        return cfg, []
+    return (cfg.replace(vocab_size=VOCAB_SIZE),
+            [f"vocab_size {cfg.vocab_size} -> {VOCAB_SIZE} (byte-level tokens)"])
+
+
+def count_params(params: dict) -> int:
+    return int(sum(math.prod(a.shape) for a in params.values()))
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _model_fields(cfg: ModelConfig) -> dict:
+    """The config fields that define the model (passthrough HF fields do not)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in PASSTHROUGH_FIELDS}
+
+
+def _first_difference(a: dict, b: dict, prefix="") -> str | None:
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, "<absent>"), b.get(key, "<absent>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            d = _first_difference(va, vb, f"{prefix}{key}.")
+            if d:
+                return d
+        elif va != vb:
+            return f"{prefix}{key}: run has {vb!r}, requested {va!r}"
+    return None
+
+
+@contextmanager
+def _deferred_sigint(trainer: "Trainer"):
+    """While training, Ctrl-C asks the loop to stop after the current step (then it saves).
+
+    A second Ctrl-C outside the commit of an update raises KeyboardInterrupt at once.
+    Only the main thread can own signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if trainer.stop_requested and not trainer._committing:
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class Trainer:
+    """A training run bound to an output directory. Build with :meth:`new` or :meth:`resume`."""
+
+    def __init__(self, settings: TrainSettings, cfg: ModelConfig, out_dir: Path, corpus,
+                 params: dict, opt: AdamW, sampler: WindowSampler, step: int, *,
+                 overrides=(), tokens_seen: int = 0, elapsed_s: float = 0.0, resumed_from=None):
+        self.settings = settings
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.corpus = corpus
+        self.params = params
+        self.opt = opt
+        self.sampler = sampler
+        self.step = step
+        self.overrides = list(overrides)
+        self.tokens_seen = tokens_seen
+        self.elapsed_s = elapsed_s  # training wall time summed over all invocations
+        self.resumed_from = resumed_from
+        self.backend = get_backend(settings.backend)
+        self.schedule = settings.schedule()
+        self.stop_requested = False
+        self._committing = False
+        self._pending_data = None  # sampler state before the step in progress
+        self._heldout = heldout_windows(corpus.heldout, settings.seq_len,
+                                        settings.eval_batches * settings.batch_size)
+        self.last_checkpoint: Path | None = None
+        self.last_eval: dict | None = None
+
+    # ---------------------------------------------------------------------------------------
+    # construction
+    # ---------------------------------------------------------------------------------------
+    @classmethod
+    def new(cls, settings: TrainSettings, cfg: ModelConfig, out_dir, *, corpus=None,
+            overrides=()) -> "Trainer":
+        """A fresh run writing into ``out_dir`` (which must not exist or be empty).
+
+        Validates settings, config, backend and data BEFORE creating anything on disk.
+        """
+        from refmtp.model import init_params
+
+        settings = dataclasses.replace(settings)
+        if settings.decay_steps is None:
+            settings.decay_steps = settings.steps
+        if settings.warmup_steps is None:
+            settings.warmup_steps = min(100, settings.decay_steps // 10)
+        settings.validate()
+        cfg, more = byte_level_config(cfg.validate())
+        overrides = list(overrides) + more
+        _check_seq_len(settings, cfg)
+        bk = get_backend(settings.backend)  # BackendUnavailable before any file is written
+        out_dir = Path(out_dir)
+        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+            raise RunError(
+                f"output directory {out_dir} already exists and is not empty: continue it with "
+                f"--resume {out_dir} or choose another --out"
+            )
+        if corpus is None:
+            corpus = load_corpus(settings.data)
+        check_window(corpus, settings.seq_len)
+        params = init_params(cfg, seed=settings.seed, backend=settings.backend,
+                             dtype=settings.dtype)
+        opt = AdamW(AdamWSettings(settings.beta1, settings.beta2, settings.eps,
+                                  settings.weight_decay))
+        sampler = WindowSampler(corpus.train, settings.seq_len, settings.seed + 1, bk)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run = {
+            "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
+            "refmtp": __version__, "python": sys.version.split()[0],
+            "settings": settings.to_dict(), "model": cfg.to_dict(),
+            "data": corpus.summary(), "overrides": overrides,
+        }
+        _write_json_atomic(out_dir / "run.json", run)
+        return cls(settings, cfg, out_dir, corpus, params, opt, sampler, 0, overrides=overrides)
+
+    @classmethod
+    def resume(cls, run_dir, requested: dict | None = None, cfg: ModelConfig | None = None,
+               ) -> "Trainer":
+        """Continue the run in ``run_dir`` from its newest checkpoint.
+
+        ``requested`` holds the options the user gave (None = not given). Those in
+        ``TrainSettings.RESUMABLE`` replace the stored ones; any other that differs from the
+        stored value, or a ``cfg`` that differs from the run's model config, raises RunError
+        and nothing is written.
+        """
+        from refmtp.checkpoint import load_checkpoint
+
+        run_dir = Path(run_dir)
+        run_file = run_dir / "run.json"
+        if not run_file.is_file():
+            raise RunError(f"{run_dir} is not a refmtp run directory (no run.json)")
+        try:
+            run = json.loads(run_file.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunError(f"cannot read {run_file}: {exc}") from None
+        if run.get("format") != RUN_FORMAT or run.get("format_version") != RUN_FORMAT_VERSION:
+            raise RunError(f"{run_file} is not a refmtp run file of version {RUN_FORMAT_VERSION}")
+        stored = TrainSettings.from_dict(run["settings"])
+        settings = dataclasses.replace(stored)
+        for key, value in (requested or {}).items():
+            if value is None:
+                continue
+            if key in TrainSettings.RESUMABLE:
+                setattr(settings, key, value)
+            elif key not in run["settings"]:
+                raise RunError(f"unknown training setting {key!r}")
+            elif _normalise(key, value) != _normalise(key, run["settings"][key]):
+                raise RunError(
+                    f"--{key.replace('_', '-')} {value} differs from the resumed run's "
+                    f"{run['settings'][key]!r} ({run_dir}): drop the option to resume, or "
+                    "start a new run with --out"
+                )
+        settings.validate()
+        stored_cfg = ModelConfig.from_dict(run["model"])
+        if cfg is not None:
+            cfg, _ = byte_level_config(cfg.validate())
+            diff = _first_difference(_model_fields(cfg), _model_fields(stored_cfg))
+            if diff:
+                raise RunError(
+                    f"the requested model config differs from the run in {run_dir} ({diff}): "
+                    "drop --preset/--config to resume, or start a new run with --out"
+                )
+        get_backend(settings.backend)
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise RunError(f"{run_dir} has no complete checkpoint to resume from")
+        corpus = load_corpus(settings.data)
+        if corpus.fingerprint != run["data"]["fingerprint"]:
+            raise RunError(
+                f"the data ({corpus.source}) changed since the run started (fingerprint "
+                f"{corpus.fingerprint[:12]} != {run['data']['fingerprint'][:12]}): resume "
+                "with the same data (for the default corpus: the same Python version)"
+            )
+        check_window(corpus, settings.seq_len)
+        ckpt_cfg, params = load_checkpoint(ckpt, backend=settings.backend, dtype=settings.dtype)
+        diff = _first_difference(_model_fields(ckpt_cfg), _model_fields(stored_cfg))
+        if diff:
+            raise RunError(f"{ckpt}/config.json differs from {run_file} ({diff})")
+        opt = load_optimizer(ckpt / "optimizer.safetensors", params, backend=settings.backend)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        bk = get_backend(settings.backend)
+        sampler = WindowSampler(corpus.train, settings.seq_len, settings.seed + 1, bk)
+        sampler.set_state(state["data"])
+        step = int(state["step"])
+        if opt.step_count != step:
+            raise RunError(f"{ckpt}: optimizer is at step {opt.step_count}, trainer at {step}")
+        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        if settings.to_dict() != stored.to_dict():
+            run["settings"] = settings.to_dict()
+            _write_json_atomic(run_file, run)
+        return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, step,
+                   overrides=run.get("overrides", []), tokens_seen=int(state["tokens_seen"]),
+                   elapsed_s=float(state["elapsed_s"]), resumed_from=ckpt)
+
+    # ---------------------------------------------------------------------------------------
+    # description
+    # ---------------------------------------------------------------------------------------
+    @property
+    def n_params(self) -> int:
+        return count_params(self.params)
+
+    def describe(self) -> list[str]:
+        """The resolved configuration, a few lines for the user."""
+        s, c = self.settings, self.cfg
+        name = s.preset or s.config_file or "config"
+        n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+        lines = [
+            f"model   {name}: {self.n_params:,} parameters; {c.num_hidden_layers} layers "
+            f"({c.num_hidden_layers - n_moe} dense + {n_moe} MoE, {c.n_routed_experts} experts "
+            f"top-{c.num_experts_per_tok}), D={c.D} MTP",
+        ]
+        fields = {k: v for k, v in c.to_dict().items() if k != "refmtp"}
+        lines += _wrap("  ", [f"{k}={v}" for k, v in fields.items()])
+        lines += _wrap("  ", [f"refmtp.{k}={v}" for k, v in c.to_dict()["refmtp"].items()])
+        for o in self.overrides:
+            lines.append(f"  override: {o}")
+        sched = self.schedule
+        lines.append(
+            f"train   steps={s.steps} batch_size={s.batch_size} seq_len={s.seq_len} "
+            f"({s.batch_size * s.seq_len} tokens/step) lr={s.lr:g} warmup={sched.warmup_steps} "
+            f"cosine->{s.min_lr_ratio:g}x by step {sched.decay_steps}"
+        )
+        lines.append(
+            f"        AdamW betas=({s.beta1:g}, {s.beta2:g}) eps={s.eps:g} "
+            f"weight_decay={s.weight_decay:g} grad_clip={s.grad_clip:g} seed={s.seed} "
+            f"bias_update_gamma={c.refmtp.bias_update_gamma:g}"
+        )
+        lines.append(f"        backend={s.backend} dtype={s.dtype} "
+                     f"kernels={'on' if kernels_enabled() else 'off'} eval_every={s.eval_every} "
+                     f"log_every={s.log_every} checkpoint_every={s.checkpoint_every}")
+        lines.append(f"data    {self.corpus.description}")
+        lines.append(f"        {self.corpus.train.size:,} training / {self.corpus.heldout.size:,} "
+                     "held-out tokens (bytes)")
+        if self.resumed_from is not None:
+            lines.append(f"resume  from {self.resumed_from} (step {self.step})")
+        lines.append(f"out     {self.out_dir}")
+        return lines
+
+    # ---------------------------------------------------------------------------------------
+    # the loop
+    # ---------------------------------------------------------------------------------------
+    def run(self, on_step=None, on_log=None) -> TrainResult:
+        """Train until ``settings.steps`` updates are done (or Ctrl-C).
+
+        ``on_step(step, record)`` is called after every update with the step's losses;
+        ``on_log(record)`` with every record written to metrics.jsonl (and evaluations).
+        Raises NonFiniteError (nothing saved) when a loss or gradient is not finite.
+        """
+        s = self.settings
+        t_start = time.perf_counter()
+        step_time = 0.0
+        tokens_before = self.tokens_seen
+        last = {}
+        window_time, window_tokens = 0.0, 0
+        interrupted = False
+        self._pending_data = None
+        try:
+            with _deferred_sigint(self):
+                if self.step == 0 and s.eval_every > 0 and self.resumed_from is None:
+                    self._log({"step": 0, "tokens": 0, **self._eval_record()}, on_log)
+                while self.step < s.steps:
+                    if self.stop_requested:
+                        interrupted = True
+                        break
+                    t0 = time.perf_counter()
+                    self._pending_data = self.sampler.state()  # cleared when the step commits
+                    record = self._train_step()
+                    dt = time.perf_counter() - t0
+                    step_time += dt
+                    window_time += dt
+                    window_tokens += s.batch_size * s.seq_len
+                    self.elapsed_s += dt
+                    record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
+                    last = record
+                    if on_step is not None:
+                        on_step(self.step, record)
+                    do_eval = s.eval_every > 0 and self.step % s.eval_every == 0
+                    do_eval = do_eval or self.step == s.steps
+                    if self.step % s.log_every == 0 or do_eval or self.step == s.steps:
+                        if do_eval:
+                            record.update(self._eval_record())
+                        self._log(record, on_log)
+                        window_time, window_tokens = 0.0, 0
+                    if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                        self.save()
+        except KeyboardInterrupt:
+            interrupted = True
+            if self._pending_data is not None:  # the interrupted step committed nothing
+                self.sampler.set_state(self._pending_data)
+                self._pending_data = None
+        ckpt = self.save()
+        elapsed = time.perf_counter() - t_start
+        trained = self.tokens_seen - tokens_before
+        return TrainResult(
+            status="interrupted" if interrupted else "done", step=self.step, checkpoint=ckpt,
+            out_dir=self.out_dir, last=last, last_eval=self.last_eval,
+            tokens_per_s=trained / step_time if step_time > 0 else 0.0, elapsed_s=elapsed,
+        )
+
+    def _train_step(self) -> dict:
+        from refmtp.model import backward, forward, update_expert_bias
+
+        s, number = self.settings, self.step + 1
+        tokens = self.sampler.next(s.batch_size)  # (B, T+1) int64 on the backend
+        try:
+            out, cache = forward(self.params, self.cfg, tokens)
+        except ValueError as exc:  # inputs were validated: this is overflow (e.g. NaN router scores)
+            bad = first_nonfinite(self.params)
+            what = f"parameter {bad!r} is not finite" if bad else "the forward pass failed"
+            raise NonFiniteError(
+                f"step {number}: {what} ({exc}); stopped without saving, {self._last_good()}; "
+                "lower --lr or check the data"
+            ) from None
+        losses = {k: float(v) for k, v in out.losses.items()}
+        for name in sorted(losses, key=_loss_rank):
+            if not math.isfinite(losses[name]):
+                raise NonFiniteError(
+                    f"step {number}: loss term {name!r} is {losses[name]} (not finite); "
+                    f"stopped without saving, {self._last_good()}; lower --lr or check the data"
+                )
+        grads = backward(cache)
+        norm = global_grad_norm(grads)
+        if not math.isfinite(norm):
+            bad = first_nonfinite(grads)
+            raise NonFiniteError(
+                f"step {number}: gradient of {bad!r} is not finite (grad norm {norm}); stopped "
+                f"without saving, {self._last_good()}; lower --lr or check the data"
+            )
+        grads, norm = clip_grads(grads, s.grad_clip, norm)
+        lr = self.schedule(self.step)
+        imbalance = _imbalance(self.backend, out.load)
+        # commit: after this block the step is part of the run (Ctrl-C waits for it)
+        self._committing = True
+        try:
+            self.opt.step(self.params, grads, lr)
+            update_expert_bias(self.params, out.load, self.cfg.refmtp.bias_update_gamma)
+            self.step = number
+            self.tokens_seen += s.batch_size * s.seq_len
+            self._pending_data = None  # the sampler's advance is now part of the run
+        finally:
+            self._committing = False
+        record = {"step": number, "tokens": self.tokens_seen, "lr": lr, "grad_norm": norm,
+                  "loss": losses}
+        if imbalance:
+            record["imbalance"] = imbalance
+            record["imbalance_max"] = max(imbalance.values())
+        return record
+
+    # ---------------------------------------------------------------------------------------
+    # evaluation
+    # ---------------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Held-out loss terms and top-1 accuracy per depth (main, mtp.1 .. mtp.D).
+
+        Main logits at position t predict token t+1; MTP depth k at position t predicts token
+        t+k+1 (V3 sec. 2.2), so its targets are ``tokens[:, k+1 : T+1]``.
+        """
+        from refmtp.model import forward
+
+        s, bk = self.settings, self.backend
+        xp = bk.xp
+        T = s.seq_len
+        sums: dict[str, float] = {}
+        correct: dict[str, float] = {}
+        total: dict[str, int] = {}
+        n_batches = 0
+        for i in range(0, self._heldout.shape[0], s.batch_size):
+            tokens = bk.asarray(self._heldout[i:i + s.batch_size], dtype="int64")  # (B, T+1)
+            res = forward(self.params, self.cfg, tokens, need_cache=False)
+            out = res[0] if isinstance(res, tuple) else res
+            for k, v in out.losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_batches += 1
+            preds = [("main", out.logits, tokens[:, 1:T + 1])]
+            for k, logits in enumerate(out.mtp_logits, start=1):
+                preds.append((f"mtp.{k}", logits, tokens[:, k + 1:T + 1]))
+            for name, logits, target in preds:
+                hit = xp.argmax(logits, axis=-1) == target  # (B, T-k)
+                correct[name] = correct.get(name, 0.0) + float(xp.sum(hit))
+                total[name] = total.get(name, 0) + int(math.prod(target.shape))
+        return {"loss": {k: v / n_batches for k, v in sums.items()},
+                "acc": {k: correct[k] / total[k] for k in correct}}
+
+    def _eval_record(self) -> dict:
+        ev = self.evaluate()
+        self.last_eval = {"step": self.step, **ev}
+        return {"eval_loss": ev["loss"], "eval_acc": ev["acc"]}
+
+    # ---------------------------------------------------------------------------------------
+    # output
+    # ---------------------------------------------------------------------------------------
+    def _log(self, record: dict, on_log) -> None:
+        record = {**record, "elapsed_s": round(self.elapsed_s, 3)}
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+        if on_log is not None:
+            on_log(record)
+
+    def _last_good(self) -> str:
+        ckpt = latest_checkpoint(self.out_dir)
+        if ckpt is None:
+            return "no checkpoint was written yet"
+        return f"last good checkpoint: {ckpt}"
+
+    def save(self) -> Path:
+        """Write a checkpoint of the current step (via ``ckpt.tmp`` + os.replace); return it."""
+        from refmtp.checkpoint import save_checkpoint
+
+        final = self.out_dir / f"checkpoint-{self.step:07d}"
+        if final.is_dir() and (final / "trainer_state.json").is_file():
+            self.last_checkpoint = final  # already saved at this step: identical content
+            return final
+        tmp = self.out_dir / "ckpt.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftover of an interrupted save
+        tmp.mkdir()
+        save_checkpoint(tmp, self.cfg, self.params)
+        save_optimizer(tmp / "optimizer.safetensors", self.opt)
+        state = {
+            "step": self.step, "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_s, "data": self.sampler.state(),
+            "backend": self.settings.backend, "dtype": self.settings.dtype,
+            "data_fingerprint": self.corpus.fingerprint,
+        }
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)  # an incomplete directory under the final name
+        os.replace(tmp, final)
+        (self.out_dir / "latest.tmp").write_text(final.name + "\n")
+        os.replace(self.out_dir / "latest.tmp", self.out_dir / "latest")
+        for old in self.out_dir.glob("checkpoint-*"):
+            if old != final and old.is_dir():
+                shutil.rmtree(old)
+        self.last_checkpoint = final
+        return final
+
+
+# -------------------------------------------------------------------------------------------
+# helpers
+# -------------------------------------------------------------------------------------------
+def latest_checkpoint(run_dir) -> Path | None:
+    """The newest complete checkpoint of a run (``latest``, else the highest numbered)."""
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest"
+    if pointer.is_file():
+        cand = run_dir / pointer.read_text().strip()
+        if (cand / "trainer_state.json").is_file():
+            return cand
+    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    return done[-1] if done else None
+
+
+def _check_seq_len(settings: TrainSettings, cfg: ModelConfig) -> None:
+    if settings.seq_len <= cfg.D:
+        raise ValueError(
+            f"seq_len={settings.seq_len} must exceed the MTP depth D={cfg.D} (depth k predicts "
+            "k+1 tokens ahead)"
+        )
+    if settings.seq_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"seq_len={settings.seq_len} exceeds max_position_embeddings="
+            f"{cfg.max_position_embeddings}"
+        )
+
+
+def _normalise(key, value):
+    if key == "data" and value is not None:
+        return str(Path(value).expanduser().resolve())
+    if isinstance(value, int) and not isinstance(value, bool) and key in ("lr", "eps",
+                                                                         "weight_decay"):
+        return float(value)
+    return value
+
+
+def _loss_rank(name: str):
+    head = name.split(".")[0]
+    return (LOSS_ORDER.index(head) if head in LOSS_ORDER else len(LOSS_ORDER), name)
+
+
+def _imbalance(bk, load: dict) -> dict:
+    """max/mean of each MoE layer's expert loads (1.0 = perfectly balanced)."""
+    out = {}
+    for layer in sorted(load):
+        c = bk.to_numpy(load[layer]).astype("float64")  # (E,) host copy for the metric
+        mean = float(c.mean())
+        if mean > 0:
+            out[str(layer)] = float(c.max()) / mean
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after ``step`` (written before a crash, past the checkpoint)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _wrap(indent: str, items: list[str], width: int = 100) -> list[str]:
+    lines, cur = [], indent
+    for it in items:
+        if len(cur) + len(it) + 1 > width and cur.strip():
+            lines.append(cur.rstrip())
+            cur = indent
+        cur += it + " "
+    if cur.strip():
+        lines.append(cur.rstrip())
+    return lines
+
+
+__all__ = ["Trainer", "TrainSettings", "TrainResult", "NonFiniteError", "RunError",
+           "latest_checkpoint", "byte_level_config", "count_params"]
