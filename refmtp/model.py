@@ -1,0 +1,400 @@
+"""The whole DeepSeek-V3 model with causal MTP (or parallel heads), its loss and its backward.
+
+    from refmtp.config import preset
+    from refmtp.model import init_params, forward, backward, update_expert_bias
+
+    cfg = preset("tiny")
+    params = init_params(cfg, seed=0, backend="numpy", dtype="float64")
+    out, cache = forward(params, cfg, tokens)   # tokens (B, T+1) int64; main reads [:, :T]
+    grads = backward(cache)                     # d losses["total"] / d params (no bias entries)
+    update_expert_bias(params, out.load, cfg.refmtp.bias_update_gamma)
+
+Forward, as a flat list of calls (spec section 5.1; V3 eqs. 21-25; docs/model.md):
+
+    x0       = Emb(t_{0..T-1})                                    embedding_forward
+    x_{l+1}  = Block_l(x_l, positions 0..T-1)   l = 0..L-1        block_forward
+    z        = x_L                                                trunk output (pre-norm)
+    h^0      = model.norm(z)                                      rmsnorm_forward
+    logits   = lm_head(h^0);  rows_main = xent(logits, t_{1..T})
+    causal MTP, k = 1..D (T_k = T-k rows, positions 0..T_k-1):
+        e_k      = Emb(t_{k..T-1})                                 SHARED embedding
+        n_k, y_k = MTP_k(e_k, h^{k-1}[:, :T_k])                    mtp_forward
+        logits^k = lm_head(n_k);  rows_k = xent(logits^k, t_{k+1..T})   SHARED lm_head
+        h^k      = n_k (mtp_chain "post_norm") or y_k ("pre_norm")
+    parallel heads, k = 1..D:
+        y_k      = Block_{L+k-1}(z[:, :T_k]);  n_k = model.norm(y_k)     SHARED model.norm
+        logits^k = lm_head(n_k);  rows_k = xent(logits^k, t_{k+1..T})
+    losses   = loss_forward(rows_main, rows_1..D, balance aux of every MoE layer)
+
+Backward runs the same list in exact reverse order. The tensors with several users get their
+gradient summed in ONE visible place each (``_sum_shared``): ``model.embed_tokens.weight``
+(main + every depth), ``lm_head.weight`` (main + every depth), ``model.norm.weight`` (main +
+every parallel head), and the trunk state (h^0 for causal MTP, z for parallel heads) whose
+gradient is the main path plus the zero-padded gradient of the first T-1 / T-k rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from refmtp.backends import backend_of
+from refmtp.block import block_backward, block_forward, sub_params
+from refmtp.init import init_params, is_bias, layer_prefix, mtp_layer, param_shapes
+from refmtp.loss import loss_backward, loss_forward
+from refmtp.balance import update_bias
+from refmtp.moe import routing_margin as moe_routing_margin
+from refmtp.moe import routing_selection as moe_routing_selection
+from refmtp.mtp import mtp_backward, mtp_forward
+from refmtp.ops.embedding import embedding_backward, embedding_forward
+from refmtp.ops.linear import linear_backward, linear_forward
+from refmtp.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from refmtp.ops.xent import xent_backward, xent_forward
+
+__all__ = ["init_params", "forward", "backward", "update_expert_bias", "ModelOutput", "ModelCache",
+           "Model", "check_params", "routing_selection", "routing_margin"]
+
+EMBED = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass
+class ModelOutput:
+    logits: Any  # (B, T, V) main-model logits
+    mtp_logits: list  # D arrays, depth/head k: (B, T-k, V)
+    losses: dict  # "main", "mtp.1".."mtp.D", "balance", "total": scalar arrays
+    load: dict  # {MoE layer: (E,) int64 tokens routed to each expert (biased, group-limited)}
+    routing: dict  # {MoE layer: (topk_idx (B, T', K), topk_weight (B, T', K))}
+    hidden: Any = None  # (B, T, d) h^0 = model.norm output (what MTP module 1 reads)
+    mtp_hidden: list = field(default_factory=list)  # depth k: (B, T-k, d) state chained onward
+
+
+@dataclass(frozen=True, slots=True)
+class ModelCache:
+    cfg: Any  # ModelConfig
+    B: int  # batch
+    T: int  # main positions (tokens has T+1 columns)
+    emb: Any  # EmbeddingCache of the main lookup
+    blocks: list  # L BlockCaches, layer order
+    norm: Any  # RMSNormCache of model.norm on z (B, T, d)
+    head: Any  # LinearCache of lm_head on h^0
+    xent: Any  # XentCache of the main rows (B*T, V)
+    mtp_emb: list  # causal: D EmbeddingCaches of t_{k..T-1}; parallel: []
+    mtp: list  # causal: D MTPCaches; parallel: D BlockCaches
+    mtp_norm: list  # parallel: D RMSNormCaches of the shared model.norm; causal: []
+    mtp_head: list  # D LinearCaches of the shared lm_head
+    mtp_xent: list  # D XentCaches, depth k: (B*(T-k), V)
+    loss: Any  # LossCache
+    aux_layers: tuple  # MoE layers whose balance loss is in the total
+
+
+# -------------------------------------------------------------------------------------------
+# validation
+# -------------------------------------------------------------------------------------------
+def check_params(params: dict, cfg) -> None:
+    """Names and shapes of ``params`` against the config; one-line ValueError on a mismatch."""
+    expected = param_shapes(cfg)
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if extra:
+            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+        raise ValueError(
+            "params do not match the config (" + "; ".join(parts) + "): build them with "
+            "init_params(cfg) or load_checkpoint for this config"
+        )
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != tuple(shape):
+            raise ValueError(
+                f"params[{name!r}] has shape {tuple(params[name].shape)}, the config needs {tuple(shape)}"
+            )
+
+
+def _check_tokens(tokens, cfg):
+    bk = backend_of(tokens)
+    xp = bk.xp
+    if not hasattr(tokens, "ndim") or tokens.ndim != 2:
+        raise ValueError(
+            f"tokens must be a (B, T+1) integer array, got shape {getattr(tokens, 'shape', None)}"
+        )
+    if not xp.isdtype(tokens.dtype, "integral"):
+        raise ValueError(f"tokens must be integers (int64), got {tokens.dtype}")
+    B, T = int(tokens.shape[0]), int(tokens.shape[1]) - 1
+    if B < 1 or T < 1:
+        raise ValueError(
+            f"tokens has shape {tuple(tokens.shape)}: need B >= 1 and T+1 >= 2 columns "
+            "(the main model reads [:, :T] and predicts [:, 1:])"
+        )
+    if T <= cfg.D:
+        raise ValueError(
+            f"tokens has T+1={T + 1} columns but depth D={cfg.D} needs T >= D+1 "
+            f"(T+1 >= {cfg.D + 2}): depth k trains on the T-k positions that have a target"
+        )
+    V = cfg.vocab_size
+    lo, hi = int(xp.min(tokens)), int(xp.max(tokens))
+    if lo < 0 or hi >= V:
+        raise ValueError(f"token ids must be in [0, {V}); got min {lo}, max {hi}")
+    return xp.astype(tokens, xp.int64), B, T
+
+
+# -------------------------------------------------------------------------------------------
+# routing bookkeeping (read from the MoE caches)
+# -------------------------------------------------------------------------------------------
+def routing_selection(cache: "ModelCache"):
+    """Every discrete choice of the forward (routed experts and the balance loss's top-K of each
+    MoE block, main and MTP) as one flat int64 array, for ``check_grad(selection=...)``."""
+    xp = backend_of(cache.loss.main_rows).xp
+    parts = [xp.zeros((0,), dtype=xp.int64)]
+    for bc in _all_blocks(cache):
+        if bc.moe:
+            parts.append(xp.reshape(moe_routing_selection(bc.ffn), (-1,)))
+    return xp.concat(parts)
+
+
+def routing_margin(cache: "ModelCache") -> float:
+    """Smallest score gap behind any routing decision of the forward (inf without MoE)."""
+    return min([moe_routing_margin(bc.ffn) for bc in _all_blocks(cache) if bc.moe] or [float("inf")])
+
+
+def _all_blocks(cache: "ModelCache") -> list:
+    if cache.cfg.refmtp.mtp_kind == "causal":
+        return list(cache.blocks) + [c.block for c in cache.mtp]
+    return list(cache.blocks) + list(cache.mtp)
+
+
+# -------------------------------------------------------------------------------------------
+# forward
+# -------------------------------------------------------------------------------------------
+def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
+    """tokens (B, T+1) int64 -> (ModelOutput, ModelCache or None).  See the module docstring."""
+    check_params(params, cfg)
+    tokens, B, T = _check_tokens(tokens, cfg)
+    bk = backend_of(tokens, params[EMBED])
+    xp = bk.xp
+    L, D, V, eps = cfg.num_hidden_layers, cfg.D, cfg.vocab_size, cfg.rms_norm_eps
+    kind = cfg.refmtp.mtp_kind
+    positions = xp.arange(T, dtype=xp.int64)  # main-model RoPE positions 0..T-1
+    aux, load, routing = {}, {}, {}
+
+    def record(layer, aux_l, bc):
+        if bc.moe:
+            aux[layer] = aux_l
+            routing[layer] = (bc.ffn.topk_idx, bc.ffn.topk_weight)  # (B, T', K) each
+            load[layer] = bc.ffn.load  # (E,) int64
+
+    # main model ---------------------------------------------------------------------------
+    x, c_emb = embedding_forward(tokens[:, :T], params[EMBED])  # (B, T, d)
+    blocks = []
+    for layer in range(L):
+        x, aux_l, bc = block_forward(x, sub_params(params, layer_prefix(layer)), cfg, layer,
+                                     positions)  # (B, T, d)
+        record(layer, aux_l, bc)
+        blocks.append(bc)
+    z = x  # trunk output, pre-norm (B, T, d)
+    h0, c_norm = rmsnorm_forward(z, params[NORM], eps)  # h^0 (B, T, d)
+    logits, c_head = linear_forward(h0, params[LM_HEAD])  # (B, T, V)
+    main_rows, c_xent = xent_forward(xp.reshape(logits, (B * T, V)),
+                                     xp.reshape(tokens[:, 1:], (B * T,)))  # (B*T,)
+
+    # MTP depths / parallel heads --------------------------------------------------------
+    mtp_emb, mtp, mtp_norm, mtp_head, mtp_xent = [], [], [], [], []
+    mtp_logits, mtp_rows, mtp_hidden = [], [], []
+    h = h0  # h^0: the main model's output after model.norm (spec 4.4)
+    for k in range(1, D + 1):
+        Tk = T - k  # rows with a target t_{i+k+1}
+        layer = mtp_layer(cfg, k)
+        p = sub_params(params, layer_prefix(layer))
+        if kind == "causal":
+            e, c_e = embedding_forward(tokens[:, k:T], params[EMBED])  # Emb(t_{i+k}) (B, Tk, d)
+            n, y, aux_l, c_m = mtp_forward(e, h[:, :Tk], p, cfg, layer, positions[:Tk])
+            mtp_emb.append(c_e)
+            mtp.append(c_m)
+            bc = c_m.block
+            h = n if cfg.refmtp.mtp_chain == "post_norm" else y  # state chained to depth k+1
+            mtp_hidden.append(h)
+        else:  # parallel head k on the shared trunk state z (spec section 6)
+            y, aux_l, bc = block_forward(z[:, :Tk], p, cfg, layer, positions[:Tk])  # (B, Tk, d)
+            n, c_n = rmsnorm_forward(y, params[NORM], eps)  # shared model.norm
+            mtp.append(bc)
+            mtp_norm.append(c_n)
+            mtp_hidden.append(n)
+        record(layer, aux_l, bc)
+        lk, c_h = linear_forward(n, params[LM_HEAD])  # shared lm_head, (B, Tk, V)
+        rows, c_x = xent_forward(xp.reshape(lk, (B * Tk, V)),
+                                 xp.reshape(tokens[:, k + 1:], (B * Tk,)))  # targets t_{i+k+1}
+        mtp_head.append(c_h)
+        mtp_xent.append(c_x)
+        mtp_logits.append(lk)
+        mtp_rows.append(rows)
+
+    losses, c_loss = loss_forward(main_rows, mtp_rows, aux, cfg, B, T)
+    out = ModelOutput(logits=logits, mtp_logits=mtp_logits, losses=losses, load=load,
+                      routing=routing, hidden=h0, mtp_hidden=mtp_hidden)
+    if not need_cache:
+        return out, None
+    cache = ModelCache(cfg=cfg, B=B, T=T, emb=c_emb, blocks=blocks, norm=c_norm, head=c_head,
+                       xent=c_xent, mtp_emb=mtp_emb, mtp=mtp, mtp_norm=mtp_norm,
+                       mtp_head=mtp_head, mtp_xent=mtp_xent, loss=c_loss,
+                       aux_layers=tuple(sorted(aux)))
+    return out, cache
+
+
+# -------------------------------------------------------------------------------------------
+# backward
+# -------------------------------------------------------------------------------------------
+def _pad_rows(dstate, T: int):
+    """Gradient of ``state[:, :T']`` w.r.t. ``state`` (B, T, d): zeros in rows T'..T-1."""
+    xp = backend_of(dstate).xp
+    B, Tp, d = dstate.shape
+    pad = xp.zeros((B, T - Tp, d), dtype=dstate.dtype)
+    return xp.concat([dstate, pad], axis=1)  # (B, T', d) -> (B, T, d)
+
+
+def _sum_shared(own, others: list):
+    """``own + others[0] + ...``: the gradient of a tensor with several users (fresh array)."""
+    total = own
+    for g in others:
+        total = total + g
+    return total
+
+
+def backward(cache: ModelCache, dlosses: dict | None = None) -> dict:
+    """Gradients of ``sum_name dlosses[name] * losses[name]`` (default: of losses["total"]).
+
+    Returns {checkpoint name: gradient} for every parameter except the
+    ``e_score_correction_bias`` entries (they have no gradient: spec 3.4).
+    """
+    if cache is None:
+        raise ValueError("backward needs the cache of forward(..., need_cache=True)")
+    cfg = cache.cfg
+    B, T, D, L, V = cache.B, cache.T, cfg.D, cfg.num_hidden_layers, cfg.vocab_size
+    kind = cfg.refmtp.mtp_kind
+    dl = loss_backward({"total": 1.0} if dlosses is None else dlosses, cache.loss)
+    xp = backend_of(dl.dmain_rows).xp
+    grads = {}
+
+    def put(layer, local):
+        pre = layer_prefix(layer)
+        grads.update({pre + k: v for k, v in local.items()})
+
+    def daux(layer):
+        return dl.daux.get(layer)
+
+    # MTP depths / parallel heads, k = D..1 ----------------------------------------------
+    d_emb_mtp, d_head_mtp, d_norm_mtp, d_trunk_mtp = [], [], [], []
+    dh_next = None  # causal: gradient w.r.t. h^k[:, :T-k-1] coming from depth k+1
+    for k in range(D, 0, -1):
+        Tk = T - k
+        layer = mtp_layer(cfg, k)
+        i = k - 1
+        dlk = xent_backward(dl.dmtp_rows[i], cache.mtp_xent[i]).dlogits  # (B*Tk, V)
+        g = linear_backward(xp.reshape(dlk, (B, Tk, V)), cache.mtp_head[i])  # shared lm_head
+        d_head_mtp.append(g.dweight)
+        dn = g.dx  # (B, Tk, d)
+        if kind == "causal":
+            dy = None
+            if dh_next is not None:  # h^k[:, :Tk-1] was read by depth k+1
+                dchain = _pad_rows(dh_next, Tk)  # (B, Tk, d)
+                if cfg.refmtp.mtp_chain == "post_norm":
+                    dn = dn + dchain  # h^k = n_k: logits path + chain path
+                else:
+                    dy = dchain  # h^k = y_k
+            demb, dh_prev, g_m = mtp_backward(dn, dy, daux(layer), cache.mtp[i])
+            put(layer, g_m)
+            d_emb_mtp.append(embedding_backward(demb, cache.mtp_emb[i]).dweight)  # shared Emb
+            dh_next = dh_prev  # gradient w.r.t. h^{k-1}[:, :Tk]
+        else:
+            g = rmsnorm_backward(dn, cache.mtp_norm[i])  # shared model.norm
+            d_norm_mtp.append(g.dweight)
+            dz_k, g_b = block_backward(g.dx, daux(layer), cache.mtp[i])
+            put(layer, g_b)
+            d_trunk_mtp.append(_pad_rows(dz_k, T))  # gradient w.r.t. z (B, T, d)
+    if kind == "causal" and dh_next is not None:
+        d_trunk_mtp.append(_pad_rows(dh_next, T))  # gradient w.r.t. h^0 (B, T, d)
+
+    # main head --------------------------------------------------------------------------
+    dlogits = xent_backward(dl.dmain_rows, cache.xent).dlogits  # (B*T, V)
+    g = linear_backward(xp.reshape(dlogits, (B, T, V)), cache.head)
+    d_head_main = g.dweight
+    dh0 = g.dx  # (B, T, d)
+
+    # shared tensors: every user's gradient summed, here and only here -------------------
+    grads[LM_HEAD] = _sum_shared(d_head_main, d_head_mtp)  # main head + every depth / head
+    if kind == "causal":
+        dh0 = _sum_shared(dh0, d_trunk_mtp)  # h^0 feeds lm_head and MTP module 1
+
+    g = rmsnorm_backward(dh0, cache.norm)  # forward: h^0 = model.norm(z)
+    grads[NORM] = _sum_shared(g.dweight, d_norm_mtp)  # main + every parallel head ([] if causal)
+    dx = g.dx
+    if kind == "parallel":
+        dx = _sum_shared(dx, d_trunk_mtp)  # z feeds model.norm and every parallel head
+
+    # trunk, l = L-1..0 ------------------------------------------------------------------
+    for layer in range(L - 1, -1, -1):
+        dx, g_b = block_backward(dx, daux(layer), cache.blocks[layer])
+        put(layer, g_b)
+    d_emb_main = embedding_backward(dx, cache.emb).dweight
+    grads[EMBED] = _sum_shared(d_emb_main, d_emb_mtp)  # main + every causal depth
+    return dict(sorted(grads.items()))
+
+
+# -------------------------------------------------------------------------------------------
+# auxiliary-loss-free balancing
+# -------------------------------------------------------------------------------------------
+def update_expert_bias(params: dict, load: dict, gamma: float) -> None:
+    """``b_i += gamma * sign(mean(c) - c_i)`` for every MoE layer in ``load`` (spec 3.4).
+
+    In place, float32; ``load`` is ``out.load`` of the step's forward.
+    """
+    for layer in sorted(load):
+        name = layer_prefix(layer) + "mlp.gate.e_score_correction_bias"
+        if name not in params:
+            raise ValueError(f"update_expert_bias: params has no {name} (layer {layer} is not MoE)")
+        params[name] = update_bias(params[name], load[layer], gamma)
+
+
+# -------------------------------------------------------------------------------------------
+# convenience wrapper
+# -------------------------------------------------------------------------------------------
+class Model:
+    """``Model(cfg, params)`` bundles a config and its parameters; ``m(tokens)`` runs forward.
+
+        m = Model.init(preset("tiny"), seed=0)
+        out, cache = m(tokens); grads = m.backward(cache)
+        m.save("ckpt/"); m2 = Model.load("ckpt/")
+    """
+
+    def __init__(self, cfg, params: dict):
+        check_params(params, cfg)
+        self.cfg, self.params = cfg, params
+
+    @classmethod
+    def init(cls, cfg, seed: int = 0, backend="numpy", dtype: str = "float64", **kw) -> "Model":
+        return cls(cfg, init_params(cfg, seed=seed, backend=backend, dtype=dtype, **kw))
+
+    @classmethod
+    def load(cls, path, backend="numpy", dtype: str | None = None) -> "Model":
+        from refmtp.checkpoint import load_checkpoint
+
+        return cls(*load_checkpoint(path, backend=backend, dtype=dtype))
+
+    def save(self, path) -> None:
+        from refmtp.checkpoint import save_checkpoint
+
+        save_checkpoint(path, self.cfg, self.params)
+
+    def __call__(self, tokens, need_cache: bool = True):
+        return forward(self.params, self.cfg, tokens, need_cache=need_cache)
+
+    def backward(self, cache, dlosses: dict | None = None) -> dict:
+        return backward(cache, dlosses)
+
+    def update_expert_bias(self, load: dict, gamma: float | None = None) -> None:
+        g = self.cfg.refmtp.bias_update_gamma if gamma is None else gamma
+        update_expert_bias(self.params, load, g)
+
+    def n_params(self) -> int:
+        return sum(int(v.size) for k, v in self.params.items() if not is_bias(k))
