@@ -1,0 +1,262 @@
+"""Cached decoding (refmtp/decode.py, spec 2.7): absorbed latent-cache decoding, naive full-K/V
+decoding and the full-sequence forward give the same logits (float64, 1e-10) through prefill,
+single-token steps, K+1-token appends, rollback and buffer growth; MTP modules and parallel heads
+over their caches match the training forward; cache sizes match (Rkv + Dr) * L * itemsize and
+the naive H * (Dn + Dr + Dv) * L * itemsize; plain cached generation equals a no-cache loop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refmtp.config import preset
+from refmtp.decode import (Decoder, KVCache, RowStore, cache_bytes_per_token, generate,
+                           per_layer_entries)
+from refmtp.model import forward, init_params
+
+TOL = 1e-10
+
+
+def _cfg(variant):
+    cfg = preset("tiny")
+    if variant == "tiny":
+        return cfg
+    if variant == "no_q_lora_yarn":  # q_proj path, YaRN frequencies and a softmax mscale != 1
+        return cfg.replace(q_lora_rank=None, qk_rope_head_dim=8, rope_scaling={
+            "type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.8})
+    if variant == "parallel":
+        return cfg.replace(refmtp={"mtp_kind": "parallel"})
+    if variant == "pre_norm_chain":
+        return cfg.replace(refmtp={"mtp_chain": "pre_norm"})
+    raise AssertionError(variant)
+
+
+def _params(cfg, backend="numpy", seed=0):
+    # std 0.3 (not 0.02) so attention is far from uniform and routing is decisive; non-zero bias
+    return init_params(cfg, seed=seed, backend=backend, dtype="float64", std=0.3, bias_std=0.1)
+
+
+def _tokens(cfg, B, T, seed=1):
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(B, T), dtype=np.int64)
+
+
+def _cat(outs, field):
+    return np.concatenate([getattr(o, field) for o in outs], axis=1)
+
+
+# chunk schedule: prefill 3, one token, a K+1 = 4 verification block, rollback 2, re-append 3
+# DIFFERENT tokens, then 2 singles; capacity 2 forces the buffers to grow several times
+def _run_schedule(dec, cache, tokens, alt):
+    outs, pos = [], 0
+    for n in (3, 1, 4):
+        outs.append(dec.main(tokens[:, pos:pos + n], cache))
+        pos += n
+    dec.main(alt[:, :3], cache)  # rejected "drafts": appended, then rolled back
+    cache.truncate(pos)
+    for n in (3, 1, 1):
+        outs.append(dec.main(tokens[:, pos:pos + n], cache))
+        pos += n
+    return outs, pos
+
+
+@pytest.mark.parametrize("variant", ["tiny", "no_q_lora_yarn"])
+@pytest.mark.parametrize("mode", ["absorbed", "naive"])
+def test_main_decode_matches_full_forward(variant, mode):
+    cfg = _cfg(variant)
+    params = _params(cfg)
+    dec = Decoder(params, cfg)
+    tokens, alt = _tokens(cfg, 2, 14), _tokens(cfg, 2, 14, seed=9)
+    cache = dec.new_cache("main", batch=2, mode=mode, capacity=2)
+    outs, pos = _run_schedule(dec, cache, tokens, alt)
+    assert cache.length == pos == 13 and cache.capacity >= 13
+    ref, _ = forward(params, cfg, tokens[:, :pos + 1], need_cache=False)
+    np.testing.assert_allclose(_cat(outs, "logits"), ref.logits, rtol=0, atol=TOL)
+    np.testing.assert_allclose(_cat(outs, "hidden"), ref.hidden, rtol=0, atol=TOL)
+
+
+def test_absorbed_equals_naive_step_by_step():
+    cfg = _cfg("tiny")
+    dec = Decoder(_params(cfg, seed=3), cfg)
+    tokens = _tokens(cfg, 1, 9, seed=4)
+    ca, cn = dec.new_cache(mode="absorbed"), dec.new_cache(mode="naive")
+    for t in range(9):
+        a = dec.main(tokens[:, t:t + 1], ca)
+        b = dec.main(tokens[:, t:t + 1], cn)
+        np.testing.assert_allclose(a.logits, b.logits, rtol=0, atol=TOL)
+        np.testing.assert_allclose(a.trunk, b.trunk, rtol=0, atol=TOL)
+    # the caches really differ in what they hold: latent (B,S,Rkv+Dr) vs per-head K and V
+    (lat,) = ca.buffers[0]
+    k, v = cn.buffers[0]
+    assert lat.shape[-1] == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert k.shape[1:2] == (cfg.num_attention_heads,) and v.shape[-1] == cfg.v_head_dim
+
+
+@pytest.mark.parametrize("variant", ["tiny", "pre_norm_chain"])
+@pytest.mark.parametrize("mode", ["absorbed", "naive"])
+def test_mtp_decode_matches_forward(variant, mode):
+    """Module k row i reads Emb(t_{i+k}) and h^{k-1}_i (chained state); decoded in chunks."""
+    cfg = _cfg(variant)
+    params = _params(cfg, seed=5)
+    dec = Decoder(params, cfg)
+    T = 11
+    tokens = _tokens(cfg, 2, T + 1, seed=6)
+    ref, _ = forward(params, cfg, tokens, need_cache=False)
+    h_prev = ref.hidden  # h^0 (B, T, d)
+    for k in range(1, cfg.D + 1):
+        Tk = T - k
+        cache = dec.new_cache(("mtp", k), batch=2, mode=mode, capacity=3)
+        outs, lo = [], 0
+        for n in (4, 1, Tk - 5):
+            outs.append(dec.mtp(k, tokens[:, k + lo:k + lo + n], h_prev[:, lo:lo + n], cache))
+            lo += n
+        np.testing.assert_allclose(_cat(outs, "logits"), ref.mtp_logits[k - 1], rtol=0, atol=TOL)
+        np.testing.assert_allclose(_cat(outs, "carry"), ref.mtp_hidden[k - 1], rtol=0, atol=TOL)
+        h_prev = _cat(outs, "carry")
+
+
+@pytest.mark.parametrize("mode", ["absorbed", "naive"])
+def test_parallel_heads_decode_matches_forward(mode):
+    cfg = _cfg("parallel")
+    params = _params(cfg, seed=7)
+    dec = Decoder(params, cfg)
+    T = 9
+    tokens = _tokens(cfg, 1, T + 1, seed=8)
+    ref, _ = forward(params, cfg, tokens, need_cache=False)
+    cache = dec.new_cache(mode=mode)
+    main = [dec.main(tokens[:, :5], cache), dec.main(tokens[:, 5:T], cache)]
+    z = _cat(main, "trunk")
+    for k in range(1, cfg.D + 1):
+        ck = dec.new_cache(("mtp", k), mode=mode)
+        heads = [dec.head(k, z[:, :2], ck), dec.head(k, z[:, 2:T - k], ck)]
+        np.testing.assert_allclose(_cat(heads, "logits"), ref.mtp_logits[k - 1], rtol=0, atol=TOL)
+    with pytest.raises(ValueError, match="mtp_kind='causal'"):
+        dec.mtp(1, tokens[:, 1:3], z[:, :2], dec.new_cache(("mtp", 1)))
+
+
+# -------------------------------------------------------------------------------------------
+# cache size
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cache_bytes_per_token(dtype):
+    cfg = preset("tiny")
+    params = init_params(cfg, seed=0, dtype=dtype)
+    dec = Decoder(params, cfg)
+    item = np.dtype(dtype).itemsize
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    Dn, Dr, Dv, Rkv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    want = {"absorbed": (Rkv + Dr) * L * item, "naive": (H * (Dn + Dr) + H * Dv) * L * item}
+    for mode, expect in want.items():
+        cache = dec.new_cache(mode=mode, batch=2, capacity=5)
+        dec.main(_tokens(cfg, 2, 7), cache)  # grows past the initial capacity
+        assert cache.bytes_per_token == expect == cache_bytes_per_token(cfg, mode, item)
+        assert cache.nbytes == 7 * 2 * expect
+        total = sum(b.nbytes for bufs in cache.buffers.values() for b in bufs)
+        assert total == cache.capacity * 2 * expect
+
+
+def test_cache_size_formulas_for_presets():
+    """The published V3 numbers (spec 2.7): 576 cached values per layer and token vs 128 heads
+    * (192 + 128) for the MHA equivalent; 61 layers, bf16."""
+    v3 = preset("deepseek-v3")
+    assert per_layer_entries(v3, "absorbed") == 512 + 64
+    assert per_layer_entries(v3, "naive") == 128 * 192 + 128 * 128
+    assert cache_bytes_per_token(v3, "absorbed", 2) == 576 * 61 * 2
+    assert cache_bytes_per_token(v3, "naive", 2) == 40960 * 61 * 2
+    small = preset("small")
+    ratio = cache_bytes_per_token(small, "naive") / cache_bytes_per_token(small, "absorbed")
+    assert ratio == (4 * (32 + 16) + 4 * 32) / (64 + 16)
+    with pytest.raises(ValueError, match="absorbed or naive"):
+        per_layer_entries(v3, "mha")
+
+
+# -------------------------------------------------------------------------------------------
+# validation and helpers
+# -------------------------------------------------------------------------------------------
+def test_cache_rollback_and_errors():
+    cfg = preset("tiny")
+    dec = Decoder(_params(cfg), cfg)
+    cache = dec.new_cache()
+    dec.main(_tokens(cfg, 1, 4), cache)
+    with pytest.raises(ValueError, match="can only roll back"):
+        cache.truncate(5)
+    with pytest.raises(ValueError, match="can only roll back"):
+        cache.truncate(-1)
+    cache.truncate(0)
+    assert cache.length == 0 and cache.nbytes == 0
+    with pytest.raises(ValueError, match="batch 2 does not match"):
+        dec.main(_tokens(cfg, 2, 1), cache)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        dec.main(np.zeros((1, cfg.max_position_embeddings + 1), dtype=np.int64), cache)
+    with pytest.raises(ValueError, match="absorbed or naive"):
+        dec.new_cache(mode="mha")
+    with pytest.raises(ValueError, match=r"1\.\.D=2"):
+        dec.new_cache(("mtp", 3))
+    with pytest.raises(ValueError, match="batch"):
+        KVCache(cfg, [0], like=dec.params["lm_head.weight"], batch=0)
+    with pytest.raises(ValueError, match="integer array"):
+        dec.main(np.zeros((1, 2)), cache)
+
+
+def test_row_store_grows_and_truncates():
+    like = np.zeros(1)
+    rs = RowStore(3, like=like, capacity=1)
+    a = np.arange(12.0).reshape(1, 4, 3)
+    rs.append(a[:, :1])
+    rs.append(a[:, 1:])
+    np.testing.assert_array_equal(rs.view(0, 4), a)
+    rs.truncate(2)
+    rs.append(a[:, 3:] + 100)
+    np.testing.assert_array_equal(rs.view(1, 3), np.concatenate([a[:, 1:2], a[:, 3:] + 100], axis=1))
+    with pytest.raises(ValueError, match="outside"):
+        rs.view(0, 4)
+
+
+def test_generate_greedy_equals_uncached_loop():
+    cfg = preset("tiny")
+    params = _params(cfg, seed=11)
+    prompt = [3, 1, 4, 1, 5]
+    got = generate(Decoder(params, cfg), prompt, 8)
+    seq = list(prompt)
+    for _ in range(8):  # no cache: the full forward over the whole sequence every token
+        out, _ = forward(params, cfg, np.asarray([seq + [0]]), need_cache=False)
+        seq.append(int(np.argmax(out.logits[0, -1])))
+    assert got == seq[len(prompt):]
+    assert generate(Decoder(params, cfg), prompt, 8, mode="naive") == got
+
+
+def test_generate_sampling_seeded_and_validated():
+    cfg = preset("tiny")
+    dec = Decoder(_params(cfg, seed=12), cfg)
+    a = generate(dec, [1, 2], 12, temperature=1.0, seed=5)
+    assert a == generate(dec, [1, 2], 12, temperature=1.0, seed=5)
+    assert a != generate(dec, [1, 2], 12, temperature=1.0, seed=6)
+    stop = a[4]
+    cut = generate(dec, [1, 2], 12, temperature=1.0, seed=5, stop_token=stop)
+    assert cut == a[: a.index(stop) + 1]
+    assert generate(dec, [1, 2], 0) == []
+    with pytest.raises(ValueError, match="empty"):
+        generate(dec, [], 3)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        generate(dec, [cfg.vocab_size], 3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(dec, [1], -1)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        generate(dec, [1], cfg.max_position_embeddings)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(dec, [1], 2, temperature=-1.0)
+
+
+def test_decode_on_each_backend(backend):
+    """The same decoding on every backend (cupy under the gpu marker) vs the numpy forward."""
+    cfg = preset("tiny")
+    params = _params(cfg, backend=backend.name)
+    dec = Decoder(params, cfg)
+    tokens = _tokens(cfg, 1, 6)
+    ref, _ = forward(_params(cfg), cfg, tokens, need_cache=False)
+    for mode in ("absorbed", "naive"):
+        cache = dec.new_cache(mode=mode)
+        outs = [dec.main(backend.asarray(tokens[:, :4]), cache),
+                dec.main(backend.asarray(tokens[:, 4:5]), cache)]
+        got = np.concatenate([backend.to_numpy(o.logits) for o in outs], axis=1)
+        np.testing.assert_allclose(got, ref.logits[:, :5], rtol=0, atol=1e-9)
+    assert generate(dec, [1, 2, 3], 5) == generate(Decoder(_params(cfg), cfg), [1, 2, 3], 5)
