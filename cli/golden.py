@@ -1,0 +1,160 @@
+"""``refmtp golden``: export, generate and verify golden files (docs/golden-format.md).
+
+Exit codes of ``verify``: 0 every case passes, 1 a numerical mismatch (or a missing output
+tensor), 2 an unreadable, tampered or foreign file (one line on stderr, no traceback).
+"""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+
+def _lib():
+    from refmtp import golden_files
+
+    return golden_files
+
+
+@click.group()
+def golden():
+    """Golden files other implementations check themselves against (docs/golden-format.md)."""
+
+
+# -------------------------------------------------------------------------------------------
+@golden.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="config.json (HF DeepseekV3 names + \"refmtp\") of the model.")
+@click.option("--preset", help="A named preset instead of --config: tiny, small, deepseek-v3.")
+@click.option("--seed", type=int, required=True, help="Seed of the weights and the tokens.")
+@click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="B.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=8, show_default=True,
+              help="T (tokens holds T+1 columns).")
+@click.option("--dtype", type=click.Choice(["float64", "float32"]), default="float64",
+              show_default=True)
+@click.option("--init-std", type=float, default=None,
+              help="Std of every weight matrix [default: the golden default, 0.2].")
+@click.option("--bias-std", type=float, default=None,
+              help="Std of the non-zero e_score_correction_bias [default: 0.05].")
+@click.option("--name", help="Case name [default: the --out directory's name].")
+@click.option("--description", default="", help="One line saying what the case pins.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Case directory to write (replaced if it exists).")
+def export(config_path, preset, seed, batch, seq_len, dtype, init_std, bias_std, name,
+           description, out_dir):
+    """Write one model case for any valid config: random weights from the seed (non-zero
+    e_score_correction_bias), random tokens, outputs, losses, every gradient, routing."""
+    lib = _lib()
+    from refmtp.config import ConfigError, ModelConfig
+    from refmtp.config import preset as get_preset
+
+    if (config_path is None) == (preset is None):
+        raise click.UsageError("give exactly one of --config FILE or --preset NAME")
+    try:
+        cfg = ModelConfig.load(config_path) if config_path else get_preset(preset)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    argv = ["refmtp", "golden", "export",
+            *(["--config", config_path] if config_path else ["--preset", preset]),
+            "--seed", str(seed), "--batch", str(batch), "--seq-len", str(seq_len), "--dtype", dtype]
+    kw = {}
+    if init_std is not None:
+        argv += ["--init-std", repr(init_std)]
+        kw["init_std"] = init_std
+    if bias_std is not None:
+        argv += ["--bias-std", repr(bias_std)]
+        kw["bias_std"] = bias_std
+    if name:
+        argv += ["--name", name]
+    if description:
+        argv += ["--description", description]
+    argv += ["--out", out_dir]
+    try:
+        m = lib.export_model_case(out_dir, cfg, seed=seed, batch=batch, seq_len=seq_len,
+                                  dtype=dtype, name=name, description=description,
+                                  command=shlex.join(argv), **kw)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
+    size = sum(e["bytes"] for e in m["files"].values())
+    click.echo(f"wrote case {m['case']} to {out_dir}: {len(m['tensors'])} expected tensors, "
+               f"{size / 1024:.1f} KiB")
+
+
+# -------------------------------------------------------------------------------------------
+@golden.command()
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False),
+              help="Recipe JSON [default: the shipped golden/recipe.json].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where to write the cases [default: next to the recipe].")
+@click.option("--case", "cases", multiple=True, help="Only these cases (repeatable).")
+def generate(recipe_path, out_dir, cases):
+    """Regenerate every shipped case from golden/recipe.json (byte-identical when re-run)."""
+    lib = _lib()
+    try:
+        names = lib.generate(out_dir, recipe_path, only=cases or None,
+                             log=click.echo)
+    except lib.GoldenError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc).splitlines()[0]) from None
+    root = Path(out_dir) if out_dir else (Path(recipe_path).parent if recipe_path else lib.shipped_dir())
+    total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
+    click.echo(f"{len(names)} cases in {root} ({total / 1e6:.2f} MB in that directory)")
+
+
+# -------------------------------------------------------------------------------------------
+@golden.command()
+@click.argument("path", required=False, type=click.Path())
+@click.option("--all", "all_cases", is_flag=True, help="Verify every shipped case.")
+@click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy",
+              show_default=True, help="Backend of the recomputation.")
+@click.option("--against", type=click.Path(dir_okay=False),
+              help="Another implementation's outputs (safetensors, golden key names) to compare.")
+@click.option("--allow-missing", is_flag=True,
+              help="With --against: outputs the file lacks are listed but do not fail.")
+@click.option("-v", "--verbose", is_flag=True, help="Full tables even when verifying many cases.")
+def verify(path, all_cases, backend, against, allow_missing, verbose):
+    """Check hashes, then recompute a case (or compare --against) within its tolerances.
+
+    PATH is a case directory or a golden root (all its cases); none, or --all, verifies every
+    shipped case. Exit 0 pass, 1 mismatch, 2 unreadable or tampered."""
+    lib = _lib()
+    if all_cases and path:
+        raise click.UsageError("give a PATH or --all, not both")
+    try:
+        if path is None:
+            dirs = lib.case_dirs(lib.shipped_dir())
+        elif Path(path).is_dir() and not (Path(path) / lib.MANIFEST).exists() \
+                and (any(Path(path).glob(f"*/{lib.MANIFEST}")) or (Path(path) / lib.RECIPE).exists()):
+            dirs = lib.case_dirs(path)
+        else:
+            dirs = [Path(path)]
+        if against and len(dirs) != 1:
+            raise click.UsageError("--against compares one case: give its directory as PATH")
+    except lib.GoldenError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    many = len(dirs) > 1
+    worst = 0
+    for d in dirs:
+        try:
+            report = lib.verify_case(d, backend=backend, against=against, allow_missing=allow_missing)
+        except lib.GoldenError as exc:
+            click.echo(f"error: {exc}", err=True)
+            worst = 2
+            continue
+        except Exception as exc:  # BackendUnavailable and the like: one line, exit 2
+            from refmtp.backends import BackendUnavailable
+
+            if isinstance(exc, BackendUnavailable):
+                click.echo(f"error: {exc}", err=True)
+                sys.exit(2)
+            raise
+        click.echo(lib.format_report(report, verbose=verbose or not many))
+        worst = max(worst, report.exit_code)
+    if many:
+        click.echo(f"{len(dirs)} cases: {'all pass' if worst == 0 else 'FAILURES (exit ' + str(worst) + ')'}")
+    sys.exit(worst)
