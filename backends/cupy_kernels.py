@@ -18,6 +18,17 @@ def cu_source(name: str) -> str:
     return (CU_DIR / f"{name}.cu").read_text()
 
 
+def cuda_type(dtype, what: str) -> str:
+    """The C++ template argument for a float dtype: "float" or "double" (others raise)."""
+    import numpy as np
+
+    if dtype == np.float32:
+        return "float"
+    if dtype == np.float64:
+        return "double"
+    raise TypeError(f"{what} kernel handles float32 and float64, got {dtype}")
+
+
 def cu_files() -> list[Path]:
     return sorted(CU_DIR.glob("*.cu"))
 

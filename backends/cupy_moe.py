@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from refmtp.backends.cupy_kernels import LazyKernel
+from refmtp.backends.cupy_kernels import LazyKernel, cuda_type
 
 _TEMPLATED = ("moe_permute", "moe_permute_backward", "moe_combine", "moe_combine_backward_dys",
               "moe_combine_backward_dweight")
@@ -23,12 +23,6 @@ _MOD = LazyKernel(
 _THREADS = 256
 
 
-def _tname(dtype) -> str:
-    if dtype == np.float32:
-        return "float"
-    if dtype == np.float64:
-        return "double"
-    raise TypeError(f"moe kernel handles float32 and float64, got {dtype}")
 
 
 def _launch(name, n, args):
@@ -82,7 +76,7 @@ def moe_permute(x, order, K):
     order = cupy.ascontiguousarray(order, dtype=cupy.int64)
     S, d = order.shape[0], x.shape[1]
     xs = cupy.empty((S, d), dtype=x.dtype)
-    _launch(f"moe_permute<{_tname(x.dtype)}>", S * d,
+    _launch(f"moe_permute<{cuda_type(x.dtype, 'moe')}>", S * d,
             (x, order, np.int64(S), np.int32(K), np.int32(d), xs))
     return xs
 
@@ -99,7 +93,7 @@ def moe_permute_backward(dxs, order, n_tokens):
         raise ValueError(f"moe permute_backward: {S} slots is not a multiple of {N} tokens")
     order = _order(order, S)
     dx = cupy.empty((N, d), dtype=dxs.dtype)
-    _launch(f"moe_permute_backward<{_tname(dxs.dtype)}>", N * d,
+    _launch(f"moe_permute_backward<{cuda_type(dxs.dtype, 'moe')}>", N * d,
             (dxs, _inverse(order), np.int64(N), np.int32(K), np.int32(d), dx))
     return dx
 
@@ -116,7 +110,7 @@ def moe_combine(ys, order, weight):
         raise ValueError(f"moe combine: ys has {S} rows, expected N*K = {N * K}")
     order = _order(order, S)
     y = cupy.empty((N, d), dtype=ys.dtype)
-    _launch(f"moe_combine<{_tname(ys.dtype)}>", N * d,
+    _launch(f"moe_combine<{cuda_type(ys.dtype, 'moe')}>", N * d,
             (ys, order, _inverse(order), weight, np.int64(N), np.int32(K), np.int32(d), y))
     return y
 
@@ -135,7 +129,7 @@ def moe_combine_backward(dy, ys, order, weight):
             f"moe combine_backward: dy {dy.shape} / ys {ys.shape} do not fit weight ({N}, {K})"
         )
     order = _order(order, S)
-    t = _tname(ys.dtype)
+    t = cuda_type(ys.dtype, 'moe')
     dys = cupy.empty_like(ys)
     dweight = cupy.empty((N, K), dtype=ys.dtype)
     _launch(f"moe_combine_backward_dys<{t}>", S * d,

@@ -6,19 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from refmtp.backends.cupy_kernels import LazyKernel
+from refmtp.backends.cupy_kernels import LazyKernel, cuda_type
 
 _MOD = LazyKernel("xent", ["xent_forward<float>", "xent_forward<double>",
                            "xent_backward<float>", "xent_backward<double>"])
 _THREADS = 256
 
 
-def _tname(dtype) -> str:
-    if dtype == np.float32:
-        return "float"
-    if dtype == np.float64:
-        return "double"
-    raise TypeError(f"xent kernel handles float32 and float64, got {dtype}")
 
 
 def xent_forward(logits, targets, ignore_index=-100):
@@ -30,7 +24,7 @@ def xent_forward(logits, targets, ignore_index=-100):
     losses = cupy.empty(N, dtype=logits.dtype)
     lse = cupy.empty(N, dtype=logits.dtype)
     if N:
-        k = _MOD.get(f"xent_forward<{_tname(logits.dtype)}>")
+        k = _MOD.get(f"xent_forward<{cuda_type(logits.dtype, 'xent')}>")
         k((min(N, 65535),), (_THREADS,),
           (logits, targets, np.int64(ignore_index), losses, lse, np.int32(N), np.int32(V)),
           shared_mem=_THREADS * logits.dtype.itemsize)
@@ -44,7 +38,7 @@ def xent_backward(dlosses, logits, targets, lse, ignore_index=-100):
     N, V = logits.shape
     dlogits = cupy.empty_like(logits)
     if N:
-        k = _MOD.get(f"xent_backward<{_tname(logits.dtype)}>")
+        k = _MOD.get(f"xent_backward<{cuda_type(logits.dtype, 'xent')}>")
         blocks = min((N * V + _THREADS - 1) // _THREADS, 65535)
         k((blocks,), (_THREADS,),
           (cupy.ascontiguousarray(dlosses, dtype=logits.dtype), logits,
