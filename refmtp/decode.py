@@ -179,7 +179,7 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
     """
     xp = backend_of(x).xp
     B, T, _ = x.shape
-    H, Dn, Dr, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    H, Dr, Dv = cfg.num_attention_heads, cfg.qk_rope_head_dim, cfg.v_head_dim
     Rkv = cfg.kv_lora_rank
     S = start + T
     positions = xp.arange(start, S, dtype=xp.int64)  # (T,) RoPE positions of the new tokens

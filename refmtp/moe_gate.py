@@ -164,7 +164,6 @@ def router_backward(dtopk_weight, cache: RouterCache, dscores=None) -> RouterGra
     xp = bk.xp
     c = cache
     N, E = c.s.shape
-    K = c.topk_idx.shape[1]
     rho = c.routed_scaling_factor
     # forward: g = rho * w / D (or rho * w)  ->  dw
     if c.denom is not None:
