@@ -28,8 +28,8 @@ def _failed(report):
 # -------------------------------------------------------------------------------------------
 # everything passes, in every format
 # -------------------------------------------------------------------------------------------
-def test_all_components_text():
-    res = _invoke("--component", "all")
+def test_all_components_text(backend):
+    res = _invoke("--component", "all", "--backend", backend.name)
     assert res.exit_code == 0, res.output
     for comp in COMPONENTS:
         assert f"== {comp}:" in res.output
@@ -245,9 +245,11 @@ def test_run_audit_rejects_unknown_names():
 
 
 def test_on_each_backend(backend):
-    r = run_audit(backend=backend.name, backward=True, component="moe")
+    """Every component, forward and backward (gradients vs central differences), per backend."""
+    r = run_audit(backend=backend.name, backward=True, component="all")
     assert r.passed, _failed(r)
     assert r.meta["backend"] == backend.name
+    assert {s.component for s in r.steps} == {*COMPONENTS, "backward"}
 
 
 def test_reference_is_taken_before_the_hook():

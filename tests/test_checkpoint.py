@@ -19,6 +19,7 @@ def tiny():
 
 
 def _save(tmp_path, cfg, dtype="float64", **kw):
+    """init_params(cfg, seed=1, ...) (on kw["backend"], numpy by default) saved to tmp_path/ck."""
     params = init_params(cfg, seed=1, dtype=dtype, bias_std=0.1, **kw)
     save_checkpoint(tmp_path / "ck", cfg, params)
     return tmp_path / "ck", params
@@ -31,27 +32,28 @@ def _tamper(path, fn):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_round_trip_bit_exact(tmp_path, tiny, dtype):
-    path, params = _save(tmp_path, tiny, dtype)
-    cfg2, p2 = load_checkpoint(path)
+def test_round_trip_bit_exact(tmp_path, tiny, backend, dtype):
+    path, params = _save(tmp_path, tiny, dtype, backend=backend.name)
+    cfg2, p2 = load_checkpoint(path, backend=backend.name)
     assert cfg2.replace(extra={}).to_dict() == tiny.to_dict()  # plus the HF fields in extra
     assert set(p2) == set(params)
+    h = backend.to_numpy
     for k, v in params.items():
         assert p2[k].dtype == v.dtype and p2[k].shape == v.shape, k
-        assert p2[k].tobytes() == v.tobytes(), k  # bit-exact
+        assert h(p2[k]).tobytes() == h(v).tobytes(), k  # bit-exact
     bias = [k for k in p2 if k.endswith("e_score_correction_bias")]
-    assert bias and all(p2[k].dtype == np.float32 for k in bias)
-    assert any(np.any(p2[k] != 0) for k in bias)
+    assert bias and all(h(p2[k]).dtype == np.float32 for k in bias)
+    assert any(np.any(h(p2[k]) != 0) for k in bias)
     # a second save of the loaded checkpoint writes identical bytes
     save_checkpoint(tmp_path / "ck2", cfg2, p2)
     assert (tmp_path / "ck2" / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
     assert not [p.name for p in path.iterdir() if p.name.startswith(".")]  # no temp file left
 
 
-def test_round_trip_same_outputs(tmp_path, tiny):
-    path, params = _save(tmp_path, tiny)
-    cfg2, p2 = load_checkpoint(path)
-    tok = np.random.default_rng(0).integers(0, tiny.vocab_size, size=(2, 6))
+def test_round_trip_same_outputs(tmp_path, tiny, backend):
+    path, params = _save(tmp_path, tiny, backend=backend.name)
+    cfg2, p2 = load_checkpoint(path, backend=backend.name)
+    tok = backend.asarray(np.random.default_rng(0).integers(0, tiny.vocab_size, size=(2, 6)), dtype="int64")
     a, _ = forward(params, tiny, tok, need_cache=False)
     b, _ = forward(p2, cfg2, tok, need_cache=False)
     assert float(a.losses["total"]) == float(b.losses["total"])
@@ -81,24 +83,30 @@ def test_layout_and_config(tmp_path, tiny):
     assert "architectures" not in tiny.extra  # the caller's config is not modified
 
 
-def test_parallel_heads_store_only_blocks(tmp_path, tiny):
+def test_parallel_heads_store_only_blocks(tmp_path, tiny, backend):
     cfg = tiny.replace(refmtp={"mtp_kind": "parallel"})
-    path, params = _save(tmp_path, cfg)
+    path, params = _save(tmp_path, cfg, backend=backend.name)
     on_disk = load_file(str(path / "model.safetensors"))
     pre = f"model.layers.{cfg.num_hidden_layers}."
     assert pre + "self_attn.o_proj.weight" in on_disk
     assert not any(pre + n in on_disk for n in ("enorm.weight", "eh_proj.weight", "embed_tokens.weight",
                                                 "shared_head.head.weight"))
-    _, p2 = load_checkpoint(path)
-    assert all(p2[k].tobytes() == v.tobytes() for k, v in params.items())
+    _, p2 = load_checkpoint(path, backend=backend.name)
+    h = backend.to_numpy
+    assert all(h(p2[k]).tobytes() == h(v).tobytes() for k, v in params.items())
 
 
-def test_load_converts_dtype_but_keeps_bias_float32(tmp_path, tiny):
-    path, params = _save(tmp_path, tiny)
-    _, p32 = load_checkpoint(path, dtype="float32")
-    assert p32["lm_head.weight"].dtype == np.float32
-    assert p32["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == np.float32
-    np.testing.assert_array_equal(p32["lm_head.weight"], params["lm_head.weight"].astype(np.float32))
+def test_load_converts_dtype_but_keeps_bias_float32(tmp_path, tiny, backend):
+    path, params = _save(tmp_path, tiny)  # saved from numpy, loaded onto each backend
+    _, p32 = load_checkpoint(path, backend=backend.name, dtype="float32")
+    h = backend.to_numpy
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert h(p32["lm_head.weight"]).dtype == np.float32
+    assert h(p32[bias]).dtype == np.float32
+    np.testing.assert_array_equal(h(p32["lm_head.weight"]), params["lm_head.weight"].astype(np.float32))
+    np.testing.assert_array_equal(h(p32[bias]), params[bias])  # the float32 bias is not re-rounded
+    _, p64 = load_checkpoint(path, backend=backend.name)  # dtype None: the stored float64
+    assert h(p64["lm_head.weight"]).dtype == np.float64 and h(p64[bias]).dtype == np.float32
 
 
 def _one_line(exc):
@@ -179,7 +187,7 @@ def test_refuses_pickles_and_garbage(tmp_path, tiny):
         load_checkpoint(empty)
 
 
-def test_sharded_checkpoint_loads(tmp_path, tiny):
+def test_sharded_checkpoint_loads(tmp_path, tiny, backend):
     path, params = _save(tmp_path, tiny)
     tensors = load_file(str(path / "model.safetensors"))
     names = sorted(tensors)
@@ -191,28 +199,33 @@ def test_sharded_checkpoint_loads(tmp_path, tiny):
     (path / "model.safetensors").unlink()
     index = {"metadata": {}, "weight_map": {k: f for f, keys in shards.items() for k in keys}}
     (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    _, p2 = load_checkpoint(path)
-    assert all(p2[k].tobytes() == v.tobytes() for k, v in params.items())
+    _, p2 = load_checkpoint(path, backend=backend.name)
+    assert all(backend.to_numpy(p2[k]).tobytes() == v.tobytes() for k, v in params.items())
 
 
-def test_save_refuses_wrong_bias_dtype_and_mixed_dtypes(tmp_path, tiny):
-    params = init_params(tiny, seed=0)
+def test_save_refuses_wrong_bias_dtype_and_mixed_dtypes(tmp_path, tiny, backend):
+    params = init_params(tiny, seed=0, backend=backend.name)
+    xp = backend.xp
     bad = dict(params)
-    bad["model.layers.1.mlp.gate.e_score_correction_bias"] = bad[
-        "model.layers.1.mlp.gate.e_score_correction_bias"].astype(np.float64)
+    bad["model.layers.1.mlp.gate.e_score_correction_bias"] = xp.astype(
+        bad["model.layers.1.mlp.gate.e_score_correction_bias"], xp.float64)
     with pytest.raises(CheckpointError, match="must stay float32"):
         save_checkpoint(tmp_path / "a", tiny, bad)
     bad = dict(params)
-    bad["lm_head.weight"] = bad["lm_head.weight"].astype(np.float32)
+    bad["lm_head.weight"] = xp.astype(bad["lm_head.weight"], xp.float32)
     with pytest.raises(CheckpointError, match="one dtype"):
         save_checkpoint(tmp_path / "b", tiny, bad)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing written
 
 
-def test_init_is_seeded_sorted_and_documented(tiny):
-    a = init_params(tiny, seed=5)
-    b = init_params(tiny, seed=5)
-    c = init_params(tiny, seed=6)
+def test_init_is_seeded_sorted_and_documented(tiny, backend):
+    """The same host draws on every backend: the values are bit-identical across backends."""
+    def init(**kw):
+        return {k: backend.to_numpy(v) for k, v in init_params(tiny, backend=backend.name, **kw).items()}
+
+    a = init(seed=5)
+    b = init(seed=5)
+    c = init(seed=6)
     assert list(a) == sorted(a)
     assert all(a[k].tobytes() == b[k].tobytes() for k in a)
     assert any(a[k].tobytes() != c[k].tobytes() for k in a if a[k].ndim == 2)
@@ -226,11 +239,11 @@ def test_init_is_seeded_sorted_and_documented(tiny):
         else:
             np.testing.assert_array_equal(a[name], np.ones(a[name].shape))
     # a non-zero bias is drawn after every matrix: the matrices do not change
-    d = init_params(tiny, seed=5, bias_std=0.1)
+    d = init(seed=5, bias_std=0.1)
     assert all(d[k].tobytes() == a[k].tobytes() for k in a if a[k].ndim == 2)
     biases = [k for k in d if k.endswith("e_score_correction_bias")]
     assert all(d[k].dtype == np.float32 and np.abs(d[k]).max() > 0 for k in biases)
-    f32 = init_params(tiny, seed=5, dtype="float32")
+    f32 = init(seed=5, dtype="float32")
     np.testing.assert_array_equal(f32["lm_head.weight"], a["lm_head.weight"].astype(np.float32))
     with pytest.raises(ValueError, match="float32 or float64"):
-        init_params(tiny, dtype="float16")
+        init_params(tiny, backend=backend.name, dtype="float16")

@@ -36,8 +36,9 @@ def _body(result):
     return result.stdout if hasattr(result, "stdout") else result.output
 
 
-def test_generate_plain_and_speculative_agree(ckpt):
-    base = ["generate", "--ckpt", str(ckpt), "--prompt", "the cat ", "--max-new-tokens", "24"]
+def test_generate_plain_and_speculative_agree(ckpt, backend):
+    base = ["generate", "--ckpt", str(ckpt), "--prompt", "the cat ", "--max-new-tokens", "24",
+            "--backend", backend.name]
     plain = _run(base)
     assert plain.exit_code == 0, plain.output
     assert _body(plain).startswith("the cat ")
@@ -47,11 +48,13 @@ def test_generate_plain_and_speculative_agree(ckpt):
     assert "speculative K=3" in spec.output and "tokens/step" in spec.output
     # a run directory works too (its newest checkpoint), and sampling is seeded
     run_dir = ckpt.parent
-    a = _run(["generate", "--ckpt", str(run_dir), "--prompt", "a", "--max-new-tokens", "16",
-              "--temperature", "1.0", "--seed", "3", "--speculative", "2"])
-    b = _run(["generate", "--ckpt", str(run_dir), "--prompt", "a", "--max-new-tokens", "16",
-              "--temperature", "1.0", "--seed", "3", "--speculative", "2"])
+    sampled = ["generate", "--ckpt", str(run_dir), "--prompt", "a", "--max-new-tokens", "16",
+               "--temperature", "1.0", "--seed", "3", "--speculative", "2"]
+    a = _run(sampled + ["--backend", backend.name])
+    b = _run(sampled + ["--backend", backend.name])
+    ref = _run(sampled)  # numpy: the same host coins give the same text on every backend
     assert a.exit_code == 0 and _body(a).splitlines()[0] == _body(b).splitlines()[0]
+    assert _body(a).splitlines()[0] == _body(ref).splitlines()[0]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -68,11 +71,11 @@ def test_generate_errors_one_line_exit_2(ckpt, args, message):
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
 
 
-def test_speculate_report_and_json(ckpt, corpus, tmp_path):
+def test_speculate_report_and_json(ckpt, corpus, tmp_path, backend):
     out = tmp_path / "spec.json"
     result = _run(["speculate", "--ckpt", str(ckpt), "--data", str(corpus), "--k", "3", "--reuse",
                    "--samples", "2", "--prompt-len", "12", "--max-new-tokens", "16",
-                   "--json", str(out)])
+                   "--json", str(out), "--backend", backend.name])
     assert result.exit_code == 0, result.output
     assert "P(A>=1) P(A>=2) P(A>=3)" in result.output and "speedup" in result.output
     rep = json.loads(out.read_text())

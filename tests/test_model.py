@@ -2,8 +2,6 @@
 the output contract and the bias update."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -66,16 +64,14 @@ def _model_check(cfg, bk, *, B=1, T=4, seed=4, max_coords=6, std=0.2):
     _, cache = fwd(**inputs)
     margin = routing_margin(cache)
     assert margin > 10 * H, f"fixture too close to a routing flip (margin {margin:.2e}): pick another seed"
-    t0 = time.perf_counter()
     reports = check_grad(_richardson(fwd, inputs), bwd, inputs, seed=seed, h=H,
                          max_coords=max_coords, selection=selection)
-    elapsed = time.perf_counter() - t0
     assert set(reports) == set(inputs)
     # the check must not be vacuous: most tensors have a clearly non-zero gradient
     g = backward(cache)
     nonzero = [k for k, v in g.items() if float(bk.xp.max(bk.xp.abs(v))) > 1e-8]
     assert len(nonzero) > 0.5 * len(g)
-    return reports, elapsed
+    return reports
 
 
 VARIANTS = {
@@ -91,9 +87,8 @@ def test_model_gradcheck(backend, variant):
     cfg = preset("tiny").replace(refmtp=VARIANTS[variant])
     assert cfg.D == 2 and cfg.n_group > 1 and cfg.refmtp.seq_aux_alpha > 0
     cfg = cfg.replace(refmtp={"seq_aux_alpha": 0.1, "mtp_lambda": float(cfg.D)})
-    reports, elapsed = _model_check(cfg, backend, max_coords=5)
+    reports = _model_check(cfg, backend, max_coords=5)
     assert len(reports) == len([k for k in param_shapes(cfg) if not is_bias(k)])
-    assert elapsed < 60
 
 
 def test_model_gradcheck_group_limited_one_token_per_depth(backend):
@@ -106,7 +101,7 @@ def test_model_gradcheck_group_limited_one_token_per_depth(backend):
 
 def test_model_gradcheck_no_mtp(backend):
     cfg = preset("tiny").replace(num_nextn_predict_layers=0)
-    reports, _ = _model_check(cfg, backend, B=2, T=3, max_coords=4)
+    reports = _model_check(cfg, backend, B=2, T=3, max_coords=4)
     assert not any(k.startswith("model.layers.2.") for k in reports)
 
 
@@ -340,3 +335,44 @@ def test_bad_params(backend):
     p["lm_head.weight"] = p["lm_head.weight"][:, :3]
     with pytest.raises(ValueError, match=r"lm_head.weight.*shape"):
         forward(p, cfg, tok)
+
+
+# -------------------------------------------------------------------------------------------
+# numpy <-> cupy parity of the whole model (float64, 1e-12 relative; routing equal)
+# -------------------------------------------------------------------------------------------
+def _model_case(variant):
+    """fn(bk) -> {name: host array}: losses, logits, states, routing, load and every gradient of
+    one forward/backward of the tiny model (variant of VARIANTS), inputs drawn on the host."""
+
+    def fn(bk):
+        cfg = preset("tiny").replace(refmtp=VARIANTS[variant])
+        cfg = cfg.replace(refmtp={"seq_aux_alpha": 0.1})
+        params = init_params(cfg, seed=6, backend=bk, std=0.2, bias_std=0.1)
+        out, cache = forward(params, cfg, _tokens(bk, cfg, 2, 6, seed=6))
+        margin = routing_margin(cache)
+        assert margin > 1e-8, f"fixture too close to a routing flip (margin {margin:.2e})"
+        h = bk.to_numpy
+        res = {f"loss/{k}": h(v) for k, v in out.losses.items()}
+        res["logits"], res["hidden"] = h(out.logits), h(out.hidden)
+        for k, (z, st) in enumerate(zip(out.mtp_logits, out.mtp_hidden), start=1):
+            res[f"mtp_logits/{k}"], res[f"mtp_hidden/{k}"] = h(z), h(st)
+        for layer, (idx, w) in out.routing.items():
+            res[f"routing/{layer}/idx"], res[f"routing/{layer}/weight"] = h(idx), h(w)
+            res[f"load/{layer}"] = h(out.load[layer])
+        res.update({f"grad/{k}": h(v) for k, v in backward(cache).items()})
+        return res
+
+    return fn
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "plain"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cupy_matches_numpy_float64(variant, kernels):
+    from refmtp.backends import get_backend
+    from tests.test_ops import assert_parity, run_on
+
+    want = run_on(get_backend("numpy"), _model_case(variant), kernels=False)  # plain numpy reference
+    got = run_on(get_backend("cupy"), _model_case(variant), kernels=kernels)
+    assert any(k.startswith("routing/") for k in want) and any(k.startswith("grad/") for k in want)
+    assert_parity(got, want, what=f"model {variant} ({'kernels' if kernels else 'plain'}): ")

@@ -24,15 +24,23 @@ TOL = 1e-10
 # -------------------------------------------------------------------------------------------
 # models
 # -------------------------------------------------------------------------------------------
-def _random_params(cfg, seed=0):
+def _random_params(cfg, seed=0, backend=None):
     """Random float64 weights whose lm_head is dominated by one rank-1 direction, so main model
-    and (random) MTP modules often agree: drafts get accepted AND rejected, at deep positions too."""
+    and (random) MTP modules often agree: drafts get accepted AND rejected, at deep positions too.
+    Drawn on the host, then moved to ``backend`` (a Backend; numpy when None): same values on both."""
     params = init_params(cfg, seed=seed, dtype="float64", std=0.3, bias_std=0.1)
     rng = np.random.default_rng(seed)
     V, d = params["lm_head.weight"].shape
     u, v = rng.standard_normal(V), rng.standard_normal(d)
     params["lm_head.weight"] = 8.0 * np.outer(u, v) / np.sqrt(d) + 0.3 * rng.standard_normal((V, d))
-    return params
+    if backend is None:
+        return params
+    return {k: backend.asarray(a, dtype=a.dtype.name) for k, a in params.items()}
+
+
+def _ids(backend, seqs):
+    """Host token lists -> a (B, T) int64 array on the backend."""
+    return backend.asarray(np.asarray(seqs, dtype=np.int64), dtype="int64")
 
 
 def _corpus_text(seed=0, n=400):
@@ -61,21 +69,25 @@ def train_tiny_checkpoint(base: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained_ckpt(tmp_path_factory):
+    return train_tiny_checkpoint(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def trained(trained_ckpt, backend):
+    """(cfg, float64 params) of the trained checkpoint, loaded onto each backend."""
     from refmtp.checkpoint import load_checkpoint
 
-    ckpt = train_tiny_checkpoint(tmp_path_factory.getbasetemp())
-    cfg, params = load_checkpoint(ckpt, dtype="float64")
-    return cfg, params
+    return load_checkpoint(trained_ckpt, backend=backend.name, dtype="float64")
 
 
 # -------------------------------------------------------------------------------------------
 # greedy: speculative == plain, token for token
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["absorbed", "naive"])
-def test_greedy_equals_plain_random_weights(mode):
+def test_greedy_equals_plain_random_weights(backend, mode):
     cfg = preset("tiny")  # D = 2 MTP modules
-    dec = Decoder(_random_params(cfg), cfg)
+    dec = Decoder(_random_params(cfg, backend=backend), cfg)
     accepted_deep, rejected = 0, 0
     for prompt in ([2], [4, 4], [1, 5, 9, 3, 7]):
         plain = generate(dec, prompt, 30, mode=mode)
@@ -101,9 +113,9 @@ def test_greedy_equals_plain_trained_checkpoint(trained):
     assert total_accepted > 0
 
 
-def test_greedy_stop_token_truncates_emission():
+def test_greedy_stop_token_truncates_emission(backend):
     cfg = preset("tiny")
-    dec = Decoder(_random_params(cfg), cfg)
+    dec = Decoder(_random_params(cfg, backend=backend), cfg)
     plain = generate(dec, [4, 4], 30)
     stop = plain[7]
     want = plain[: plain.index(stop) + 1]
@@ -116,11 +128,12 @@ def test_greedy_stop_token_truncates_emission():
 # -------------------------------------------------------------------------------------------
 # what is drafted and verified is what the training forward computes
 # -------------------------------------------------------------------------------------------
-def test_drafts_and_targets_match_training_forward():
+def test_drafts_and_targets_match_training_forward(backend):
     """Module s drafts d_s from row n-2 of the training forward run on seq + [d_1..d_{s-1}]
     (paper order, V3 eqs. 21-23); the verify rows are the main logits at positions n-1..n-1+K."""
     cfg = preset("tiny")
-    params = _random_params(cfg, seed=1)
+    params = _random_params(cfg, seed=1, backend=backend)
+    h = backend.to_numpy
     dec = Decoder(params, cfg)
     prompt = [3, 3, 8]
     res = speculative_generate(dec, prompt, 16, k=cfg.D, trace=True)
@@ -129,19 +142,19 @@ def test_drafts_and_targets_match_training_forward():
     for step in res.trace:
         n, drafts = step["n"], step["drafts"]
         z = full[:n] + drafts + [0] * (cfg.D + 1)
-        out, _ = forward(params, cfg, np.asarray([z]), need_cache=False)
+        out, _ = forward(params, cfg, _ids(backend, [z]), need_cache=False)
         K = len(drafts)
-        np.testing.assert_allclose(step["logits"], out.logits[0, n - 1:n + K], rtol=0, atol=TOL)
+        np.testing.assert_allclose(h(step["logits"]), h(out.logits[0, n - 1:n + K]), rtol=0, atol=TOL)
         for s in range(1, K + 1):
-            np.testing.assert_allclose(step["draft_logits"][s - 1], out.mtp_logits[s - 1][0, n - 2],
+            np.testing.assert_allclose(h(step["draft_logits"][s - 1]), h(out.mtp_logits[s - 1][0, n - 2]),
                                        rtol=0, atol=TOL)
             checked += 1
     assert checked >= 8
 
 
-def test_parallel_heads_blockwise_and_typical():
+def test_parallel_heads_blockwise_and_typical(backend):
     cfg = preset("tiny").replace(refmtp={"mtp_kind": "parallel"})
-    params = _random_params(cfg, seed=2)
+    params = _random_params(cfg, seed=2, backend=backend)
     dec = Decoder(params, cfg)
     prompt = [4, 4, 1]
     plain = generate(dec, prompt, 20)
@@ -151,9 +164,10 @@ def test_parallel_heads_blockwise_and_typical():
     full = prompt + res.tokens
     for step in res.trace:  # head k's draft logits = its training-forward logits at row n-2
         n = step["n"]
-        out, _ = forward(params, cfg, np.asarray([full[:n] + [0] * 3]), need_cache=False)
+        out, _ = forward(params, cfg, _ids(backend, [full[:n] + [0] * 3]), need_cache=False)
         for k, row in enumerate(step["draft_logits"], start=1):
-            np.testing.assert_allclose(row, out.mtp_logits[k - 1][0, n - 2], rtol=0, atol=TOL)
+            np.testing.assert_allclose(backend.to_numpy(row), backend.to_numpy(out.mtp_logits[k - 1][0, n - 2]),
+                                       rtol=0, atol=TOL)
     typ = speculative_generate(dec, prompt, 20, k=2, rule="typical", temperature=0.7, seed=3)
     assert len(typ.tokens) == 20 and all(0 <= t < cfg.vocab_size for t in typ.tokens)
     assert typ.tokens == speculative_generate(dec, prompt, 20, k=2, rule="typical", temperature=0.7,
@@ -165,9 +179,9 @@ def test_parallel_heads_blockwise_and_typical():
 # -------------------------------------------------------------------------------------------
 # stochastic mode
 # -------------------------------------------------------------------------------------------
-def test_sampling_seeded_and_k0_equals_plain_sampling():
+def test_sampling_seeded_and_k0_equals_plain_sampling(backend):
     cfg = preset("tiny")
-    dec = Decoder(_random_params(cfg, seed=4), cfg)
+    dec = Decoder(_random_params(cfg, seed=4, backend=backend), cfg)
     plain = generate(dec, [1, 2, 3], 25, temperature=0.8, seed=7)
     assert speculative_generate(dec, [1, 2, 3], 25, k=0, temperature=0.8, seed=7).tokens == plain
     a = speculative_generate(dec, [1, 2, 3], 25, k=2, temperature=0.8, seed=7, sample_drafts=True, trace=True)
@@ -176,20 +190,21 @@ def test_sampling_seeded_and_k0_equals_plain_sampling():
     for step in a.trace:  # q passed to the rule = softmax(draft logits / T), the law drafts came from
         assert (step["q"] is None) == (not step["drafts"])
         for q, row in zip(step["q"] or [], step["draft_logits"]):
-            np.testing.assert_allclose(q, processed_probs(row, 0.8), rtol=0, atol=1e-15)
+            np.testing.assert_allclose(backend.to_numpy(q), backend.to_numpy(processed_probs(row, 0.8)),
+                                       rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("sample_drafts", [False, True])
-def test_sampling_follows_target_and_acceptance_closed_form(trained, sample_drafts):
+def test_sampling_follows_target_and_acceptance_closed_form(trained, backend, sample_drafts):
     """Over 300 seeds, the first emitted token follows p_1 = softmax(logits/T) (chi-square), and
     draft 1 is accepted with probability p_1(argmax q) (one-hot q) or sum min(p_1, q_1) (spec 1.3)."""
     cfg, params = trained
     dec = Decoder(params, cfg)
     prompt, T, N = list(b"the quick"), 1.0, 300
-    out, _ = forward(params, cfg, np.asarray([prompt + [0, 0, 0]]), need_cache=False)
+    out, _ = forward(params, cfg, _ids(backend, [prompt + [0, 0, 0]]), need_cache=False)
     n = len(prompt)
-    p1 = np.asarray(processed_probs(out.logits[0, n - 1], T))
-    q1 = np.asarray(processed_probs(out.mtp_logits[0][0, n - 2], T))
+    p1 = backend.to_numpy(processed_probs(out.logits[0, n - 1], T))
+    q1 = backend.to_numpy(processed_probs(out.mtp_logits[0][0, n - 2], T))
     beta = float(np.minimum(p1, q1).sum()) if sample_drafts else float(p1[np.argmax(q1)])
     counts, accepted = np.zeros(cfg.vocab_size), 0
     for seed in range(N):
@@ -224,9 +239,9 @@ def test_spec_metrics_by_hand():
     assert empty["tau"] is None and empty["acceptance_per_position"] == [None]
 
 
-def test_validation():
+def test_validation(backend):
     cfg = preset("tiny")
-    dec = Decoder(_random_params(cfg), cfg)
+    dec = Decoder(_random_params(cfg, backend=backend), cfg)
     with pytest.raises(ValueError, match="exceed the D=2 MTP modules"):
         speculative_generate(dec, [1, 2], 5, k=3)
     with pytest.raises(ValueError, match="integer >= 0"):

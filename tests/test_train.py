@@ -64,19 +64,33 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, text_file):
-    """6 steps in one go: what every resumed run must reproduce bit for bit."""
-    out = tmp_path_factory.mktemp("runs") / "ref"
-    result = Trainer.new(settings(text_file), preset("tiny"), out).run()
-    assert result.status == "done" and result.step == 6
-    return out
+def reference_runs(tmp_path_factory, text_file):
+    """reference_runs(backend_name): 6 steps in one go on that backend, run once per module:
+    what every resumed run on the same backend must reproduce bit for bit."""
+    runs: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            out = tmp_path_factory.mktemp("runs") / f"ref-{name}"
+            result = Trainer.new(settings(text_file, backend=name), preset("tiny"), out).run()
+            assert result.status == "done" and result.step == 6
+            runs[name] = out
+        return runs[name]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_runs):
+    """The numpy reference run (the tests below that are not about backends use it)."""
+    return reference_runs("numpy")
 
 
 # -------------------------------------------------------------------------------------------
 # the loop and its outputs
 # -------------------------------------------------------------------------------------------
-def test_run_writes_checkpoint_metrics_and_learns(reference_run):
-    out = reference_run
+def test_run_writes_checkpoint_metrics_and_learns(backend, reference_runs):
+    out = reference_runs(backend.name)
     ckpt = latest_checkpoint(out)
     assert ckpt.name == "checkpoint-0000006" and (out / "latest").read_text().strip() == ckpt.name
     assert sorted(p.name for p in ckpt.iterdir()) == [
@@ -101,20 +115,23 @@ def test_run_writes_checkpoint_metrics_and_learns(reference_run):
     assert not any(p.suffix in (".pkl", ".pt", ".bin", ".npy") for p in out.rglob("*"))
 
 
-def test_resume_after_stopping_is_bit_identical(tmp_path, text_file, reference_run):
+def test_resume_after_stopping_is_bit_identical(tmp_path, text_file, backend, reference_runs):
+    reference_run = reference_runs(backend.name)
     out = tmp_path / "split"
     # 3 steps with the 6-step schedule, then resume to 6: the schedule horizon stays fixed
-    r = Trainer.new(settings(text_file, steps=3, decay_steps=6), preset("tiny"), out).run()
+    r = Trainer.new(settings(text_file, steps=3, decay_steps=6, backend=backend.name),
+                    preset("tiny"), out).run()
     assert r.step == 3
     resumed = Trainer.resume(out, {"steps": 6})
-    assert resumed.step == 3
+    assert resumed.step == 3 and resumed.settings.backend == backend.name
     assert resumed.run().step == 6
     assert_bit_identical(out, reference_run)
     assert metrics(out) == metrics(reference_run)
 
 
-def test_ctrl_c_mid_step_saves_and_resumes_exactly(tmp_path, text_file, reference_run,
+def test_ctrl_c_mid_step_saves_and_resumes_exactly(tmp_path, text_file, backend, reference_runs,
                                                    monkeypatch):
+    reference_run = reference_runs(backend.name)
     import refmtp.model as model
 
     real_forward, calls = model.forward, {"n": 0}
@@ -128,7 +145,7 @@ def test_ctrl_c_mid_step_saves_and_resumes_exactly(tmp_path, text_file, referenc
 
     monkeypatch.setattr(model, "forward", interrupting_forward)
     out = tmp_path / "ctrlc"
-    r = Trainer.new(settings(text_file), preset("tiny"), out).run()
+    r = Trainer.new(settings(text_file, backend=backend.name), preset("tiny"), out).run()
     assert r.status == "interrupted" and r.step == 3
     assert r.checkpoint.name == "checkpoint-0000003"
     monkeypatch.setattr(model, "forward", real_forward)
@@ -136,9 +153,10 @@ def test_ctrl_c_mid_step_saves_and_resumes_exactly(tmp_path, text_file, referenc
     assert_bit_identical(out, reference_run)
 
 
-def test_sigint_stops_after_the_current_step(tmp_path, text_file, reference_run):
+def test_sigint_stops_after_the_current_step(tmp_path, text_file, backend, reference_runs):
+    reference_run = reference_runs(backend.name)
     out = tmp_path / "sigint"
-    trainer = Trainer.new(settings(text_file), preset("tiny"), out)
+    trainer = Trainer.new(settings(text_file, backend=backend.name), preset("tiny"), out)
 
     def on_step(step, record):
         if step == 2:
