@@ -1,6 +1,6 @@
 """The machine a benchmark ran on, as a JSON-ready dict (shared by every benchmark script).
 
-    from _machine import machine_info          # benchmarks/ is the script's directory
+    from _machine import machine_info, write_result   # benchmarks/ is the script's directory
     info = machine_info()
 
 Keys: cpu_model (from /proc/cpuinfo, else platform), cpu_count (logical), cpu_affinity (cores this
@@ -89,3 +89,15 @@ if __name__ == "__main__":
     import json
 
     print(json.dumps(machine_info(), indent=2))
+
+
+def write_result(path, result: dict):
+    """Write a benchmark's JSON result (creating the folder) and say where; returns the Path."""
+    import json
+    from pathlib import Path
+
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out

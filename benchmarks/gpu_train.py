@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -253,7 +252,7 @@ def main(argv=None) -> int:
 
     import cupy
 
-    from _machine import machine_info
+    from _machine import machine_info, write_result
     from refmtp.backends import get_backend
     from refmtp.flops import model_flops
 
@@ -310,10 +309,7 @@ def main(argv=None) -> int:
         "machine": machine_info(),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -13,7 +13,6 @@ with the machine description. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_info  # noqa: E402
+from _machine import machine_info, write_result  # noqa: E402
 
 from refmtp.backends import get_backend, kernels_enabled, set_kernels_enabled  # noqa: E402
 from refmtp.config import preset  # noqa: E402
@@ -134,10 +133,7 @@ def main(argv=None):
         "machine": machine_info(),
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":
