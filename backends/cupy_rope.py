@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from refmtp.backends.cupy_kernels import LazyKernel
+from refmtp.backends.numba_rope import check_rope_args
 
 _ROPE = LazyKernel("rope", ["rope_apply<float>", "rope_apply<double>"])  # compiled on first call
 _THREADS = 256
@@ -25,17 +26,7 @@ def rope_apply(x, cos, sin):
     """CUDA twin of ``rope_apply_ref``: x (..., T, Dr), cos/sin (T, Dr/2) -> (..., T, Dr)."""
     import cupy
 
-    if x.ndim < 2 or x.shape[-1] % 2 or cos.shape != (x.shape[-2], x.shape[-1] // 2) \
-            or sin.shape != cos.shape:
-        raise ValueError(
-            f"rope_apply: expected x (..., T, Dr) with Dr even and cos/sin (T, Dr/2), got "
-            f"{tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}"
-        )
-    if x.dtype not in (np.float32, np.float64) or cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise ValueError(
-            f"rope_apply: x, cos, sin must share one float dtype (float32 or float64), got "
-            f"{x.dtype}, {cos.dtype}, {sin.dtype}"
-        )
+    check_rope_args(x, cos, sin)
     T, Dr = x.shape[-2], x.shape[-1]
     xc = cupy.ascontiguousarray(x)  # (..., T, Dr)
     y = cupy.empty_like(xc)  # (..., T, Dr)

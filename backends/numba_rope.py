@@ -35,8 +35,8 @@ def _rope_apply_loop(x, cos, sin, y):
 rope_apply_numba = njit(cache=True)(_rope_apply_loop)
 
 
-def rope_apply(x, cos, sin):
-    """Numba twin of ``rope_apply_ref``: x (..., T, Dr), cos/sin (T, Dr/2) -> (..., T, Dr)."""
+def check_rope_args(x, cos, sin):
+    """Shapes and dtypes every rope_apply kernel wrapper (Numba and CUDA) accepts."""
     if x.ndim < 2 or x.shape[-1] % 2 or cos.shape != (x.shape[-2], x.shape[-1] // 2) \
             or sin.shape != cos.shape:
         raise ValueError(
@@ -48,6 +48,11 @@ def rope_apply(x, cos, sin):
             f"rope_apply: x, cos, sin must share one float dtype (float32 or float64), got "
             f"{x.dtype}, {cos.dtype}, {sin.dtype}"
         )
+
+
+def rope_apply(x, cos, sin):
+    """Numba twin of ``rope_apply_ref``: x (..., T, Dr), cos/sin (T, Dr/2) -> (..., T, Dr)."""
+    check_rope_args(x, cos, sin)
     T, Dr = x.shape[-2], x.shape[-1]
     N = math.prod(x.shape[:-2])  # leading dims flattened
     x3 = np.ascontiguousarray(x).reshape(N, T, Dr)  # (N, T, Dr)
