@@ -114,6 +114,18 @@ def add_common_args(ap: argparse.ArgumentParser) -> None:
 # -------------------------------------------------------------------------------------------
 # GEMM peak
 # -------------------------------------------------------------------------------------------
+def gemm_sample(a, b, seconds: float) -> float:
+    """GFLOP/s of back-to-back ``a @ b`` (square) for at least ``seconds``."""
+    n = a.shape[0]
+    count, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds:
+            return count * 2.0 * n ** 3 / elapsed / 1e9
+
+
 def measure_peak(dtypes=("float32", "float64"), sizes=SIZES, repeats: int = 7,
                  min_sample_s: float = 0.2) -> dict:
     """{dtype: {"peak_gflops": max median GFLOP/s, "best_gflops": fastest sample, "size": n,
@@ -133,17 +145,7 @@ def measure_peak(dtypes=("float32", "float64"), sizes=SIZES, repeats: int = 7,
             a = rng.standard_normal((n, n)).astype(dtype)
             b = rng.standard_normal((n, n)).astype(dtype)
             a @ b  # warm-up
-            rates = []
-            flops = 2.0 * n ** 3
-            for _ in range(repeats):
-                count, t0 = 0, time.perf_counter()
-                while True:
-                    a @ b
-                    count += 1
-                    elapsed = time.perf_counter() - t0
-                    if elapsed >= min_sample_s:
-                        break
-                rates.append(count * flops / elapsed / 1e9)
+            rates = [gemm_sample(a, b, min_sample_s) for _ in range(repeats)]
             by_size[n] = {"median_gflops": statistics.median(rates), "best_gflops": max(rates)}
         best_n = max(by_size, key=lambda n: by_size[n]["median_gflops"])
         out[dtype] = {"peak_gflops": by_size[best_n]["median_gflops"],

@@ -29,7 +29,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from gemm_peak import (QUICK_SIZES, add_common_args, blas_kernel, blas_threads, measure_peak,  # noqa: E402
+from gemm_peak import (QUICK_SIZES, gemm_sample, add_common_args, blas_kernel, blas_threads, measure_peak,  # noqa: E402
                        run_context)
 
 
@@ -65,18 +65,6 @@ class StepRunner:
         t3 = time.perf_counter()
         return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0,
                 "loss": loss}
-
-
-def gemm_sample(a, b, seconds: float) -> float:
-    """GFLOP/s of back-to-back ``a @ b`` (square) for at least ``seconds``."""
-    n = a.shape[0]
-    count, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        count += 1
-        elapsed = time.perf_counter() - t0
-        if elapsed >= seconds:
-            return count * 2.0 * n ** 3 / elapsed / 1e9
 
 
 def time_steps(cfg, dtype: str, batch: int, seq: int, repeats: int, kernels: bool, seed: int = 0,
