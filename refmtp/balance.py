@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 
 BALANCE_KINDS = ("seq", "expert", "none")
 
@@ -58,8 +59,12 @@ def _fp_loss(s, count_idx, n_groups: int, kind: str):
     counts = xp.zeros((n_groups * E,), dtype=s.dtype)
     bk.scatter_add(counts, flat, xp.ones(flat.shape, dtype=s.dtype))
     f = xp.reshape(counts, (n_groups, E)) * (E / (K * Ts))  # (Gs, E) eq. 18
+    if on("balance.f_missing_scale"):
+        f = xp.reshape(counts, (n_groups, E)) / Ts
     denom = xp.sum(sg, axis=-1, keepdims=True)  # (Gs, Ts, 1)
     s_norm = sg / denom  # (Gs, Ts, E) eq. 19
+    if on("balance.p_unnormalised"):
+        s_norm = sg
     P = xp.mean(s_norm, axis=1)  # (Gs, E) eq. 20
     loss = xp.mean(xp.sum(f * P, axis=-1))  # scalar, eq. 17 / alpha, averaged over groups
     cache = BalanceCache(s_norm=s_norm, denom=denom, f=f, count_idx=count_idx,
@@ -85,7 +90,7 @@ def seq_balance_loss_forward(s, K: int):
     if not 1 <= K <= E:
         raise ValueError(f"seq_balance_loss: K={K} must be between 1 and n_routed_experts={E}")
     idx, _ = bk.topk(s, K)  # (B, T, K) eq. 18's TopK, ties -> lowest index
-    return _fp_loss(s, idx, B, "seq")
+    return _fp_loss(s, idx, 1 if on("balance.batch_wise") else B, "seq")
 
 
 def expert_balance_loss_forward(s, topk_idx):
@@ -107,6 +112,8 @@ def balance_loss_forward(s, topk_idx, kind: str):
     """Dispatch on cfg.refmtp.balance_loss: ``(loss, cache)`` or ``(0, None)`` for "none"."""
     if kind == "seq":
         return seq_balance_loss_forward(s, topk_idx.shape[-1])
+    if kind == "seq_routed":  # mutant balance.f_from_routed_topk only
+        return _fp_loss(s, topk_idx, s.shape[0], "seq")
     if kind == "expert":
         return expert_balance_loss_forward(s, topk_idx)
     if kind == "none":
@@ -158,6 +165,10 @@ def update_bias(bias, load, gamma: float):
         raise ValueError(f"update_bias: gamma={gamma} must be a finite number >= 0")
     c = xp.astype(load, xp.float64)  # (E,) exact for integer counts
     step = xp.sign(xp.mean(c) - c)  # (E,) -1 overloaded, +1 underloaded, 0 at the mean
+    if on("bias_update.sign_flipped"):
+        step = -step
+    if on("bias_update.proportional"):
+        step = xp.mean(c) - c
     return bias + xp.astype(step, xp.float32) * xp.asarray(gamma, dtype=xp.float32)  # (E,) float32
 
 

@@ -48,6 +48,7 @@ from refmtp.block import sub_params
 from refmtp.init import layer_prefix, mtp_layer
 from refmtp.mla import mla_kv_b_heads, mla_kv_up, mla_latent_kv, mla_query
 from refmtp.model import EMBED, LM_HEAD, NORM, check_params
+from refmtp.mutation import on
 from refmtp.moe import moe_forward
 from refmtp.ops.attention import attention_forward
 from refmtp.ops.embedding import embedding_forward
@@ -183,16 +184,30 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
     Rkv = cfg.kv_lora_rank
     S = start + T
     positions = xp.arange(start, S, dtype=xp.int64)  # (T,) RoPE positions of the new tokens
+    if on("decode.positions_restart"):
+        positions = xp.arange(0, T, dtype=xp.int64)
     scale = softmax_scale(cfg)  # qk_head_dim^-1/2 * mscale^2 in BOTH modes (spec 2.5, 2.7)
     q_nope, q_pe = mla_query(x, p, cfg, positions)  # (B,H,T,Dn), (B,H,T,Dr), q_pe rotated
     c_kv, k_pe = mla_latent_kv(x, p, cfg, positions)  # (B,T,Rkv) post-norm, (B,T,Dr) post-RoPE
+    if on("decode.cache_latent_before_norm") or on("decode.cache_k_pe_unrotated"):
+        raw = x @ p["kv_a_proj_with_mqa.weight"].T  # (B,T,Rkv+Dr) before the norm and RoPE
+        if on("decode.cache_latent_before_norm"):
+            c_kv = raw[..., :Rkv]
+        if on("decode.cache_k_pe_unrotated"):
+            k_pe = raw[..., Rkv:]
     if cache.mode == "absorbed":
         (lat,) = cache.write(layer, start, xp.concat([c_kv, k_pe], axis=-1))  # (B,S,Rkv+Dr)
         W_UK, W_UV = mla_kv_b_heads(p, cfg)  # (H,Dn,Rkv), (H,Dv,Rkv)
+        if on("decode.absorbed_scale_latent_dim"):
+            scale = (Rkv + Dr) ** -0.5
+        if on("decode.values_from_w_uk"):
+            W_UV = W_UK
         q_lat = xp.einsum("bhtn,hnc->bhtc", q_nope, W_UK)  # (B,H,T,Rkv)  q~ = W_UK^T q_nope
         q = xp.concat([q_lat, q_pe], axis=-1)  # (B,H,T,Rkv+Dr)
         k = xp.broadcast_to(lat[:, None, :, :], (B, H, S, Rkv + Dr))  # (B,H,S,Rkv+Dr) one key for all heads
         v = xp.broadcast_to(lat[:, None, :, :Rkv], (B, H, S, Rkv))  # (B,H,S,Rkv) values = c_KV
+        if on("decode.cache_not_read"):
+            k, v, start = k[:, :, start:], v[:, :, start:], 0
         x_lat, _ = attention_forward(q, k, v, scale, start=start)  # (B,H,T,Rkv)  sum_j p_j c_KV_j
         o = xp.einsum("bhtc,hvc->bhtv", x_lat, W_UV)  # (B,H,T,Dv)  o = W_UV x
     else:
@@ -200,6 +215,8 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
         k_new = xp.concat([k_nope, xp.broadcast_to(k_pe[:, None], (B, H, T, Dr))], axis=-1)  # (B,H,T,Dn+Dr)
         k, v = cache.write(layer, start, k_new, v_new)  # (B,H,S,Dn+Dr), (B,H,S,Dv)
         q = xp.concat([q_nope, q_pe], axis=-1)  # (B,H,T,Dn+Dr)  eq. 9
+        if on("decode.cache_not_read"):
+            k, v, start = k[:, :, start:], v[:, :, start:], 0
         o, _ = attention_forward(q, k, v, scale, start=start)  # (B,H,T,Dv)  eq. 10
     o = xp.reshape(xp.permute_dims(o, (0, 2, 1, 3)), (B, T, H * Dv))  # (B,T,H*Dv)
     out, _ = linear_forward(o, p["o_proj.weight"])  # (B,T,d)  eq. 11

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +68,22 @@ def loss_forward(main_rows, mtp_rows: list, aux: dict, cfg, B: int, T: int):
             raise ValueError(
                 f"loss: depth {k} rows have shape {tuple(rows.shape)}, expected ({B * (T - k)},)"
             )
-    alpha = float(cfg.refmtp.seq_aux_alpha)
+    alpha = 1.0 if on("balance.alpha_dropped") else float(cfg.refmtp.seq_aux_alpha)
+    if on("balance.alpha_zero"):
+        alpha = 0.0
     weight = float(cfg.refmtp.mtp_lambda) / D if D else 0.0
+    if on("loss.mtp_weight_no_D"):
+        weight = float(cfg.refmtp.mtp_lambda)
+    if on("loss.mtp_no_lambda"):
+        weight = 1.0
     norms = tuple(mtp_normaliser(cfg, B, T, k) for k in range(1, D + 1))
+    if on("loss.mtp_norm_valid_rows"):
+        norms = tuple(B * (T - k) for k in range(1, D + 1))
     dtype = main_rows.dtype
+    if on("balance.mtp_layers_excluded"):
+        aux = {layer: a for layer, a in aux.items() if layer < cfg.num_hidden_layers}
 
-    losses = {"main": xp.sum(main_rows) / (B * T)}  # L_main, mean over B*T
+    losses = {"main": xp.sum(main_rows) / (1 if on("loss.main_sum") else B * T)}  # L_main, mean over B*T
     total = losses["main"]
     for k, (rows, n) in enumerate(zip(mtp_rows, norms), start=1):
         losses[f"mtp.{k}"] = xp.sum(rows) / n  # L_MTP^k (eq. 24)

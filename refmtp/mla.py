@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 from refmtp.ops.attention import AttentionCache, attention_backward, attention_forward
 from refmtp.ops.linear import LinearCache, linear_backward, linear_forward
 from refmtp.ops.rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
@@ -107,11 +108,15 @@ def _query_forward(x, p, cfg, cos, sin):
         c_qa = c_qn = None
     else:
         cq_raw, c_qa = linear_forward(x, p["q_a_proj.weight"])  # (B,T,Rq)  eq. 6
-        cq, c_qn = rmsnorm_forward(cq_raw, p["q_a_layernorm.weight"], cfg.rms_norm_eps)  # (B,T,Rq)
+        cq, c_qn = rmsnorm_forward(cq_raw, p["q_a_layernorm.weight"], _latent_eps(cfg))  # (B,T,Rq)
+        if on("mla.no_q_a_layernorm"):
+            cq = cq_raw
         q, c_q = linear_forward(cq, p["q_b_proj.weight"])  # (B,T,H*(Dn+Dr))  eqs. 7-8 (W^UQ, W^QR)
     q = xp.permute_dims(xp.reshape(q, (B, T, H, Dn + Dr)), (0, 2, 1, 3))  # (B,H,T,Dn+Dr), row h*(Dn+Dr)+c
-    q_nope = q[..., :Dn]  # (B,H,T,Dn)  eq. 7
-    q_pe, c_qr = rope_forward(q[..., Dn:], cos, sin)  # (B,H,T,Dr)  eq. 8
+    q_nope, q_pe_raw = q[..., :Dn], q[..., Dn:]  # (B,H,T,Dn), (B,H,T,Dr)  eqs. 7-8
+    if on("mla.q_split_swapped"):
+        q_pe_raw, q_nope = q[..., :Dr], q[..., Dr:]
+    q_pe, c_qr = rope_forward(q_pe_raw, cos, sin)  # (B,H,T,Dr)  eq. 8
     return q_nope, q_pe, (c_qa, c_qn, c_q, c_qr)
 
 
@@ -119,8 +124,13 @@ def _latent_forward(x, p, cfg, cos, sin):
     """x (B,T,d) -> c_KV (B,T,Rkv) post-norm, k_pe (B,T,Dr) post-RoPE, and their caches."""
     Rkv = cfg.kv_lora_rank
     kv, c_kva = linear_forward(x, p["kv_a_proj_with_mqa.weight"])  # (B,T,Rkv+Dr), latent first
-    c_kv, c_kvn = rmsnorm_forward(kv[..., :Rkv], p["kv_a_layernorm.weight"], cfg.rms_norm_eps)  # (B,T,Rkv) eq. 1
-    k_pe, c_kr = rope_forward(kv[..., Rkv:], cos, sin)  # (B,T,Dr)  eq. 3, no norm on k_pe
+    c_raw, k_pe_raw = kv[..., :Rkv], kv[..., Rkv:]  # (B,T,Rkv), (B,T,Dr)
+    if on("mla.kv_a_split_swapped"):
+        k_pe_raw, c_raw = kv[..., :cfg.qk_rope_head_dim], kv[..., cfg.qk_rope_head_dim:]
+    c_kv, c_kvn = rmsnorm_forward(c_raw, p["kv_a_layernorm.weight"], _latent_eps(cfg))  # (B,T,Rkv) eq. 1
+    if on("mla.no_kv_a_layernorm"):
+        c_kv = c_raw
+    k_pe, c_kr = rope_forward(k_pe_raw, cos, sin)  # (B,T,Dr)  eq. 3, no norm on k_pe
     return c_kv, k_pe, (c_kva, c_kvn, c_kr)
 
 
@@ -131,7 +141,14 @@ def _kv_up(c_kv, p, cfg):
     H, Dn, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     kvb, c_kvb = linear_forward(c_kv, p["kv_b_proj.weight"])  # (B,S,H*(Dn+Dv)), row h*(Dn+Dv)+c
     kvb = xp.permute_dims(xp.reshape(kvb, (B, S, H, Dn + Dv)), (0, 2, 1, 3))  # (B,H,S,Dn+Dv)
+    if on("mla.kv_b_split_swapped"):
+        return kvb[..., Dv:], kvb[..., :Dv], c_kvb
     return kvb[..., :Dn], kvb[..., Dn:], c_kvb
+
+
+def _latent_eps(cfg) -> float:
+    """eps of q_a_layernorm and kv_a_layernorm: the config's rms_norm_eps, like every RMSNorm."""
+    return 1e-5 if on("mla.latent_norm_eps") else cfg.rms_norm_eps
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,6 +231,8 @@ def mla_backward(dout, cache: MLACache):
     dq_nope, dq_pe = ga.dq[..., :Dn], ga.dq[..., Dn:]  # (B,H,T,Dn), (B,H,T,Dr)
     dk_nope = ga.dk[..., :Dn]  # (B,H,T,Dn)
     dk_pe = xp.sum(ga.dk[..., Dn:], axis=1)  # (B,T,Dr): k_pe is shared, so sum over heads
+    if on("mla.k_pe_grad_one_head"):
+        dk_pe = ga.dk[:, 0, :, Dn:]
 
     # key/value path: forward kvb = c_KV Wkv_b^T with per-head rows [k_nope | v]
     dkvb = xp.concat([dk_nope, ga.dv], axis=-1)  # (B,H,T,Dn+Dv)

@@ -45,6 +45,7 @@ from refmtp.balance import update_bias
 from refmtp.moe import routing_margin as moe_routing_margin
 from refmtp.moe import routing_selection as moe_routing_selection
 from refmtp.mtp import mtp_backward, mtp_forward
+from refmtp.mutation import on
 from refmtp.ops.embedding import embedding_backward, embedding_forward
 from refmtp.ops.linear import linear_backward, linear_forward
 from refmtp.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
@@ -202,18 +203,25 @@ def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
     # MTP depths / parallel heads --------------------------------------------------------
     mtp_emb, mtp, mtp_norm, mtp_head, mtp_xent = [], [], [], [], []
     mtp_logits, mtp_rows, mtp_hidden = [], [], []
-    h = h0  # h^0: the main model's output after model.norm (spec 4.4)
+    h = z if on("mtp.hidden_before_final_norm") else h0  # h^0: the main model's output after model.norm (spec 4.4)
     for k in range(1, D + 1):
         Tk = T - k  # rows with a target t_{i+k+1}
         layer = mtp_layer(cfg, k)
         p = sub_params(params, layer_prefix(layer))
         if kind == "causal":
-            e, c_e = embedding_forward(tokens[:, k:T], params[EMBED])  # Emb(t_{i+k}) (B, Tk, d)
+            if on("mtp.head_norm_is_model_norm"):
+                p = {**p, "shared_head.norm.weight": params[NORM]}
+            shift = k - 1 if on("mtp.token_offset") else k
+            e, c_e = embedding_forward(tokens[:, shift:shift + Tk], params[EMBED])  # Emb(t_{i+k}) (B, Tk, d)
             n, y, aux_l, c_m = mtp_forward(e, h[:, :Tk], p, cfg, layer, positions[:Tk])
             mtp_emb.append(c_e)
             mtp.append(c_m)
             bc = c_m.block
             h = n if cfg.refmtp.mtp_chain == "post_norm" else y  # state chained to depth k+1
+            if on("mtp.chain_pre_norm"):
+                h = y
+            if on("mtp.chain_from_main"):
+                h = h0
             mtp_hidden.append(h)
         else:  # parallel head k on the shared trunk state z (spec section 6)
             y, aux_l, bc = block_forward(z[:, :Tk], p, cfg, layer, positions[:Tk])  # (B, Tk, d)
@@ -322,7 +330,7 @@ def backward(cache: ModelCache, dlosses: dict | None = None) -> dict:
     dh0 = g.dx  # (B, T, d)
 
     # shared tensors: every user's gradient summed, here and only here -------------------
-    grads[LM_HEAD] = _sum_shared(d_head_main, d_head_mtp)  # main head + every depth / head
+    grads[LM_HEAD] = _sum_shared(d_head_main, [] if on("mtp.lm_head_grad_not_summed") else d_head_mtp)  # main head + every depth / head
     if kind == "causal":
         dh0 = _sum_shared(dh0, d_trunk_mtp)  # h^0 feeds lm_head and MTP module 1
 
@@ -337,7 +345,7 @@ def backward(cache: ModelCache, dlosses: dict | None = None) -> dict:
         dx, g_b = block_backward(dx, daux(layer), cache.blocks[layer])
         put(layer, g_b)
     d_emb_main = embedding_backward(dx, cache.emb).dweight
-    grads[EMBED] = _sum_shared(d_emb_main, d_emb_mtp)  # main + every causal depth
+    grads[EMBED] = _sum_shared(d_emb_main, [] if on("mtp.embed_grad_not_summed") else d_emb_mtp)  # main + every causal depth
     return dict(sorted(grads.items()))
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 from refmtp.balance import balance_loss_backward, balance_loss_forward
 from refmtp.moe_gate import RouterCache, router_backward, router_forward, router_margin
 from refmtp.ops.swiglu import swiglu_backward, swiglu_forward
@@ -121,6 +122,9 @@ def moe_combine_ref(ys, order, weight):
     N, K = weight.shape
     w_sorted = xp.take(xp.reshape(weight, (-1,)), order)  # (S,) gate value of each sorted slot
     y = xp.zeros((N, ys.shape[1]), dtype=ys.dtype)  # (N, d)
+    if on("experts.combine_overwrites"):
+        y[order // K] = ys * w_sorted[:, None]  # the bug: one of each token's K slots survives
+        return y
     bk.scatter_add(y, order // K, ys * w_sorted[:, None])
     return y
 
@@ -212,8 +216,11 @@ def moe_forward(x, p: dict, cfg):
     x2 = xp.reshape(x, (N, d))  # (B, T, d) -> (N, d)
     # router: selection on s + b (group-limited), gate values from s (eqs. 13-16)
     topk_idx, topk_weight, rcache = router_forward(x2, p["gate.weight"], p.get(BIAS), cfg)  # (N, K) x2
+    kind = cfg.refmtp.balance_loss
+    if on("balance.f_from_routed_topk") and kind == "seq":
+        kind = "seq_routed"
     aux, bcache = balance_loss_forward(
-        xp.reshape(rcache.s, (B, T, E)), xp.reshape(topk_idx, (B, T, K)), cfg.refmtp.balance_loss
+        xp.reshape(rcache.s, (B, T, E)), xp.reshape(topk_idx, (B, T, K)), kind
     )  # (), eqs. 17-20 without alpha
     # dispatch: sort the N*K slots by expert, gather their tokens
     order, offsets = _kernel(bk, "moe_dispatch_plan", moe_dispatch_plan_ref)(topk_idx, E)  # (S,), (E+1,)
@@ -232,11 +239,18 @@ def moe_forward(x, p: dict, cfg):
     routed = _kernel(bk, "moe_combine", moe_combine_ref)(ys, order, topk_weight)  # (N, d)
     if cfg.n_shared_experts > 0:
         shared, scache = swiglu_forward(x2, *(p[f"shared_experts.{w}.weight"] for w in PROJ))  # (N, d)
+        if on("experts.shared_scaled"):
+            shared = shared * cfg.routed_scaling_factor
+        if on("experts.no_shared"):
+            shared = shared * 0.0
         out = shared + routed  # the shared output is added unscaled
     else:
         scache = None
         out = routed
     load = xp.astype(offsets[1:] - offsets[:-1], xp.int64)  # (E,)
+    if on("bias_update.load_unbiased"):
+        unbiased, _ = bk.topk(rcache.s, K)  # (N, K)
+        load = xp.astype(xp.sum(xp.reshape(unbiased, (-1, 1)) == xp.arange(E)[None, :], axis=0), xp.int64)
     cache = MoECache(router=rcache, balance=bcache, order=order, offsets=off, experts=tuple(caches),
                      ys=ys, shared=scache, topk_idx=xp.reshape(topk_idx, (B, T, K)),
                      topk_weight=xp.reshape(topk_weight, (B, T, K)), load=load, x_shape=(B, T, d),

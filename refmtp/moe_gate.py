@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 
 NORM_EPS = 1e-20  # HF adds it to the top-K denominator (spec 3.2 step 5)
 
@@ -66,7 +67,7 @@ def softmax(z, xp):
     return e / xp.sum(e, axis=-1, keepdims=True)
 
 
-def _group_limit(sc, cfg, bk):
+def _group_limit(sc, cfg, bk, group_sc=None):
     """Mask every expert outside the topk_group best groups with -inf (spec 3.2 step 4).
 
     Group score: sum of the top-2 scores in the group (sigmoid / noaux_tc, HF and DS-M with a
@@ -79,16 +80,20 @@ def _group_limit(sc, cfg, bk):
     if G == 1 or TG >= G:
         return sc, None
     grouped = xp.reshape(sc, (N, G, E // G))  # (N, G, E/G)
-    if cfg.scoring_func == "sigmoid":
-        _, top2 = bk.topk(grouped, 2)  # (N, G, 2)
+    if group_sc is not None:  # mutants only: group scores from other scores than sc
+        grouped_scores = xp.reshape(group_sc, (N, G, E // G))
+    else:
+        grouped_scores = grouped
+    if cfg.scoring_func == "sigmoid" and not on("router.group_score_max"):
+        _, top2 = bk.topk(grouped_scores, 2)  # (N, G, 2)
         group_scores = xp.sum(top2, axis=-1)  # (N, G)
     else:
-        group_scores = xp.max(grouped, axis=-1)  # (N, G)
+        group_scores = xp.max(grouped_scores, axis=-1)  # (N, G)
     gidx, _ = bk.topk(group_scores, TG)  # (N, TG) kept groups, ties -> lowest group
     keep = xp.any(gidx[:, :, None] == xp.arange(G)[None, None, :], axis=1)  # (N, G)
     # -inf, not 0: masking with 0 lets a masked group win when biased scores are negative
     # (transformers#45440); the V3 checkpoint's biases hide the difference, random ones do not.
-    neg_inf = xp.full_like(grouped, float("-inf"))
+    neg_inf = xp.full_like(grouped, 0.0 if on("router.mask_zero") else float("-inf"))
     masked = xp.where(keep[:, :, None], grouped, neg_inf)  # (N, G, E/G)
     return xp.reshape(masked, (N, E)), group_scores
 
@@ -122,25 +127,35 @@ def router_forward(x, weight, bias, cfg):
             "drop it or use noaux_tc"
         )
     z = x @ weight.T  # (N, E) router logits
-    if cfg.scoring_func == "sigmoid":
+    if cfg.scoring_func == "sigmoid" and not on("router.softmax_scores"):
         s = sigmoid(z, xp)  # (N, E) eq. 15
         sc = s + bias  # (N, E) eq. 16: the bias shifts the selection only
+        if on("router.bias_ignored"):
+            sc = s
+        if on("router.sigmoid_of_biased_logits"):
+            sc = sigmoid(z + bias, xp)
     else:
         s = softmax(z, xp)  # (N, E) V2
-        sc = s
-    if cfg.topk_method == "greedy":
+        sc = s if bias is None else s + bias  # V2 has no bias; router.softmax_scores keeps V3's
+    if cfg.topk_method == "greedy" or on("router.no_group_limit"):
         masked, group_scores = sc, None
     else:
-        masked, group_scores = _group_limit(sc, cfg, bk)  # (N, E)
+        masked, group_scores = _group_limit(sc, cfg, bk, s if on("router.group_score_unbiased") else None)  # (N, E)
     topk_idx, _ = bk.topk(masked, K)  # (N, K) ties -> lowest expert index, on every backend
     topk_s = bk.gather(s, topk_idx, axis=-1)  # (N, K) gate values use the UNBIASED s
-    if cfg.norm_topk_prob:
+    if on("router.bias_in_gate_values"):
+        topk_s = bk.gather(sc, topk_idx, axis=-1)
+    if cfg.norm_topk_prob and not on("router.no_renormalisation"):
         denom = xp.sum(topk_s, axis=-1, keepdims=True) + NORM_EPS  # (N, 1)
+        if on("router.renormalise_over_all"):
+            denom = xp.sum(s, axis=-1, keepdims=True) + NORM_EPS
         w = topk_s / denom  # (N, K) eq. 13
     else:
         denom = None
         w = topk_s
-    rho = float(cfg.routed_scaling_factor)
+    rho = 1.0 if on("router.no_scaling") else float(cfg.routed_scaling_factor)
+    if on("router.scaling_twice"):
+        rho = rho * rho
     topk_weight = w * rho  # (N, K) scaling applied after normalisation in every source
     cache = RouterCache(x=x, weight=weight, s=s, sel_scores=masked, group_scores=group_scores,
                         topk_idx=topk_idx, topk_s=topk_s, denom=denom,
@@ -168,6 +183,8 @@ def router_backward(dtopk_weight, cache: RouterCache, dscores=None) -> RouterGra
     # forward: g = rho * w / D (or rho * w)  ->  dw
     if c.denom is not None:
         dot = xp.sum(dtopk_weight * c.topk_s, axis=-1, keepdims=True)  # (N, 1) sum_i dg_i w_i
+        if on("router.backward_no_norm_term"):
+            dot = 0.0 * dot
         dw = (dtopk_weight - dot / c.denom) * (rho / c.denom)  # (N, K)
     else:
         dw = dtopk_weight * rho  # (N, K)

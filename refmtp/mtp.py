@@ -25,6 +25,7 @@ from typing import Any
 
 from refmtp.backends import backend_of
 from refmtp.block import block_backward, block_forward
+from refmtp.mutation import on
 from refmtp.ops.linear import linear_backward, linear_forward
 from refmtp.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 
@@ -53,12 +54,17 @@ def mtp_forward(emb, h_prev, p: dict, cfg, layer: int, positions):
             f"{tuple(h_prev.shape)} must have the same (B, T-k, d) shape"
         )
     eps = cfg.rms_norm_eps
-    e, c_enorm = rmsnorm_forward(emb, p["enorm.weight"], eps)  # (B, T', d)
-    hh, c_hnorm = rmsnorm_forward(h_prev, p["hnorm.weight"], eps)  # (B, T', d)
-    eh = xp.concat([e, hh], axis=-1)  # (B, T', 2d), embedding first (eq. 21 as released)
+    enorm, hnorm = p["enorm.weight"], p["hnorm.weight"]
+    if on("mtp.norms_swapped"):
+        enorm, hnorm = hnorm, enorm
+    e, c_enorm = rmsnorm_forward(emb, enorm, eps)  # (B, T', d)
+    hh, c_hnorm = rmsnorm_forward(h_prev, hnorm, eps)  # (B, T', d)
+    eh = xp.concat([hh, e] if on("mtp.eh_concat_swapped") else [e, hh], axis=-1)  # (B, T', 2d), embedding first (eq. 21 as released)
     x, c_eh = linear_forward(eh, p["eh_proj.weight"])  # (B, T', 2d) -> (B, T', d)
     y, aux, c_block = block_forward(x, p, cfg, layer, positions)  # (B, T', d)
     n, c_head = rmsnorm_forward(y, p["shared_head.norm.weight"], eps)  # (B, T', d)
+    if on("mtp.no_head_norm"):
+        n = y
     cache = MTPCache(enorm=c_enorm, hnorm=c_hnorm, eh_proj=c_eh, block=c_block, head_norm=c_head,
                      d=int(emb.shape[-1]))
     return n, y, aux, cache

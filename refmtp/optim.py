@@ -26,6 +26,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from refmtp.backends import backend_of, get_backend
+from refmtp.mutation import on
 
 FORMAT = "refmtp-adamw"
 FORMAT_VERSION = 1
@@ -72,7 +73,7 @@ class CosineSchedule:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return self.lr * (step + 1) / self.warmup_steps
+            return self.lr * (step + (0 if on("optim.warmup_from_zero") else 1)) / self.warmup_steps
         if step >= self.decay_steps:
             return self.lr * self.min_lr_ratio
         q = (step - self.warmup_steps) / (self.decay_steps - self.warmup_steps)
@@ -106,6 +107,9 @@ def clip_grads(grads: dict, max_norm: float, norm: float | None = None) -> tuple
     if max_norm <= 0 or not norm > max_norm:
         return dict(grads), norm
     scale = max_norm / (norm + 1e-6)  # Python float: float32 grads stay float32 (NEP 50)
+    if on("optim.clip_per_tensor"):
+        return {name: g * min(1.0, max_norm / (global_grad_norm({name: g}) + 1e-6))
+                for name, g in grads.items()}, norm
     return {name: g * scale for name, g in grads.items()}, norm
 
 
@@ -124,7 +128,7 @@ def first_nonfinite(grads: dict) -> str | None:
 # -------------------------------------------------------------------------------------------
 def decays(name: str) -> bool:
     """Weight decay applies to matrices and embeddings, not to RMSNorm weights nor biases."""
-    return "norm" not in name and not name.endswith("bias")
+    return on("optim.decay_norms") or ("norm" not in name and not name.endswith("bias"))
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,8 @@ class AdamW:
         t = self.step_count + 1
         bc1 = 1.0 - s.beta1 ** t  # bias corrections, host floats
         bc2 = 1.0 - s.beta2 ** t
+        if on("optim.no_bias_correction"):
+            bc1 = bc2 = 1.0
         new_p, new_m, new_v = {}, {}, {}
         for name in sorted(grads):
             if name not in params:
@@ -179,11 +185,13 @@ class AdamW:
             v = self.v.get(name)
             if m is None:
                 m, v = xp.zeros_like(p), xp.zeros_like(p)
+            wd = s.weight_decay if decays(name) else 0.0
+            if on("optim.coupled_decay"):
+                g, wd = g + wd * p, 0.0
             m = s.beta1 * m + (1.0 - s.beta1) * g  # first moment
             v = s.beta2 * v + (1.0 - s.beta2) * (g * g)  # second moment
             m_hat = m / bc1
             v_hat = v / bc2
-            wd = s.weight_decay if decays(name) else 0.0
             new_p[name] = p * (1.0 - lr * wd) - lr * (m_hat / (xp.sqrt(v_hat) + s.eps))
             new_m[name], new_v[name] = m, v
         # commit: nothing above touched params or the state

@@ -31,6 +31,7 @@ import math
 from typing import Any, Callable, NamedTuple
 
 from refmtp.backends import backend_of, get_backend
+from refmtp.mutation import on
 
 # Medusa typical acceptance defaults as used by ``medusa_generate`` (spec section 4).
 TYPICAL_EPS = 0.09
@@ -102,7 +103,7 @@ def _icdf(w, u: float):
     xp = bk.xp
     c = _host_cumsum(w)  # (V,) inclusive cumulative sum in index order
     t = u * float(c[-1])  # t = u * S
-    hit = xp.nonzero((w > 0) & (c > t))[0]  # strict >, zero-weight entries skipped
+    hit = xp.nonzero((w > 0) & ((c >= t) if on("acceptance.icdf_ge") else (c > t)))[0]  # strict >, zero-weight entries skipped
     if hit.shape[0] > 0:
         return int(hit[0])
     positive = xp.nonzero(w > 0)[0]
@@ -314,18 +315,30 @@ def verify_drafts(p, q, drafts, u_accept, u_sample, greedy: bool = False, logits
     K = len(drafts)
     for k, d in enumerate(drafts):
         p_d = float(p[k, d])
-        q_d = 1.0 if q is None else float(q[k, d])
-        if p_d > 0.0 and u_accept[k] * q_d <= p_d:  # R2: accept (<= on equality, p(d)=0 never)
+        q_d = 1.0 if q is None or on("acceptance.ignores_q") else float(q[k, d])
+        if on("acceptance.strict_less"):
+            if p_d > 0.0 and u_accept[k] * q_d < p_d:
+                continue
+        elif on("acceptance.accepts_zero_p"):
+            if u_accept[k] * q_d <= p_d:
+                continue
+        elif p_d > 0.0 and u_accept[k] * q_d <= p_d:  # R2: accept (<= on equality, p(d)=0 never)
             continue
         # R3: first rejection at position k -> residual r_k = max(p_k - q_k, 0)
         if q is None:
             w = xp.where(xp.arange(p.shape[1]) == d, 0.0, p[k])  # (V,) one-hot q: p_k with d zeroed
+            if on("acceptance.one_hot_keeps_draft"):
+                w = p[k]
         else:
             w = xp.maximum(p[k] - q[k], 0.0)  # (V,)
+        if on("acceptance.residual_is_p"):
+            w = p[k]
+        if on("acceptance.residual_softmax"):
+            w = xp.exp(w - xp.max(w)) / xp.sum(xp.exp(w - xp.max(w)))
         fallback = not bool(xp.any(w > 0))  # the residual is all zero only through rounding
         y = draw(p[k] if fallback else w)
         return Verdict(k, tuple(drafts[:k]) + (int(y),), fallback, False)
-    y = draw(p[K])  # R4: bonus from the target row after the last draft
+    y = draw(p[K - 1 if on("acceptance.bonus_from_last_draft_row") and K > 0 else K])  # R4: bonus from the target row after the last draft
     return Verdict(K, tuple(drafts) + (int(y),), False, True)
 
 
@@ -333,6 +346,9 @@ def _greedy_verdict(scores, drafts) -> Verdict:
     """R1 on validated (K+1, V) scores (logits or probabilities)."""
     bk = backend_of(scores)
     g = [int(i) for i in bk.to_numpy(bk.xp.argmax(scores, axis=-1))]  # (K+1,) first maximal index
+    if on("acceptance.greedy_ties_last"):
+        V = scores.shape[-1]
+        g = [V - 1 - int(i) for i in bk.to_numpy(bk.xp.argmax(bk.xp.flip(scores, axis=-1), axis=-1))]
     for k, d in enumerate(drafts):
         if d != g[k]:
             return Verdict(k, tuple(drafts[:k]) + (g[k],), False, False)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 
 
 def causal_allowed(T: int, start: int, xp):
@@ -68,6 +69,8 @@ def attention_forward(q, k, v, scale: float, start: int = 0):
         raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     s = (q @ xp.matrix_transpose(k)) * scale  # (B, H, T, S)  eq. 10 logits
     allowed = causal_allowed(T, start, xp)  # (T, S)
+    if on("mla.no_causal_mask"):
+        allowed = xp.ones((T, S), dtype=xp.bool)
     s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=s.dtype))  # (B, H, T, S) masked
     m = xp.max(s, axis=-1, keepdims=True)  # (B, H, T, 1) row max, finite (key 0 always allowed)
     e = xp.exp(s - m)  # (B, H, T, S), exactly 0 on masked keys

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 
 
 # ------------------------------------------------------------------------------------------
@@ -70,8 +71,14 @@ def yarn_correction_range(cfg) -> tuple[float, float] | None:
     def corr(r):  # the pair index whose wavelength makes r full turns over L0
         return Dr * math.log(L0 / (2.0 * math.pi * r)) / (2.0 * math.log(base))
 
-    low = max(math.floor(corr(y["beta_fast"])), 0)
-    high = min(math.ceil(corr(y["beta_slow"])), Dr - 1)
+    fast, slow = y["beta_fast"], y["beta_slow"]
+    if on("rope.yarn_betas_swapped"):
+        fast, slow = slow, fast
+    if on("rope.yarn_no_floor_ceil"):
+        low, high = max(corr(fast), 0), min(corr(slow), Dr - 1)
+    else:
+        low = max(math.floor(corr(fast)), 0)
+        high = min(math.ceil(corr(slow)), Dr - 1)
     if high == low:
         high = high + 0.001  # avoid 0/0 in the ramp, as HF does
     return low, high
@@ -84,6 +91,8 @@ def rope_freqs(cfg) -> tuple[float, ...]:
     """
     Dr, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
     theta = [base ** (-2.0 * j / Dr) for j in range(Dr // 2)]  # th_j
+    if on("rope.inv_freq_exponent"):
+        theta = [base ** (-1.0 * j / Dr) for j in range(Dr // 2)]
     y = cfg.yarn
     if y is None:
         return tuple(theta)
@@ -92,6 +101,8 @@ def rope_freqs(cfg) -> tuple[float, ...]:
     out = []
     for j, th in enumerate(theta):
         ramp = min(max((j - low) / (high - low), 0.0), 1.0)  # 0: keep th_j, 1: th_j / s
+        if on("rope.yarn_ramp_inverted"):
+            ramp = 1.0 - ramp
         out.append(th / s * ramp + th * (1.0 - ramp))
     return tuple(out)
 
@@ -106,6 +117,12 @@ def rope_attention_factor(cfg) -> float:
     if y is None:
         return 1.0
     s = y["factor"]
+    if on("rope.yarn_cos_sin_factor_dropped"):
+        return 1.0
+    if on("rope.yarn_cos_sin_plain_mscale"):
+        return yarn_get_mscale(s)
+    if on("rope.yarn_cos_sin_factor_inverted"):
+        return yarn_get_mscale(s, y["mscale_all_dim"]) / yarn_get_mscale(s, y["mscale"])
     return yarn_get_mscale(s, y["mscale"]) / yarn_get_mscale(s, y["mscale_all_dim"])
 
 
@@ -116,10 +133,15 @@ def softmax_scale(cfg) -> float:
     The same value is used in absorbed (latent-space) attention: still 1/sqrt(qk_head_dim).
     """
     scale = cfg.qk_head_dim ** -0.5
+    if on("mla.scale_nope_dim"):
+        scale = cfg.qk_nope_head_dim ** -0.5
+    if on("mla.scale_v_dim"):
+        scale = cfg.v_head_dim ** -0.5
     y = cfg.yarn
-    if y is not None and y["factor"] > 1.0:
-        m = yarn_get_mscale(y["factor"], y["mscale_all_dim"])
-        scale = scale * m * m
+    if y is not None and y["factor"] > 1.0 and not on("rope.yarn_softmax_mscale_dropped"):
+        m = yarn_get_mscale(y["factor"], y["mscale" if on("rope.yarn_softmax_mscale_from_mscale")
+                                          else "mscale_all_dim"])
+        scale = scale * m * (1.0 if on("rope.yarn_softmax_mscale_once") else m)
     return scale
 
 
@@ -163,6 +185,10 @@ def rope_apply_ref(x, cos, sin):
     the ``rope_apply`` kernels (backends/numba_rope.py, backends/rope.cu).
     """
     xp = backend_of(x, cos, sin).xp
+    if on("rope.neox_pairs"):  # pairs (j, j + Dr/2), halves concatenated back
+        h = x.shape[-1] // 2
+        x0, x1 = x[..., :h], x[..., h:]
+        return xp.concat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     x0 = x[..., 0::2]  # (..., T, Dr/2) real parts
     x1 = x[..., 1::2]  # (..., T, Dr/2) imaginary parts
     y0 = x0 * cos - x1 * sin  # (..., T, Dr/2)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.mutation import on
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,8 @@ def swiglu_forward(x, gate_proj, up_proj, down_proj):
     x2 = xp.reshape(x, (-1, d))  # (N, d)
     a = x2 @ gate_proj.T  # (N, I)
     b = x2 @ up_proj.T  # (N, I)
+    if on("experts.silu_on_up"):
+        a, b = b, a
     sig = 1.0 / (1.0 + xp.exp(-a))
     h = a * sig * b  # silu(a) * b
     y = h @ down_proj.T  # (N, d)
