@@ -48,7 +48,8 @@ ACCEPTANCE_FILE = "records.json"
 ACCEPTANCE_FORMAT = "refmtp-golden-acceptance"
 MANIFEST = "manifest.json"
 RECIPE = "recipe.json"
-KINDS = ("model", "trajectory", "acceptance")
+KINDS = ("model", "trajectory", "acceptance", "decode")
+DECODE_OPS = ("append", "truncate")
 
 # Golden weights are drawn larger than the training init (std 0.02) so that attention patterns,
 # routing and logits are far from uniform and a wrong scale, sign or order shows up.
@@ -352,6 +353,8 @@ def read_manifest(case_dir) -> dict:
         raise GoldenError(f"{path}: kind {m['kind']!r} is not one of {', '.join(KINDS)}")
     if m["kind"] == "trajectory" and not isinstance(m.get("train"), dict):
         raise GoldenError(f"{path}: a trajectory case needs the 'train' settings object")
+    if m["kind"] == "decode":
+        check_schedule(m.get("schedule"), str(path))
     for entry in m.get("tolerances", []) if isinstance(m.get("tolerances"), list) else [None]:
         ok = isinstance(entry, dict) and isinstance(entry.get("pattern"), str) and all(
             isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)
@@ -524,17 +527,38 @@ def _check_margins(name: str, margins: dict, dtype: str) -> float | None:
     return min(margins.values()) if margins else None
 
 
-def _golden_params(cfg, seed, dtype, init_std, bias_std):
+def _golden_params(cfg, seed, dtype, init_std, bias_std, norm_std=0.0, bias_mean=0.0):
+    """init_params(seed, std=init_std, bias_std), then two optional recipe perturbations drawn
+    from their own stream PCG64(SeedSequence([seed, 2])) so the default cases are unchanged:
+    every RMSNorm weight times (1 + normal(0, norm_std)) (so swapped or shared norms show in
+    the forward), and ``bias_mean`` added to every e_score_correction_bias (negative biased
+    scores, where masking dropped groups with 0 instead of -inf re-routes tokens)."""
+    from refmtp.init import is_bias
     from refmtp.model import init_params
 
-    return init_params(cfg, seed=int(seed), backend="numpy", dtype=dtype, std=init_std,
-                       bias_std=bias_std if cfg.topk_method == "noaux_tc" else 0.0)
+    params = init_params(cfg, seed=int(seed), backend="numpy", dtype=dtype, std=init_std,
+                         bias_std=bias_std if cfg.topk_method == "noaux_tc" else 0.0)
+    if norm_std or bias_mean:
+        gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 2])))
+        for name in sorted(params):
+            if norm_std and name.endswith("norm.weight"):
+                noise = gen.normal(0.0, float(norm_std), size=params[name].shape)
+                params[name] = (params[name] * (1.0 + noise)).astype(params[name].dtype)
+            elif bias_mean and is_bias(name):
+                params[name] = (params[name] + np.float32(bias_mean)).astype(np.float32)
+    return params
+
+
+def _perturbations(entry: dict) -> dict:
+    """The optional parameter perturbations of a recipe entry (see _golden_params)."""
+    return {k: float(entry[k]) for k in ("norm_std", "bias_mean") if entry.get(k)}
 
 
 def export_model_case(out_dir, cfg, *, seed: int, batch: int = 2, seq_len: int = 8,
                       dtype: str = "float64", name: str | None = None, description: str = "",
                       command: str = "", init_std: float = DEFAULT_INIT_STD,
-                      bias_std: float = DEFAULT_BIAS_STD, extra: dict | None = None) -> dict:
+                      bias_std: float = DEFAULT_BIAS_STD, perturb: dict | None = None,
+                      extra: dict | None = None) -> dict:
     """Write one model case into ``out_dir`` (created; its previous content replaced).
 
     Random weights from ``seed`` (every matrix normal(0, init_std), norms ones, a NON-ZERO
@@ -545,17 +569,17 @@ def export_model_case(out_dir, cfg, *, seed: int, batch: int = 2, seq_len: int =
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     name = name or out_dir.name
-    params = _golden_params(cfg, seed, dtype, init_std, bias_std)
+    params = _golden_params(cfg, seed, dtype, init_std, bias_std, **(perturb or {}))
     tokens = make_tokens(seed, batch, seq_len, cfg.vocab_size)
     expected, margins = compute_case(cfg, params, tokens, with_margins=True)
     fields = {"kind": "model", "min_routing_margin": _check_margins(name, margins, dtype),
-              "bias_update_gamma": float(cfg.refmtp.bias_update_gamma)}
-    return _write_case(out_dir, cfg, params, tokens, expected, name=name, description=description,
+              "bias_update_gamma": float(cfg.refmtp.bias_update_gamma), **(perturb or {})}
+    return _write_case(out_dir, cfg, params, {"tokens": tokens}, expected, name=name, description=description,
                        command=command, dtype=dtype, seed=seed, batch=batch, seq_len=seq_len,
                        init_std=init_std, bias_std=bias_std, fields={**fields, **(extra or {})})
 
 
-def _write_case(out_dir: Path, cfg, params, tokens, expected, *, name, description, command, dtype,
+def _write_case(out_dir: Path, cfg, params, inputs: dict, expected, *, name, description, command, dtype,
                 seed, batch, seq_len, init_std, bias_std, fields) -> dict:
     from refmtp.checkpoint import save_checkpoint
 
@@ -567,7 +591,7 @@ def _write_case(out_dir: Path, cfg, params, tokens, expected, *, name, descripti
     leftover = sorted(p.name for p in tmp.iterdir() if p.name not in ("config.json", "model.safetensors"))
     if leftover:
         raise AssertionError(f"save_checkpoint wrote unexpected files {leftover}")
-    save_tensors(tmp / "inputs.safetensors", {"tokens": tokens})
+    save_tensors(tmp / "inputs.safetensors", inputs)
     save_tensors(tmp / "expected.safetensors", expected)
     manifest = {
         "format": FORMAT,
@@ -670,8 +694,105 @@ def export_trajectory_case(out_dir, cfg, *, seed: int, steps: int, train: dict, 
     fields = {"kind": "trajectory", "steps": int(steps), "train": train,
               "bias_update_gamma": float(cfg.refmtp.bias_update_gamma),
               "min_routing_margin": _check_margins(name, margins, dtype)}
-    return _write_case(out_dir, cfg, params, tokens, expected, name=name, description=description,
+    return _write_case(out_dir, cfg, params, {"tokens": tokens}, expected, name=name, description=description,
                        command=command, dtype=dtype, seed=seed, batch=batch, seq_len=seq_len,
+                       init_std=init_std, bias_std=bias_std, fields={**fields, **(extra or {})})
+
+
+# -------------------------------------------------------------------------------------------
+# decode cases: a prefill, single-token steps, a multi-token append and a rollback through the
+# absorbed latent cache (refmtp.decode)
+# -------------------------------------------------------------------------------------------
+def check_schedule(schedule, where: str) -> list[dict]:
+    """A decode schedule: a list of {"op": "append", "n": >= 1} / {"op": "truncate", "length": m}
+    whose first op appends and whose truncations only roll back."""
+    if not isinstance(schedule, list) or not schedule:
+        raise GoldenError(f"{where}: schedule must be a non-empty list of ops")
+    length, out = 0, []
+    for i, op in enumerate(schedule):
+        kind = op.get("op") if isinstance(op, dict) else None
+        if kind not in DECODE_OPS:
+            raise GoldenError(f"{where}: schedule step {i} must be an object with op "
+                              f"{' or '.join(DECODE_OPS)}, got {op!r}")
+        key = "n" if kind == "append" else "length"
+        val = op.get(key)
+        if isinstance(val, bool) or not isinstance(val, int) or val < (1 if kind == "append" else 0) \
+                or (kind == "truncate" and val > length):
+            raise GoldenError(f"{where}: schedule step {i} ({kind}) needs {key} "
+                              + ("an integer >= 1" if kind == "append" else f"in [0, {length}]")
+                              + f", got {val!r}")
+        length = length + val if kind == "append" else val
+        out.append({"op": kind, key: val})
+    if out[0]["op"] != "append":
+        raise GoldenError(f"{where}: a schedule starts with an append (the prompt prefill)")
+    return out
+
+
+def compute_decode(cfg, params: dict, schedule: list[dict], inputs: dict) -> dict:
+    """Run ``schedule`` through :class:`refmtp.decode.Decoder` with the absorbed latent cache.
+
+    Append step i feeds ``inputs["step.{i}.tokens"]`` (B, n) and records
+    ``decode.{i}.logits`` (B, n, V) and, per main layer, ``decode.{i}.latent.{layer}``
+    (B, n, kv_lora_rank + qk_rope_head_dim) = the cache rows it wrote, ``[c_KV | k_pe]`` (c_KV
+    after kv_a_layernorm, k_pe after RoPE at the token's position). Truncate steps roll back.
+    """
+    from refmtp.backends import backend_of
+    from refmtp.decode import Decoder
+
+    bk = backend_of(params["model.embed_tokens.weight"])
+    h = bk.to_numpy
+    dec = Decoder(params, cfg)
+    first = inputs["step.0.tokens"]
+    total = sum(op.get("n", 0) for op in schedule)
+    cache = dec.new_cache("main", batch=int(first.shape[0]), capacity=total)
+    exp = {}
+    for i, op in enumerate(schedule):
+        if op["op"] == "truncate":
+            cache.truncate(op["length"])
+            continue
+        start = cache.length
+        out = dec.main(bk.asarray(inputs[f"step.{i}.tokens"], dtype="int64"), cache)
+        exp[f"decode.{i}.logits"] = h(out.logits)
+        for layer in range(cfg.num_hidden_layers):
+            (buf,) = cache.buffers[layer]
+            exp[f"decode.{i}.latent.{layer}"] = h(buf[:, start:cache.length])
+    bad = [n for n, a in exp.items() if not np.all(np.isfinite(a))]
+    if bad:
+        raise ValueError(f"the decode case produces non-finite values in {', '.join(bad[:4])}")
+    return exp
+
+
+def decode_inputs(seed: int, batch: int, schedule: list[dict], vocab_size: int) -> dict:
+    """Random tokens for every append step i: PCG64(SeedSequence([seed, 3, i]))."""
+    out = {}
+    for i, op in enumerate(schedule):
+        if op["op"] == "append":
+            gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 3, i])))
+            out[f"step.{i}.tokens"] = gen.integers(0, vocab_size, size=(batch, op["n"]), dtype=np.int64)
+    return out
+
+
+def export_decode_case(out_dir, cfg, *, seed: int, schedule: list, batch: int = 2,
+                       dtype: str = "float64", name: str | None = None, description: str = "",
+                       command: str = "", init_std: float = DEFAULT_INIT_STD,
+                       bias_std: float = DEFAULT_BIAS_STD, perturb: dict | None = None,
+                       extra: dict | None = None) -> dict:
+    """Write a decode case (:func:`compute_decode`) with random weights and tokens from ``seed``."""
+    schedule = check_schedule(schedule, "decode case")
+    total = sum(op.get("n", 0) for op in schedule)
+    _check_dims(batch, max(total, cfg.D + 1), dtype, cfg)
+    if total > cfg.max_position_embeddings:
+        raise ValueError(f"the schedule appends {total} tokens, more than max_position_embeddings="
+                         f"{cfg.max_position_embeddings}")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    name = name or out_dir.name
+    params = _golden_params(cfg, seed, dtype, init_std, bias_std, **(perturb or {}))
+    inputs = decode_inputs(seed, batch, schedule, cfg.vocab_size)
+    expected = compute_decode(cfg, params, schedule, inputs)
+    fields = {"kind": "decode", "schedule": schedule, "cache_layout": "absorbed", **(perturb or {})}
+    return _write_case(out_dir, cfg, params, inputs, expected, name=name, description=description,
+                       command=command, dtype=dtype, seed=seed, batch=batch, seq_len=total,
                        init_std=init_std, bias_std=bias_std, fields={**fields, **(extra or {})})
 
 
@@ -926,6 +1047,8 @@ def _recompute(case_dir: Path, m: dict, backend: str) -> dict:
     except (ValueError, KeyError, OSError) as exc:
         raise GoldenError(f"{case_dir}: the checkpoint does not load: {str(exc).splitlines()[0]}") from None
     inputs = read_tensors(case_dir / "inputs.safetensors", "golden file")
+    if m["kind"] == "decode":
+        return _recompute_decode(case_dir, m, cfg, params, inputs)
     if "tokens" not in inputs:
         raise GoldenError(f"{case_dir / 'inputs.safetensors'} has no 'tokens' tensor")
     tokens = inputs["tokens"]
@@ -938,6 +1061,20 @@ def _recompute(case_dir: Path, m: dict, backend: str) -> dict:
         if m["kind"] == "trajectory":
             return compute_trajectory(cfg, params, bk.asarray(tokens, dtype="int64"), m["train"])
         return compute_case(cfg, params, bk.asarray(tokens, dtype="int64"), gamma=gamma)
+    except ValueError as exc:
+        raise GoldenError(f"{case_dir}: refmtp refuses the case: {str(exc).splitlines()[0]}") from None
+
+
+def _recompute_decode(case_dir: Path, m: dict, cfg, params, inputs) -> dict:
+    schedule = check_schedule(m["schedule"], str(case_dir / MANIFEST))
+    for i, op in enumerate(schedule):
+        t = inputs.get(f"step.{i}.tokens")
+        if op["op"] == "append" and (t is None or t.dtype != np.int64 or t.ndim != 2
+                                     or t.shape[1] != op["n"]):
+            raise GoldenError(f"{case_dir / 'inputs.safetensors'}: step.{i}.tokens must be int64 "
+                              f"(B, {op['n']})")
+    try:
+        return compute_decode(cfg, params, schedule, inputs)
     except ValueError as exc:
         raise GoldenError(f"{case_dir}: refmtp refuses the case: {str(exc).splitlines()[0]}") from None
 
@@ -1077,7 +1214,11 @@ def load_recipe(path) -> dict:
         if not isinstance(entry, dict) or entry.get("kind", "model") not in KINDS:
             raise GoldenError(f"{path}: case {name} must be an object with kind {' or '.join(KINDS)}")
         if entry.get("kind", "model") != "acceptance":
-            need = ("seed", "batch", "seq_len", "dtype", "description", "reason")
+            need = ("seed", "batch", "dtype", "description", "reason")
+            if entry.get("kind") == "decode":
+                need += ("schedule",)
+            else:
+                need += ("seq_len",)
             if entry.get("kind") == "trajectory":
                 need += ("steps", "train")
             for key in need:
@@ -1114,12 +1255,21 @@ def generate_case(out_root, name: str, entry: dict) -> dict:
             dtype=entry["dtype"], name=name, description=entry["description"], command=command,
             init_std=entry.get("init_std", DEFAULT_INIT_STD),
             bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), extra=common)
+    if entry.get("kind") == "decode":
+        return export_decode_case(
+            Path(out_root) / name, cfg, seed=entry["seed"], schedule=entry["schedule"],
+            batch=entry["batch"], dtype=entry["dtype"], name=name,
+            description=entry["description"], command=command,
+            init_std=entry.get("init_std", DEFAULT_INIT_STD),
+            bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), perturb=_perturbations(entry),
+            extra=common)
     return export_model_case(
         Path(out_root) / name, cfg, seed=entry["seed"], batch=entry["batch"],
         seq_len=entry["seq_len"], dtype=entry["dtype"], name=name,
         description=entry["description"], command=command,
         init_std=entry.get("init_std", DEFAULT_INIT_STD),
-        bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), extra=common)
+        bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), perturb=_perturbations(entry),
+        extra=common)
 
 
 def generate(out_root=None, recipe_path=None, only=None, log=None) -> list[str]:
