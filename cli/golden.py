@@ -158,3 +158,53 @@ def verify(path, all_cases, backend, against, allow_missing, verbose):
     if many:
         click.echo(f"{len(dirs)} cases: {'all pass' if worst == 0 else 'FAILURES (exit ' + str(worst) + ')'}")
     sys.exit(worst)
+
+
+# -------------------------------------------------------------------------------------------
+@golden.command()
+@click.option("--write", is_flag=True,
+              help="Write golden/conformance.json and the tables of docs/conformance.md.")
+@click.option("--doc", "doc_path", type=click.Path(dir_okay=False),
+              help="The page whose generated part to rewrite [default with --write: "
+                   "docs/conformance.md when it exists next to golden/].")
+@click.option("--mutant", "mutants", multiple=True, help="Only these mutants (repeatable).")
+@click.option("--list", "list_only", is_flag=True, help="List the bug catalog and exit.")
+def conformance(write, doc_path, mutants, list_only):
+    """Run the bug catalog against every shipped case: each mutant must fail at least one case
+    (docs/conformance.md). Exit 0 when every mutant is caught and none crashes, else 1."""
+    from refmtp import conformance as conf
+    from refmtp.mutation import CATALOG, IDS
+
+    if list_only:
+        for m in CATALOG:
+            click.echo(f"{m.id:<40} {m.component:<12} {m.what}" + (f" [{m.source}]" if m.source else ""))
+        return
+    unknown = [m for m in mutants if m not in IDS]
+    if unknown:
+        click.echo(f"error: unknown mutant {unknown[0]!r} (`refmtp golden conformance --list`)", err=True)
+        sys.exit(2)
+    if write and mutants:
+        raise click.UsageError("--write regenerates the whole catalog: drop --mutant")
+    lib = _lib()
+    root = lib.shipped_dir()
+    if write:
+        target = Path(doc_path) if doc_path else root.parent / "docs" / "conformance.md"
+        if not target.parent.is_dir():
+            click.echo(f"error: {target.parent} does not exist: give --doc PATH", err=True)
+            sys.exit(2)
+    try:
+        result = conf.run_catalog(root, mutants=mutants or None, log=click.echo)
+    except lib.GoldenError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    missed = [m for m, p in result.prints.items() if not p]
+    if write:
+        conf.write_fingerprints(result, root / conf.FINGERPRINTS, root)
+        old = target.read_text(encoding="utf-8") if target.is_file() else ""
+        target.write_text(conf.render_page(old, result), encoding="utf-8")
+        click.echo(f"wrote {root / conf.FINGERPRINTS} and {target}")
+    n = len(result.prints)
+    click.echo(f"{n - len(missed)} of {n} mutants caught by at least one case"
+               + (f"; NOT caught: {', '.join(missed)}" if missed else "")
+               + (f"; crashed: {', '.join(result.errors)}" if result.errors else ""))
+    sys.exit(1 if missed or result.errors else 0)
