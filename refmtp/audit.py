@@ -863,17 +863,22 @@ def _audit_moe(ctx: _Ctx) -> list:
                     f"for {len(changed)} of {N} tokens")])
 
     # 6. gate values ---------------------------------------------------------------------------------
+    # V3 sigmoid: normalise then scale by rho; V2 softmax + norm_topk_prob: normalise, no rho
+    # (DeepSeek-V2's modeling_deepseek.py; docs/math-decisions.md)
+    c_ = 1.0 if (cfg.scoring_func == "softmax" and cfg.norm_topk_prob) else rho
     g_host = []
     for t in range(N):
         w_ = s[t][idx[t]]
-        g_host.append(rho * w_ / (w_.sum() + 1e-20) if cfg.norm_topk_prob else rho * w_)
+        g_host.append(c_ * w_ / (w_.sum() + 1e-20) if cfg.norm_topk_prob else c_ * w_)
     g_host = np.array(g_host)
-    checks = [_close("g = rho s_S / sum_S s from the UNBIASED s", g, g_host)]
+    c_name = "rho" if c_ == rho else "1"
+    checks = [_close(f"g = {c_name} s_S / sum_S s from the UNBIASED s", g, g_host)]
     if cfg.norm_topk_prob:
-        checks.insert(0, _close(f"selected gate values sum to routed_scaling_factor = {rho:g}",
-                                g.sum(axis=-1), np.full(N, rho)))
+        checks.insert(0, _close(f"selected gate values sum to {c_name} = {c_:g}",
+                                g.sum(axis=-1), np.full(N, c_)))
     add("gate values", "eq. 13 (+ routed_scaling_factor); spec 3.2 step 5",
-        "g_i = rho s_i / sum_{j in S} s_j" if cfg.norm_topk_prob else "g_i = rho s_i",
+        (f"g_i = {c_name} s_i / sum_{{j in S}} s_j" if cfg.norm_topk_prob
+         else "g_i = rho s_i"),
         {"topk_weight": [N, K]}, {"g": _few(g[n], K), "sum g": [_num(g[n].sum())]}, checks)
 
     # 7. dispatch and load ---------------------------------------------------------------------------
