@@ -266,3 +266,21 @@ def test_single_expert_is_renormalised(backend, scoring, method, want):
     assert w.shape == (11, 1)
     np.testing.assert_allclose(backend.to_numpy(w), want, rtol=1e-14)
     assert float(backend.xp.max(c.s)) < 1.0  # so an unnormalised weight would differ
+
+
+def test_group_score_is_the_top2_sum(backend):
+    # V3 group score = sum of the top-2 biased scores (HF, DeepSeek inference, the V3 hub code).
+    # Megatron's group_limited_topk sums the top-(K/topk_group) instead: the same for V3 (8/4 = 2)
+    # but not here (K/topk_group = 4/1 = 4), and the V2 max picks differently too.
+    p = np.array([[0.95, 0.60, 0.05, 0.05, 0.70, 0.70, 0.70, 0.70],   # top-2: g0; top-4: g1
+                  [0.90, 0.10, 0.10, 0.10, 0.80, 0.80, 0.10, 0.10]])  # top-2: g1; max: g0
+    cfg = _cfg("sigmoid", "noaux_tc", True, 8, 4, 2, 1, d=8)
+    x = backend.asarray(np.ones((2, 8)), dtype="float64")
+    W = backend.asarray(np.diag(np.log(p[0] / (1 - p[0]))), dtype="float64")
+    idx0, _, c0 = router_forward(x[:1], W, backend.asarray(np.zeros(8), dtype="float32"), cfg)
+    W = backend.asarray(np.diag(np.log(p[1] / (1 - p[1]))), dtype="float64")
+    idx1, _, c1 = router_forward(x[1:], W, backend.asarray(np.zeros(8), dtype="float32"), cfg)
+    np.testing.assert_allclose(backend.to_numpy(c0.group_scores)[0], [1.55, 1.40], rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(c1.group_scores)[0], [1.00, 1.60], rtol=1e-12)
+    assert sorted(backend.to_numpy(idx0)[0].tolist()) == [0, 1, 2, 3]  # group 0 kept
+    assert sorted(backend.to_numpy(idx1)[0].tolist()) == [4, 5, 6, 7]  # group 1 kept
