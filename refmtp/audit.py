@@ -291,7 +291,12 @@ def _host_rope(cfg):
     for j, th in enumerate(theta):
         ramp = min(max((j - low) / (high - low), 0.0), 1.0)
         out.append(th / s * ramp + th * (1 - ramp))
-    a = _get_mscale(s, float(rs.get("mscale", 1.0))) / _get_mscale(s, float(rs.get("mscale_all_dim", 0.0)))
+    # HF _compute_yarn_parameters: the ratio only when both fields are truthy, else get_mscale(s)
+    m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+    if m and m_all:
+        a = _get_mscale(s, float(m)) / _get_mscale(s, float(m_all))
+    else:
+        a = _get_mscale(s, 1.0)
     return out, a
 
 
@@ -300,7 +305,7 @@ def _host_scale(cfg):
     scale = 1.0 / math.sqrt(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
     rs = cfg.rope_scaling
     if rs is not None and float(rs["factor"]) > 1.0:
-        m = _get_mscale(float(rs["factor"]), float(rs.get("mscale_all_dim", 0.0)))
+        m = _get_mscale(float(rs["factor"]), float(rs.get("mscale_all_dim") or 0.0))
         scale *= m * m
     return scale
 
@@ -863,17 +868,24 @@ def _audit_moe(ctx: _Ctx) -> list:
                     f"for {len(changed)} of {N} tokens")])
 
     # 6. gate values ---------------------------------------------------------------------------------
+    # V3 sigmoid: normalise then scale by rho; V2 softmax + norm_topk_prob: normalise, no rho
+    # (DeepSeek-V2's modeling_deepseek.py; docs/math-decisions.md)
+    v2_norm = cfg.scoring_func == "softmax" and cfg.norm_topk_prob
+    c_ = 1.0 if v2_norm else rho
     g_host = []
     for t in range(N):
         w_ = s[t][idx[t]]
-        g_host.append(rho * w_ / (w_.sum() + 1e-20) if cfg.norm_topk_prob else rho * w_)
+        g_host.append(c_ * w_ / (w_.sum() + 1e-20) if cfg.norm_topk_prob else c_ * w_)
     g_host = np.array(g_host)
-    checks = [_close("g = rho s_S / sum_S s from the UNBIASED s", g, g_host)]
+    c_name = "1" if v2_norm else "rho"
+    checks = [_close(f"g = {c_name} s_S / sum_S s from the UNBIASED s", g, g_host)]
     if cfg.norm_topk_prob:
-        checks.insert(0, _close(f"selected gate values sum to routed_scaling_factor = {rho:g}",
-                                g.sum(axis=-1), np.full(N, rho)))
+        total = "1 (softmax + norm_topk_prob: no rho)" if v2_norm else "routed_scaling_factor"
+        checks.insert(0, _close(f"selected gate values sum to {total} = {c_:g}",
+                                g.sum(axis=-1), np.full(N, c_)))
     add("gate values", "eq. 13 (+ routed_scaling_factor); spec 3.2 step 5",
-        "g_i = rho s_i / sum_{j in S} s_j" if cfg.norm_topk_prob else "g_i = rho s_i",
+        (f"g_i = {c_name} s_i / sum_{{j in S}} s_j" if cfg.norm_topk_prob
+         else "g_i = rho s_i"),
         {"topk_weight": [N, K]}, {"g": _few(g[n], K), "sum g": [_num(g[n].sum())]}, checks)
 
     # 7. dispatch and load ---------------------------------------------------------------------------

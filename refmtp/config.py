@@ -113,7 +113,11 @@ class ModelConfig:
 
     @property
     def yarn(self) -> dict | None:
-        """Normalised YaRN parameters, or None when rope_scaling is absent."""
+        """Normalised YaRN parameters, or None when rope_scaling is absent.
+
+        A missing ``mscale`` or ``mscale_all_dim`` reads as 0.0, "not given": HF transformers
+        treats None and 0 alike (falsy), and refmtp.ops.rope follows HF's rule for both fields.
+        """
         if self.rope_scaling is None:
             return None
         rs = self.rope_scaling
@@ -122,8 +126,8 @@ class ModelConfig:
             "original_max_position_embeddings": int(rs["original_max_position_embeddings"]),
             "beta_fast": float(rs.get("beta_fast", 32)),
             "beta_slow": float(rs.get("beta_slow", 1)),
-            "mscale": float(rs.get("mscale", 1.0)),
-            "mscale_all_dim": float(rs.get("mscale_all_dim", 0.0)),
+            "mscale": float(rs.get("mscale") or 0.0),
+            "mscale_all_dim": float(rs.get("mscale_all_dim") or 0.0),
         }
 
     # ---------------------------------------------------------------------------------------

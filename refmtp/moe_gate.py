@@ -12,12 +12,18 @@ V3 (``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``; V3 eqs. 13-16, spec 
 
 V2 (``scoring_func="softmax"``; spec section 3.3): ``s = softmax(z)`` over all experts, no bias,
 ``topk_method="greedy"`` (plain top-K of s) or ``"group_limited_greedy"`` (group score = max s
-in the group, then as above); ``g_i = rho * s_i`` unless ``norm_topk_prob``.
+in the group, then as above); ``g_i = rho * s_i``, or with ``norm_topk_prob``
+``g_i = s_i / (sum_{j in S} s_j + 1e-20)`` with NO rho: the rule of DeepSeek-V2's own
+modeling_deepseek.py (normalise, else scale). The sources disagree here (HF and DeepSeek's
+inference code never normalise softmax gates); see docs/math-decisions.md.
+
+So the gate values are ``c * w / D`` (normalised) or ``c * w`` with the constant
+``c = gate_scale(cfg)``: rho, except 1 for softmax with norm_topk_prob.
 
 Backward (the selection S is piecewise constant: it has no gradient; b gets none)::
 
-    norm:    g = rho w / D, w = s[S], D = sum w + 1e-20   ->  dw = rho (dg - sum(dg w)/D) / D
-    no norm: g = rho w                                    ->  dw = rho dg
+    norm:    g = c w / D, w = s[S], D = sum w + 1e-20     ->  dw = c (dg - sum(dg w)/D) / D
+    no norm: g = c w                                      ->  dw = c dg
     ds = scatter of dw to the selected columns (+ the balance loss' ds, if any)
     sigmoid: dz = ds s (1 - s);    softmax: dz = s (ds - sum_j ds_j s_j)
     dWg = dz^T x;  dx = dz Wg
@@ -47,7 +53,7 @@ class RouterCache:
     denom: Any  # (N, 1) sum of topk_s + 1e-20 when norm_topk_prob, else None
     scoring_func: str  # "sigmoid" | "softmax"
     topk_group: int  # groups kept per token (only meaningful when group_scores is not None)
-    routed_scaling_factor: float  # rho
+    scale: float  # c = gate_scale(cfg): rho, or 1 for softmax with norm_topk_prob
 
 
 class RouterGrads(NamedTuple):
@@ -65,6 +71,19 @@ def softmax(z, xp):
     """Softmax over the last axis with the row max subtracted (no overflow)."""
     e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
     return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def gate_scale(cfg) -> float:
+    """The constant ``c`` the (possibly normalised) gate values are multiplied by.
+
+    ``routed_scaling_factor`` (rho), except 1.0 for ``scoring_func="softmax"`` with
+    ``norm_topk_prob``: DeepSeek-V2's modeling_deepseek.py either normalises or scales
+    (``if top_k > 1 and norm_topk_prob: w / sum(w) else: w * rho``), never both. V3's sigmoid
+    router normalises and then scales (weights sum to rho). docs/math-decisions.md.
+    """
+    if cfg.scoring_func == "softmax" and cfg.norm_topk_prob:
+        return 1.0
+    return float(cfg.routed_scaling_factor)
 
 
 def _group_limit(sc, cfg, bk, group_sc=None):
@@ -153,14 +172,15 @@ def router_forward(x, weight, bias, cfg):
     else:
         denom = None
         w = topk_s
-    rho = 1.0 if on("router.no_scaling") else float(cfg.routed_scaling_factor)
+    # c = rho: V3 sigmoid normalises THEN scales (HF, DeepSeek inference, the V3 hub code);
+    # c = 1 for softmax + norm_topk_prob: the V2 hub code normalises INSTEAD of scaling.
+    c = 1.0 if on("router.no_scaling") else gate_scale(cfg)
     if on("router.scaling_twice"):
-        rho = rho * rho
-    topk_weight = w * rho  # (N, K) scaling applied after normalisation in every source
+        c = c * c
+    topk_weight = w * c  # (N, K)
     cache = RouterCache(x=x, weight=weight, s=s, sel_scores=masked, group_scores=group_scores,
                         topk_idx=topk_idx, topk_s=topk_s, denom=denom,
-                        scoring_func=cfg.scoring_func, topk_group=cfg.topk_group,
-                        routed_scaling_factor=rho)
+                        scoring_func=cfg.scoring_func, topk_group=cfg.topk_group, scale=c)
     return topk_idx, topk_weight, cache
 
 
@@ -168,9 +188,10 @@ def router_backward(dtopk_weight, cache: RouterCache, dscores=None) -> RouterGra
     """Gradient of the gate values (and optionally of the affinities) into x and gate.weight.
 
     dtopk_weight (N, K); dscores (N, E) or None: an extra gradient on s (the balance loss).
-    With S fixed, rho = routed_scaling_factor and D = sum_{j in S} s_j + 1e-20 (spec 3.5):
+    With S fixed, c = gate_scale(cfg) (rho, or 1 for softmax + norm_topk_prob) and
+    D = sum_{j in S} s_j + 1e-20 (spec 3.5):
 
-        dg/ds_k = rho (delta_ik D - s_i) / D^2            ->  dw = rho (dg - sum(dg w)/D) / D
+        dg/ds_k = c (delta_ik D - s_i) / D^2              ->  dw = c (dg - sum(dg w)/D) / D
         ds_e = dw at the selected columns + dscores
         sigmoid: dz = ds s (1 - s)      softmax: dz = s (ds - sum_j ds_j s_j)
         dWg = dz^T x,  dx = dz Wg
@@ -179,15 +200,15 @@ def router_backward(dtopk_weight, cache: RouterCache, dscores=None) -> RouterGra
     xp = bk.xp
     c = cache
     N, E = c.s.shape
-    rho = c.routed_scaling_factor
-    # forward: g = rho * w / D (or rho * w)  ->  dw
+    scale = c.scale
+    # forward: g = scale * w / D (or scale * w)  ->  dw
     if c.denom is not None:
         dot = xp.sum(dtopk_weight * c.topk_s, axis=-1, keepdims=True)  # (N, 1) sum_i dg_i w_i
         if on("router.backward_no_norm_term"):
             dot = 0.0 * dot
-        dw = (dtopk_weight - dot / c.denom) * (rho / c.denom)  # (N, K)
+        dw = (dtopk_weight - dot / c.denom) * (scale / c.denom)  # (N, K)
     else:
-        dw = dtopk_weight * rho  # (N, K)
+        dw = dtopk_weight * scale  # (N, K)
     # forward: w = s[topk_idx]  ->  ds[n, topk_idx[n, k]] += dw[n, k] (distinct within a row)
     flat = xp.reshape(c.topk_idx + E * xp.arange(N, dtype=c.topk_idx.dtype)[:, None], (-1,))
     ds = xp.zeros((N * E,), dtype=c.s.dtype)

@@ -96,3 +96,16 @@ def test_bad_json_file(tmp_path):
         ModelConfig.load(p)
     with pytest.raises(ConfigError, match="cannot read config"):
         ModelConfig.load(tmp_path / "missing.json")
+
+
+def test_yarn_reads_missing_mscales_as_zero_and_keeps_the_raw_config():
+    # config.yarn fills no "mscale 1" default: a missing mscale / mscale_all_dim is 0 ("not
+    # given"), which is how HF's rope code reads it (None and 0 are both falsy).
+    rs = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "mscale": 0.707}
+    cfg = preset("tiny").replace(rope_scaling=dict(rs))
+    assert cfg.yarn["mscale"] == 0.707 and cfg.yarn["mscale_all_dim"] == 0.0
+    assert preset("tiny").replace(rope_scaling={k: v for k, v in rs.items() if k != "mscale"}
+                                  ).yarn["mscale"] == 0.0
+    assert cfg.to_dict()["rope_scaling"] == rs  # written back as given, nothing filled in
+    v3 = preset("deepseek-v3").yarn
+    assert v3["mscale"] == 1.0 and v3["mscale_all_dim"] == 1.0

@@ -323,3 +323,26 @@ def test_cupy_matches_numpy_float64(variant, kernels):
     want = run_on(get_backend("numpy"), fn, kernels=False)
     got = run_on(get_backend("cupy"), fn, kernels=kernels)
     assert_parity(got, want, what=f"mla {variant}: ")
+
+
+def test_latent_norms_use_rms_norm_eps(backend, monkeypatch):
+    # q_a_layernorm and kv_a_layernorm take cfg.rms_norm_eps (1e-6 in V3). HF, the DeepSeek hub
+    # code and DeepSeek's inference/model.py build both with a fixed 1e-6: the same number for
+    # V3 and every preset, different only for a config with another rms_norm_eps.
+    # docs/math-decisions.md.
+    import refmtp.mla as mla
+
+    seen = []
+    real = mla.rmsnorm_forward
+
+    def spy(x, w, eps):
+        seen.append((int(w.shape[0]), eps))
+        return real(x, w, eps)
+
+    monkeypatch.setattr(mla, "rmsnorm_forward", spy)
+    cfg = _cfg("tiny").replace(rms_norm_eps=1e-3)
+    p = _params(backend, cfg, seed=1)
+    x = backend.asarray(np.random.default_rng(2).standard_normal((1, 3, cfg.hidden_size)))
+    mla_forward(x, p, cfg, _positions(backend, cfg, 3))
+    assert sorted(seen) == sorted([(cfg.q_lora_rank, 1e-3), (cfg.kv_lora_rank, 1e-3)])
+    assert preset("deepseek-v3").rms_norm_eps == 1e-6

@@ -28,6 +28,10 @@ CONFIGS = {
     "v2-group": dict(n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2,
                      scoring_func="softmax", topk_method="group_limited_greedy",
                      norm_topk_prob=False, routed_scaling_factor=16.0),
+    # softmax + norm_topk_prob: normalised, NOT times rho (DeepSeek-V2 hub code)
+    "v2-norm": dict(n_routed_experts=6, num_experts_per_tok=3, n_group=3, topk_group=2,
+                    scoring_func="softmax", topk_method="group_limited_greedy",
+                    norm_topk_prob=True, routed_scaling_factor=16.0),
     # V2-Lite: softmax, greedy, expert-level loss
     "v2-greedy": dict(n_routed_experts=5, num_experts_per_tok=2, n_group=1, topk_group=1,
                       scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,

@@ -9,7 +9,9 @@ import pytest
 
 from refmtp.config import ModelConfig, preset
 from refmtp.gradcheck import check_grad
-from refmtp.moe_gate import RouterGrads, router_backward, router_forward, router_margin
+from refmtp.moe_gate import (
+    RouterGrads, gate_scale, router_backward, router_forward, router_margin,
+)
 
 # (scoring_func, topk_method, norm_topk_prob, E, K, G, TG)
 ROUTERS = [
@@ -19,6 +21,7 @@ ROUTERS = [
     ("softmax", "greedy", False, 7, 3, 1, 1),  # V2-Lite
     ("softmax", "group_limited_greedy", False, 8, 3, 4, 2),  # V2, group score = max
     ("softmax", "group_limited_greedy", True, 9, 2, 3, 1),
+    ("softmax", "greedy", True, 7, 3, 1, 1),  # softmax + norm_topk_prob: weights sum to 1, no rho
 ]
 
 
@@ -54,11 +57,14 @@ def _oracle(x, W, b, cfg):
             cand = [e for e in range(E) if e // m in kept]
         sel = sorted(cand, key=lambda e: (-sc[e], e))[:K]
         w = [s[e] for e in sel]
+        rho = cfg.routed_scaling_factor
         if cfg.norm_topk_prob:
             tot = sum(w) + 1e-20
             w = [v / tot for v in w]
+            if cfg.scoring_func == "softmax":
+                rho = 1.0  # DeepSeek-V2 hub code: normalise OR scale, never both
         idx_out.append(sel)
-        w_out.append([v * cfg.routed_scaling_factor for v in w])
+        w_out.append([v * rho for v in w])
     return np.array(idx_out), np.array(w_out)
 
 
@@ -216,3 +222,65 @@ def test_sigmoid_does_not_overflow(backend):
         _, w, c = router_forward(x, W, backend.zeros((6,), dtype="float32"), cfg)
     s = backend.to_numpy(c.s)[0]
     assert s[0] == 1.0 and s[1] == 0.0 and np.isfinite(backend.to_numpy(w)).all()
+
+
+# ------------------------------------------------------------------------------------------
+# gate-value conventions (docs/math-decisions.md)
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scoring, method, norm, want", [
+    ("sigmoid", "noaux_tc", True, 2.5),  # V3: normalise, then times rho (HF, DeepSeek, V3 hub)
+    ("softmax", "greedy", True, 1.0),  # V2 hub code: normalise INSTEAD of scaling
+    ("softmax", "group_limited_greedy", True, 1.0),
+])
+def test_normalised_weights_sum(backend, scoring, method, norm, want):
+    G, TG = (1, 1) if method == "greedy" else (4, 2)
+    cfg = _cfg(scoring, method, norm, 8, 3, G, TG, rho=2.5)
+    assert gate_scale(cfg) == want
+    x, W, b = _inputs(backend, cfg, 17, seed=4)
+    _, w, _ = router_forward(x, W, b, cfg)
+    np.testing.assert_allclose(backend.to_numpy(w).sum(axis=-1), want, rtol=1e-14)
+
+
+@pytest.mark.parametrize("scoring, method", [("sigmoid", "noaux_tc"), ("softmax", "greedy"),
+                                             ("softmax", "group_limited_greedy")])
+def test_unnormalised_weights_are_rho_times_s(backend, scoring, method):
+    G, TG = (1, 1) if method == "greedy" else (4, 2)
+    cfg = _cfg(scoring, method, False, 8, 3, G, TG, rho=16.0)
+    assert gate_scale(cfg) == 16.0
+    x, W, b = _inputs(backend, cfg, 9, seed=5)
+    idx, w, c = router_forward(x, W, b, cfg)
+    s = backend.to_numpy(c.s)
+    want = 16.0 * np.take_along_axis(s, backend.to_numpy(idx), axis=-1)
+    np.testing.assert_allclose(backend.to_numpy(w), want, rtol=1e-15)
+
+
+@pytest.mark.parametrize("scoring, method, want", [("sigmoid", "noaux_tc", 2.5),
+                                                   ("softmax", "greedy", 1.0)])
+def test_single_expert_is_renormalised(backend, scoring, method, want):
+    # K = 1 with norm_topk_prob: refmtp normalises (HF DeepseekV3TopkRouter, DeepSeek's
+    # inference/model.py), so the one expert gets exactly gate_scale: rho for V3. The V3 hub
+    # code and Megatron skip the normalisation at K = 1 (weight rho * s).
+    cfg = _cfg(scoring, method, True, 6, 1, 1, 1, rho=2.5)
+    x, W, b = _inputs(backend, cfg, 11, seed=6)
+    _, w, c = router_forward(x, W, b, cfg)
+    assert w.shape == (11, 1)
+    np.testing.assert_allclose(backend.to_numpy(w), want, rtol=1e-14)
+    assert float(backend.xp.max(c.s)) < 1.0  # so an unnormalised weight would differ
+
+
+def test_group_score_is_the_top2_sum(backend):
+    # V3 group score = sum of the top-2 biased scores (HF, DeepSeek inference, the V3 hub code).
+    # Megatron's group_limited_topk sums the top-(K/topk_group) instead: the same for V3 (8/4 = 2)
+    # but not here (K/topk_group = 4/1 = 4), and the V2 max picks differently too.
+    p = np.array([[0.95, 0.60, 0.05, 0.05, 0.70, 0.70, 0.70, 0.70],   # top-2: g0; top-4: g1
+                  [0.90, 0.10, 0.10, 0.10, 0.80, 0.80, 0.10, 0.10]])  # top-2: g1; max: g0
+    cfg = _cfg("sigmoid", "noaux_tc", True, 8, 4, 2, 1, d=8)
+    x = backend.asarray(np.ones((2, 8)), dtype="float64")
+    W = backend.asarray(np.diag(np.log(p[0] / (1 - p[0]))), dtype="float64")
+    idx0, _, c0 = router_forward(x[:1], W, backend.asarray(np.zeros(8), dtype="float32"), cfg)
+    W = backend.asarray(np.diag(np.log(p[1] / (1 - p[1]))), dtype="float64")
+    idx1, _, c1 = router_forward(x[1:], W, backend.asarray(np.zeros(8), dtype="float32"), cfg)
+    np.testing.assert_allclose(backend.to_numpy(c0.group_scores)[0], [1.55, 1.40], rtol=1e-12)
+    np.testing.assert_allclose(backend.to_numpy(c1.group_scores)[0], [1.00, 1.60], rtol=1e-12)
+    assert sorted(backend.to_numpy(idx0)[0].tolist()) == [0, 1, 2, 3]  # group 0 kept
+    assert sorted(backend.to_numpy(idx1)[0].tolist()) == [4, 5, 6, 7]  # group 1 kept

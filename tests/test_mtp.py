@@ -126,3 +126,23 @@ def test_model_mtp_matches_megatron_style_rolling(backend, chain):
         np.testing.assert_allclose(backend.to_numpy(logits)[:, :T - k],
                                    backend.to_numpy(out.mtp_logits[k - 1]), rtol=1e-10, atol=1e-12)
         h = n if chain == "post_norm" else y
+
+
+def test_row_zero_uses_the_embedding_unmasked(backend):
+    # Depth k row i reads Emb(t_{i+k}): at row 0 that is Emb(t_k), a real token, and refmtp
+    # does not zero it (V3 eq. 21 masks nothing). vLLM's DeepSeekMTP zeroes the embedding where
+    # positions == 0 (vllm-project/vllm#33299 reports it as a divergence from training).
+    # Row 0 of depth 1 depends on h^0_0 (token t_0 only, causal) and Emb(t_1): changing the
+    # embedding row of t_1 must change it.
+    cfg = preset("tiny").replace(num_nextn_predict_layers=1)
+    params = init_params(cfg, seed=3, backend=backend, std=0.2)
+    tokens = backend.asarray(np.array([[5, 9, 11, 13, 17]]), dtype="int64")
+    out1, _ = forward(params, cfg, tokens, need_cache=False)
+    emb = backend.to_numpy(params["model.embed_tokens.weight"]).copy()
+    emb[9] += 0.5
+    params["model.embed_tokens.weight"] = backend.asarray(emb, dtype="float64")
+    out2, _ = forward(params, cfg, tokens, need_cache=False)
+    row0 = lambda o: backend.to_numpy(o.mtp_logits[0])[0, 0]  # noqa: E731
+    main0 = lambda o: backend.to_numpy(o.logits)[0, 0]  # noqa: E731
+    np.testing.assert_array_equal(main0(out1), main0(out2))  # h^0_0 does not see t_1
+    assert np.max(np.abs(row0(out1) - row0(out2))) > 1e-6  # MTP row 0 does

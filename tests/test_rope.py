@@ -87,6 +87,49 @@ def test_small_yarn_config_has_a_partial_ramp_and_both_mscales():
     assert softmax_scale(cfg0) == pytest.approx(8 ** -0.5, rel=1e-15)
 
 
+def _v3_like(**ms):
+    rs = {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+          "beta_fast": 32, "beta_slow": 1, **ms}
+    return preset("tiny").replace(rope_scaling=rs)
+
+
+G40 = 0.1 * math.log(40) + 1  # get_mscale(40) = 1.3688879...
+G40_707 = 0.1 * 0.707 * math.log(40) + 1  # get_mscale(40, 0.707) = 1.2608037...
+
+
+@pytest.mark.parametrize("ms, factor, m_softmax", [
+    # V3: both 1 -> ratio 1; softmax mscale get_mscale(40, 1)
+    ({"mscale": 1.0, "mscale_all_dim": 1.0}, 1.0, G40),
+    # V2 / V2-Lite: both 0.707 -> ratio 1
+    ({"mscale": 0.707, "mscale_all_dim": 0.707}, 1.0, G40_707),
+    # mscale without mscale_all_dim: HF falls back to get_mscale(s) = 1.3689 (hub/vLLM: 1.2608)
+    ({"mscale": 0.707}, G40, 1.0),
+    ({"mscale": 0.707, "mscale_all_dim": 0}, G40, 1.0),
+    # both present and non-zero: the ratio, 1.3689 / 1.2608 = 1.0857
+    ({"mscale": 1.0, "mscale_all_dim": 0.707}, G40 / G40_707, G40_707),
+    # mscale 0 or missing with mscale_all_dim set: HF ignores the ratio -> get_mscale(s)
+    ({"mscale": 0, "mscale_all_dim": 1.0}, G40, G40),
+    ({"mscale_all_dim": 1.0}, G40, G40),
+    # neither: plain YaRN factor, no softmax mscale
+    ({}, G40, 1.0),
+])
+def test_yarn_magnitudes_follow_hf(ms, factor, m_softmax):
+    # HF transformers _compute_yarn_parameters: attention_factor = get_mscale(s, mscale) /
+    # get_mscale(s, mscale_all_dim) only when both are truthy, else get_mscale(s); HF
+    # DeepseekV3Attention: softmax scale * get_mscale(s, mscale_all_dim)^2 only when
+    # mscale_all_dim is truthy. docs/math-decisions.md.
+    cfg = _v3_like(**ms)
+    assert rope_attention_factor(cfg) == pytest.approx(factor, rel=1e-14)
+    assert softmax_scale(cfg) == pytest.approx(cfg.qk_head_dim ** -0.5 * m_softmax ** 2, rel=1e-14)
+
+
+def test_yarn_magnitudes_pinned_numbers():
+    assert rope_attention_factor(preset("deepseek-v3")) == 1.0
+    assert rope_attention_factor(_v3_like(mscale=0.707)) == pytest.approx(1.3688879, abs=5e-8)
+    assert rope_attention_factor(_v3_like(mscale=1.0, mscale_all_dim=0.707)) == pytest.approx(
+        1.0857, abs=5e-5)
+
+
 def test_yarn_high_equals_low_guard():
     # L0 = 6 < 2*pi: corr(beta_slow) is in (-1, 0], so low = high = 0 and HF adds 0.001.
     cfg = yarn_cfg(Dr=4, L0=6, factor=4.0)

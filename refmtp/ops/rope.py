@@ -23,12 +23,19 @@ spec 2.4 "DISAGREE (YaRN gating)"):
 
 * softmax scale ``qk_head_dim^-1/2 * mscale^2`` with ``mscale = 0.1 mscale_all_dim ln(s) + 1``
   (:func:`softmax_scale`; 0.1352338 for V3);
-* a factor on cos/sin, ``get_mscale(s, mscale) / get_mscale(s, mscale_all_dim)``
-  (:func:`rope_attention_factor`; HF-R "attention_factor", vLLM ``self.mscale``). It is 1.0 for
-  V3 (mscale = mscale_all_dim = 1). With it, RoPE is a rotation TIMES that factor, so the
-  ``y`` norm is the ``x`` norm times the factor, and backward still is the transposed map.
-  A config that omits ``mscale_all_dim`` reads it as 0 (``get_mscale(s, 0) = 1``), which gives
-  the plain YaRN factor ``0.1 ln(s) + 1`` on cos/sin and mscale 1 in the softmax, as HF does.
+* a factor on cos/sin (:func:`rope_attention_factor`; HF ``attention_factor``), HF
+  transformers' ``_compute_yarn_parameters`` rule: ``get_mscale(s, mscale) /
+  get_mscale(s, mscale_all_dim)`` when BOTH are given and non-zero, otherwise the plain YaRN
+  factor ``get_mscale(s) = 0.1 ln(s) + 1``. It is 1.0 for V3 (mscale = mscale_all_dim = 1) and
+  for V2 (both 0.707). With it, RoPE is a rotation TIMES that factor, so the ``y`` norm is the
+  ``x`` norm times the factor, and backward still is the transposed map.
+
+A missing ``mscale`` or ``mscale_all_dim`` reads as 0 (``cfg.yarn``), which is how HF treats it
+(both ``None`` and 0 are falsy). So a config with ``mscale`` 0.707 and no ``mscale_all_dim`` gets
+the factor ``0.1 ln(s) + 1`` (1.3689 for s = 40) and mscale 1 in the softmax, as HF does. The
+DeepSeek hub ``modeling_deepseek.py`` and vLLM default ``mscale_all_dim`` to 0 and always take the
+ratio (1.2608 there); they agree with HF whenever both fields are set, as in every released
+DeepSeek config. docs/math-decisions.md.
 
 Layout used by every function here: ``x (..., T, Dr)`` (any leading dims: ``(B, H, T, Dr)`` for
 ``q_pe``, ``(B, T, Dr)`` for ``k_pe``) and tables ``cos, sin (T, Dr/2)``.
@@ -108,28 +115,34 @@ def rope_freqs(cfg) -> tuple[float, ...]:
 
 
 def rope_attention_factor(cfg) -> float:
-    """Magnitude factor on cos/sin: ``get_mscale(s, mscale) / get_mscale(s, mscale_all_dim)``.
+    """Magnitude factor on cos/sin (HF transformers ``_compute_yarn_parameters``).
 
-    1.0 without rope_scaling and for V3 (mscale = mscale_all_dim = 1). HF-R / vLLM semantics;
-    DeepSeek's inference/model.py applies no such factor (identical for V3).
+    ``get_mscale(s, mscale) / get_mscale(s, mscale_all_dim)`` when both fields are non-zero,
+    else ``get_mscale(s)`` (mscale 1); a missing field reads as 0. 1.0 without rope_scaling and
+    for V3 (mscale = mscale_all_dim = 1). DeepSeek's inference/model.py applies no such factor
+    (identical for V3); the hub modeling_deepseek.py and vLLM always take the ratio.
     """
     y = cfg.yarn
     if y is None:
         return 1.0
-    s = y["factor"]
+    s, m, m_all = y["factor"], y["mscale"], y["mscale_all_dim"]
     if on("rope.yarn_cos_sin_factor_dropped"):
         return 1.0
     if on("rope.yarn_cos_sin_plain_mscale"):
         return yarn_get_mscale(s)
-    if on("rope.yarn_cos_sin_factor_inverted"):
-        return yarn_get_mscale(s, y["mscale_all_dim"]) / yarn_get_mscale(s, y["mscale"])
-    return yarn_get_mscale(s, y["mscale"]) / yarn_get_mscale(s, y["mscale_all_dim"])
+    if m and m_all:
+        if on("rope.yarn_cos_sin_factor_inverted"):
+            return yarn_get_mscale(s, m_all) / yarn_get_mscale(s, m)
+        return yarn_get_mscale(s, m) / yarn_get_mscale(s, m_all)
+    return yarn_get_mscale(s)
 
 
 def softmax_scale(cfg) -> float:
     """``qk_head_dim^-1/2 * mscale^2``, ``mscale = 0.1 mscale_all_dim ln(s) + 1`` (spec 2.5).
 
-    mscale is 1 without rope_scaling or when factor <= 1. V3: 192^-1/2 * 1.368888^2 = 0.1352338.
+    mscale is 1 without rope_scaling, when factor <= 1, and when ``mscale_all_dim`` is missing
+    or 0 (HF DeepseekV3Attention applies mscale^2 only when mscale_all_dim is truthy; the
+    ``mscale`` field never enters the softmax scale). V3: 192^-1/2 * 1.368888^2 = 0.1352338.
     The same value is used in absorbed (latent-space) attention: still 1/sqrt(qk_head_dim).
     """
     scale = cfg.qk_head_dim ** -0.5
