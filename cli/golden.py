@@ -1,7 +1,8 @@
 """``refmtp golden``: export, generate and verify golden files (docs/golden-format.md).
 
 Exit codes of ``verify``: 0 every case passes, 1 a numerical mismatch (or a missing output
-tensor), 2 an unreadable, tampered or foreign file (one line on stderr, no traceback).
+tensor), 2 an unreadable, tampered or foreign file, or bad input (an unknown case name, an
+outputs file of the wrong kind): one line on stderr, no traceback.
 """
 from __future__ import annotations
 
@@ -112,9 +113,10 @@ def generate(recipe_path, out_dir, cases):
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy",
               show_default=True, help="Backend of the recomputation.")
 @click.option("--against", type=click.Path(dir_okay=False),
-              help="Another implementation's outputs (safetensors, golden key names) to compare.")
+              help="Another implementation's outputs to compare: safetensors with the golden key "
+                   "names (JSON {case: decision} for the acceptance case).")
 @click.option("--allow-missing", is_flag=True,
-              help="With --against: outputs the file lacks are listed but do not fail.")
+              help="With --against: outputs the file lacks are listed as not checked and do not fail.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tables even when verifying many cases.")
 def verify(path, all_cases, backend, against, allow_missing, verbose):
     """Check hashes, then recompute a case (or compare --against) within its tolerances.
