@@ -1,7 +1,8 @@
 """``refmtp golden``: export, generate and verify golden files (docs/golden-format.md).
 
 Exit codes of ``verify``: 0 every case passes, 1 a numerical mismatch (or a missing output
-tensor), 2 an unreadable, tampered or foreign file (one line on stderr, no traceback).
+tensor), 2 an unreadable, tampered or foreign file, or bad input (an unknown case name, an
+outputs file of the wrong kind): one line on stderr, no traceback.
 """
 from __future__ import annotations
 
@@ -107,24 +108,32 @@ def generate(recipe_path, out_dir, cases):
 
 # -------------------------------------------------------------------------------------------
 @golden.command()
-@click.argument("path", required=False, type=click.Path())
+@click.argument("path", required=False, metavar="[CASE|DIR]", type=click.Path())
 @click.option("--all", "all_cases", is_flag=True, help="Verify every shipped case.")
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy",
               show_default=True, help="Backend of the recomputation.")
 @click.option("--against", type=click.Path(dir_okay=False),
-              help="Another implementation's outputs (safetensors, golden key names) to compare.")
+              help="Another implementation's outputs to compare: safetensors with the golden key "
+                   "names (JSON {case: decision} for the acceptance case).")
 @click.option("--allow-missing", is_flag=True,
-              help="With --against: outputs the file lacks are listed but do not fail.")
+              help="With --against: outputs the file lacks are listed as not checked and do not fail.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tables even when verifying many cases.")
 def verify(path, all_cases, backend, against, allow_missing, verbose):
     """Check hashes, then recompute a case (or compare --against) within its tolerances.
 
-    PATH is a case directory or a golden root (all its cases); none, or --all, verifies every
-    shipped case. Exit 0 pass, 1 mismatch, 2 unreadable or tampered."""
+    CASE is the name of a shipped case (`refmtp golden list`); DIR a case directory or a golden
+    root (all its cases); none, or --all, verifies every shipped case. An existing path wins
+    over a case name. Exit 0 pass, 1 mismatch, 2 unreadable, tampered or bad input."""
     lib = _lib()
     if all_cases and path:
-        raise click.UsageError("give a PATH or --all, not both")
+        raise click.UsageError("give a CASE, a DIR or --all, not both")
     try:
+        if path is not None and not Path(path).exists():
+            shipped = lib.shipped_case(path)
+            if shipped is None:
+                raise lib.GoldenError(f"{path}: no such case or directory; `refmtp golden list` "
+                                      "shows the shipped cases")
+            path = str(shipped)
         if path is None:
             dirs = lib.case_dirs(lib.shipped_dir())
         elif Path(path).is_dir() and not (Path(path) / lib.MANIFEST).exists() \
@@ -133,7 +142,7 @@ def verify(path, all_cases, backend, against, allow_missing, verbose):
         else:
             dirs = [Path(path)]
         if against and len(dirs) != 1:
-            raise click.UsageError("--against compares one case: give its directory as PATH")
+            raise click.UsageError("--against compares one case: give its name or directory")
     except lib.GoldenError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -154,10 +163,45 @@ def verify(path, all_cases, backend, against, allow_missing, verbose):
                 sys.exit(2)
             raise
         click.echo(lib.format_report(report, verbose=verbose or not many))
+        if report.status != "pass":
+            click.echo("\n".join(_diagnosis(report, d)))
         worst = max(worst, report.exit_code)
     if many:
         click.echo(f"{len(dirs)} cases: {'all pass' if worst == 0 else 'FAILURES (exit ' + str(worst) + ')'}")
     sys.exit(worst)
+
+
+def _diagnosis(report, case_dir) -> list[str]:
+    """The earliest failing tensor and the likely causes from the bug catalog (docs/conformance.md)."""
+    from refmtp import conformance as conf
+
+    lib = _lib()
+    try:
+        prints = conf.load_fingerprints()
+    except lib.GoldenError as exc:
+        prints = None
+        click.echo(f"  note: {exc}", err=True)
+    return ["  diagnosis:"] + conf.diagnose(report, prints, conf.n_layers(Path(case_dir)))
+
+
+# -------------------------------------------------------------------------------------------
+@golden.command(name="list")
+def list_():
+    """The shipped cases: name, kind, dtype, expected tensors (or records), description.
+
+    Verify one by name: `refmtp golden verify NAME [--against OUT]`."""
+    lib = _lib()
+    try:
+        cases = lib.list_cases()
+    except lib.GoldenError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    wn = max(len(c["name"]) for c in cases)
+    wk = max(len(c["kind"]) for c in cases)
+    wc = max(len(f"{c['count']} {c['unit']}") for c in cases)
+    for c in cases:
+        count = f"{c['count']} {c['unit']}"
+        click.echo(f"{c['name']:<{wn}}  {c['kind']:<{wk}}  {c['dtype']:<7}  {count:>{wc}}  {c['description']}")
 
 
 # -------------------------------------------------------------------------------------------

@@ -105,7 +105,7 @@ def _case_digest(case_dir: Path, m: dict) -> str:
     return m["files"][main]["sha256"]
 
 
-def _n_layers(case_dir: Path) -> int:
+def n_layers(case_dir: Path) -> int:
     try:
         cfg = gf.read_json(case_dir / "config.json", "config")
         return int(cfg.get("num_hidden_layers", 0))
@@ -126,7 +126,7 @@ def run_catalog(root=None, mutants=None, cases=None, log=None) -> CatalogResult:
         if base.status != "pass":
             raise gf.GoldenError(f"case {d.name} fails without any mutant: fix refmtp or the case first")
         info[d.name] = {"kind": m["kind"], "sha256": _case_digest(d, m), "n": len(base.rows),
-                        "layers": _n_layers(d)}
+                        "layers": n_layers(d)}
     result = CatalogResult(cases={k: {x: v[x] for x in ("kind", "sha256", "n")} for k, v in info.items()},
                            prints={})
     chosen = [mu for mu in CATALOG if not mutants or mu.id in set(mutants)]

@@ -219,17 +219,23 @@ class Row:
     """One line of a verification table."""
 
     name: str
-    status: str  # "pass" | "FAIL" | "missing" | "shape" | "extra"
+    status: str  # "pass" | "FAIL" | "missing" | "shape" | "not checked" | "extra"
     shape: tuple = ()
     max_abs: float = float("nan")
     max_rel: float = float("nan")
     atol: float = float("nan")
     rtol: float = float("nan")
     note: str = ""
+    dtype: str = ""  # the expected tensor's dtype ("int64" rows print integers); "" for records
 
     @property
     def failed(self) -> bool:
         return self.status in ("FAIL", "missing", "shape")
+
+
+# Row statuses and the summary word each counts under ("passed" + "failed" + "missing" +
+# "not checked" = the number of expected tensors or records; "extra" rows are outside the golden).
+NOT_CHECKED = "not checked"  # absent from the outputs under --allow-missing
 
 
 @dataclass
@@ -242,6 +248,17 @@ class Report:
     mode: str  # "recompute (numpy)" | "against FILE" | "replay (numpy)"
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
+    hints: list = field(default_factory=list)  # "HINT: ..." lines: what the user probably has to change
+
+    def counts(self) -> dict:
+        """{passed, failed, missing, not checked, extra}; the first four add up to the number of
+        expected tensors (or records)."""
+        c = {"passed": 0, "failed": 0, "missing": 0, NOT_CHECKED: 0, "extra": 0}
+        for r in self.rows:
+            key = {"pass": "passed", "FAIL": "failed", "shape": "failed", "missing": "missing",
+                   NOT_CHECKED: NOT_CHECKED, "skipped": NOT_CHECKED, "extra": "extra"}.get(r.status, "failed")
+            c[key] += 1
+        return c
 
     @property
     def status(self) -> str:
@@ -271,16 +288,24 @@ def _canonical_routing(tensors: dict) -> dict:
     return out
 
 
+def _value_str(x: float, integer: bool) -> str:
+    """One element for a report note: an integer when the tensor holds integers."""
+    if integer and math.isfinite(x) and float(x).is_integer():
+        return str(int(x))
+    return repr(float(x))
+
+
 def compare_tensor(name: str, expected, actual, atol: float, rtol: float) -> Row:
     e = np.asarray(expected)
     a = np.asarray(actual)
+    dtype = str(e.dtype)
     if tuple(a.shape) != tuple(e.shape):
         return Row(name, "shape", tuple(e.shape), atol=atol, rtol=rtol,
-                   note=f"shape {tuple(a.shape)}, expected {tuple(e.shape)}")
+                   note=f"shape {tuple(a.shape)}, expected {tuple(e.shape)}", dtype=dtype)
     e64 = e.astype(np.float64)
     a64 = a.astype(np.float64)
     if e64.size == 0:
-        return Row(name, "pass", tuple(e.shape), 0.0, 0.0, atol, rtol)
+        return Row(name, "pass", tuple(e.shape), 0.0, 0.0, atol, rtol, dtype=dtype)
     with np.errstate(invalid="ignore", over="ignore"):
         err = np.abs(a64 - e64)
         finite = np.isfinite(a64)
@@ -293,8 +318,12 @@ def compare_tensor(name: str, expected, actual, atol: float, rtol: float) -> Row
     note = ""
     if not ok:
         worst = np.unravel_index(int(np.argmax(err - rtol * np.abs(e64))), e.shape)
-        note = f"worst at {tuple(int(i) for i in worst)}: got {a64[worst]!r}, expected {e64[worst]!r}"
-    return Row(name, "pass" if ok else "FAIL", tuple(e.shape), max_abs, max_rel, atol, rtol, note)
+        integer = np.issubdtype(e.dtype, np.integer)
+        note = (f"worst at {tuple(int(i) for i in worst)}: got "
+                f"{_value_str(a64[worst], integer and np.issubdtype(a.dtype, np.integer))}, "
+                f"expected {_value_str(e64[worst], integer)}")
+    return Row(name, "pass" if ok else "FAIL", tuple(e.shape), max_abs, max_rel, atol, rtol, note,
+               dtype=dtype)
 
 
 def compare_tensors(expected: dict, actual: dict, table: list[dict], *,
@@ -306,9 +335,9 @@ def compare_tensors(expected: dict, actual: dict, table: list[dict], *,
     for name in sorted(expected):
         atol, rtol = tolerance_for(name, table)
         if name not in actual:
-            rows.append(Row(name, "missing" if not allow_missing else "skipped",
+            rows.append(Row(name, "missing" if not allow_missing else NOT_CHECKED,
                             tuple(np.shape(expected[name])), atol=atol, rtol=rtol,
-                            note="not in the outputs"))
+                            note="not in the outputs", dtype=str(np.asarray(expected[name]).dtype)))
             continue
         rows.append(compare_tensor(name, expected[name], actual[name], atol, rtol))
     for name in sorted(set(actual) - set(expected)):
@@ -1022,9 +1051,11 @@ def verify_case(case_dir, backend: str = "numpy", against=None, *, allow_missing
     expected = read_tensors(case_dir / "expected.safetensors", "golden file")
     table = m["tolerances"]
     if against is not None:
+        _refuse_json_outputs(against, m)
         actual = read_tensors(against, "outputs file")
         rows = compare_tensors(expected, actual, table, allow_missing=allow_missing)
         report = Report(m["case"], str(case_dir), m["kind"], f"against {against}", rows)
+        report.hints += dtype_hints(expected, actual, m)
     else:
         actual = _recompute(case_dir, m, backend)
         rows = compare_tensors(expected, actual, table)
@@ -1032,6 +1063,42 @@ def verify_case(case_dir, backend: str = "numpy", against=None, *, allow_missing
     if m.get("refmtp_version") != _refmtp_version():
         report.notes.append(f"made by refmtp {m.get('refmtp_version')}, verified with {_refmtp_version()}")
     return report
+
+
+def _refuse_json_outputs(against, m: dict) -> None:
+    """A model case compares safetensors: a JSON file (the acceptance format) is refused by name."""
+    path = Path(against)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except OSError:
+        return  # read_tensors says what is wrong with it
+    if head[:1] in (b"{", b"["):
+        raise GoldenError(f"outputs file {against} looks like JSON, but {m['case']} is a {m['kind']} "
+                          "case: safetensors expected (golden key names; docs/golden-format.md section 5)")
+
+
+def _float32_case_name() -> str | None:
+    """A shipped float32 model case, for hints (None when there is none or no recipe)."""
+    try:
+        cases = load_recipe(shipped_dir() / RECIPE)["cases"]
+    except GoldenError:
+        return None
+    return next((n for n, e in cases.items() if e.get("kind", "model") != "acceptance"
+                 and e.get("dtype") == "float32"), None)
+
+
+def dtype_hints(expected: dict, actual: dict, m: dict) -> list[str]:
+    """HINT lines when the outputs' float dtype is not the case dtype (float32 outputs checked
+    against a float64 case fail the float64 tolerances everywhere)."""
+    lower = sorted(n for n in expected if n in actual and np.asarray(expected[n]).dtype == np.float64
+                   and np.asarray(actual[n]).dtype == np.float32)
+    if not lower or m.get("dtype") != "float64":
+        return []
+    f32 = _float32_case_name()
+    return [f"HINT: your outputs are float32 but this case is float64 ({len(lower)} tensors, e.g. "
+            f"{lower[0]}): compute in float64"
+            + (f" (or verify a float32 case such as {f32})" if f32 else "")]
 
 
 def _recompute(case_dir: Path, m: dict, backend: str) -> dict:
@@ -1083,12 +1150,7 @@ def _verify_acceptance(case_dir: Path, m: dict, backend: str, against, allow_mis
     records = read_records(case_dir)
     rows = []
     if against is not None:
-        other = read_json(against, "outputs file")
-        if isinstance(other, list):
-            other = {r.get("case"): r.get("expected", r) for r in other if isinstance(r, dict)}
-        if not isinstance(other, dict):
-            raise GoldenError(f"outputs file {against}: expected a JSON object case -> "
-                              "{num_accepted, tokens, residual_fallback, is_bonus}")
+        other = _read_acceptance_outputs(against)
         mode = f"against {against}"
     else:
         mode = f"replay ({backend})"
@@ -1098,7 +1160,7 @@ def _verify_acceptance(case_dir: Path, m: dict, backend: str, against, allow_mis
         if against is not None:
             got = other.get(name)
             if got is None:
-                rows.append(Row(name, "skipped" if allow_missing else "missing", note="not in the outputs"))
+                rows.append(Row(name, NOT_CHECKED if allow_missing else "missing", note="not in the outputs"))
                 continue
         else:
             inputs = record_inputs(rec, f"{case_dir / ACCEPTANCE_FILE} record {name}")
@@ -1106,28 +1168,108 @@ def _verify_acceptance(case_dir: Path, m: dict, backend: str, against, allow_mis
                 got = run_record(inputs, backend)
             except ValueError as exc:
                 got = {"error": str(exc).splitlines()[0]}
-        keys = ("num_accepted", "tokens", "residual_fallback", "is_bonus")
-        diff = [k for k in keys if (got.get(k) if isinstance(got, dict) else None) != want.get(k)]
+        if not isinstance(got, dict):
+            rows.append(Row(name, "FAIL", note=f"got {_json_str(got)}, expected an object "
+                                               "{num_accepted, tokens, residual_fallback, is_bonus}"))
+            continue
+        absent = object()
+        diff = [k for k in ACCEPTANCE_RESULT_KEYS
+                if not json_equal(got.get(k, absent), want.get(k, absent))]
         if diff:
             rows.append(Row(name, "FAIL", note="; ".join(
-                f"{k}: got {got.get(k) if isinstance(got, dict) else got!r}, expected {want.get(k)!r}"
-                for k in diff) + (f" ({got['error']})" if isinstance(got, dict) and "error" in got else "")))
+                f"{k}: got {_json_str(got[k]) if k in got else '(absent)'}, expected {_json_str(want.get(k))}"
+                for k in diff) + (f" ({got['error']})" if "error" in got else "")))
         else:
             rows.append(Row(name, "pass", max_abs=0.0, max_rel=0.0, atol=0.0, rtol=0.0))
+    if against is not None:
+        known = {str(rec.get("case", f"#{i}")) for i, rec in enumerate(records)}
+        for name in sorted(set(other) - known):
+            rows.append(Row(name, "extra", note="not in the golden (ignored)"))
     return Report(m["case"], str(case_dir), "acceptance", mode, rows)
+
+
+ACCEPTANCE_RESULT_KEYS = ("num_accepted", "tokens", "residual_fallback", "is_bonus")
+
+
+def json_equal(a, b) -> bool:
+    """Equality of JSON values with their types: ``true`` is not ``1``, ``3.0`` is not ``3``.
+
+    Python's ``==`` says ``True == 1`` and ``3.0 == 3``; here booleans, integers and floats are
+    three different types, and lists and objects are compared element by element the same way.
+    """
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, int) or isinstance(b, int):
+        return isinstance(a, int) and isinstance(b, int) and a == b
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, float) and isinstance(b, float) and a == b
+    if isinstance(a, str) or isinstance(b, str):
+        return isinstance(a, str) and isinstance(b, str) and a == b
+    if a is None or b is None:
+        return a is None and b is None
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
+    return False  # different containers, or not JSON values at all
+
+
+def _json_str(x) -> str:
+    """A value as JSON writes it (true, 1, 1.0, [0, 2]), so type differences show in reports."""
+    try:
+        return json.dumps(x)
+    except (TypeError, ValueError):
+        return repr(x)
+
+
+def _read_acceptance_outputs(against) -> dict:
+    """``--against`` for an acceptance case: a JSON object case -> result (or a list of records)."""
+    path = Path(against)
+    what = ("a JSON object case -> {num_accepted, tokens, residual_fallback, is_bonus} "
+            "(docs/golden-format.md section 2)")
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(9)
+        n = int.from_bytes(head[:8], "little")
+        if len(head) == 9 and head[8:9] == b"{" and 8 + n <= path.stat().st_size:
+            raise GoldenError(f"outputs file {against} is a safetensors file, but an acceptance case "
+                              f"compares decisions: JSON expected, {what}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise GoldenError(f"outputs file {against} does not exist") from None
+    except (OSError, UnicodeDecodeError):
+        raise GoldenError(f"outputs file {against} is not text: JSON expected, {what}") from None
+    try:
+        other = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GoldenError(f"outputs file {against} is not valid JSON ({exc.msg} at line {exc.lineno}): "
+                          f"JSON expected, {what}") from None
+    if isinstance(other, list):
+        other = {r.get("case"): r.get("expected", r) for r in other if isinstance(r, dict)}
+    if not isinstance(other, dict):
+        raise GoldenError(f"outputs file {against}: JSON expected, {what}; got a JSON {type(other).__name__}")
+    return {str(k): v for k, v in other.items()}
 
 
 # ===========================================================================================
 # reports
 # ===========================================================================================
-def _fmt(x: float) -> str:
+def _fmt(x: float, integer: bool = False) -> str:
     if isinstance(x, float) and math.isnan(x):
         return "-"
+    if integer and math.isfinite(x) and float(x).is_integer():
+        return str(int(x))  # int64 tensors (routing indices, loads): errors are whole numbers
     return f"{x:.2e}"
 
 
 def format_report(report: Report, *, verbose: bool = True) -> str:
-    """A per-tensor (or per-record) table plus a summary line."""
+    """A per-tensor (or per-record) table plus a summary line.
+
+    The text is a plain list of lines joined at the end (header, notes, table, summary, name
+    lists, hints); the summary counts (:meth:`Report.counts`) add up to the expected tensors
+    or records.
+    """
     lines = [f"case {report.case} [{report.kind}] {report.mode}: {report.path}"]
     lines += [f"  note: {n}" for n in report.notes]
     rows = [r for r in report.rows if r.status != "extra" and (verbose or r.failed)]
@@ -1137,23 +1279,27 @@ def format_report(report: Report, *, verbose: bool = True) -> str:
                      f"{'atol':>8} {'rtol':>8}  result")
         for r in rows:
             shape = "x".join(str(s) for s in r.shape) or "()"
-            lines.append(f"  {r.name:<{w}} {shape:<16} {_fmt(r.max_abs):>11} {_fmt(r.max_rel):>11} "
-                         f"{_fmt(r.atol):>8} {_fmt(r.rtol):>8}  {r.status}"
+            i = r.dtype.startswith(("int", "uint"))
+            lines.append(f"  {r.name:<{w}} {shape:<16} {_fmt(r.max_abs, i):>11} {_fmt(r.max_rel):>11} "
+                         f"{_fmt(r.atol, i):>8} {_fmt(r.rtol, i):>8}  {r.status}"
                          + (f"  {r.note}" if r.note and r.status != "pass" else ""))
     elif rows:
         w = max(12, *(len(r.name) for r in rows))
         lines.append(f"  {'record':<{w}}  result")
         for r in rows:
             lines.append(f"  {r.name:<{w}}  {r.status}" + (f"  {r.note}" if r.note else ""))
-    n_fail = sum(r.failed for r in report.rows)
+    c = report.counts()
     missing = [r.name for r in report.rows if r.status == "missing"]
     extra = [r.name for r in report.rows if r.status == "extra"]
-    skipped = [r.name for r in report.rows if r.status == "skipped"]
-    checked = sum(r.status in ("pass", "FAIL", "shape") for r in report.rows)
-    what = "tensors within tolerance" if report.kind != "acceptance" else "records identical"
-    summary = f"  {report.status.upper()}: {checked - sum(r.status in ('FAIL', 'shape') for r in report.rows)}/{checked} {what}"
-    if n_fail:
-        summary += f", {n_fail} failing"
+    skipped = [r.name for r in report.rows if r.status in (NOT_CHECKED, "skipped")]
+    checked = c["passed"] + c["failed"]
+    expected_n = checked + c["missing"] + c[NOT_CHECKED]
+    what = "expected tensors" if report.kind != "acceptance" else "expected records"
+    summary = (f"  {report.status.upper()}: {c['passed']} passed, {c['failed']} failed, "
+               f"{c['missing']} missing")
+    if c[NOT_CHECKED]:
+        summary += f", {c[NOT_CHECKED]} not checked"
+    summary += f" (of {expected_n} {what})"
     lines.append(summary)
     if missing:
         lines.append(f"  missing ({len(missing)}): {_names(missing)}")
@@ -1162,8 +1308,11 @@ def format_report(report: Report, *, verbose: bool = True) -> str:
     if extra:
         lines.append(f"  ignored, not in the golden ({len(extra)}): {_names(extra)}")
     if report.rows and checked == 0 and (missing or skipped):
-        lines.append("  the outputs share no name with the golden: use its key names (logits, "
-                     "mtp_logits.1, loss.total, grad.<checkpoint name>, ...; docs/golden-format.md)")
+        lines.append("  the outputs share no name with the golden: use its key names ("
+                     + ("the record names of records.json" if report.kind == "acceptance" else
+                        "logits, mtp_logits.1, loss.total, grad.<checkpoint name>, ...")
+                     + "; docs/golden-format.md)")
+    lines += [f"  {h}" for h in report.hints]
     return "\n".join(lines)
 
 
@@ -1202,6 +1351,29 @@ def case_dirs(root) -> list[Path]:
     if not found:
         raise GoldenError(f"{root} holds no golden case (no */{MANIFEST})")
     return sorted(found)
+
+
+def shipped_case(name: str) -> Path | None:
+    """The shipped case directory called ``name``, or None when no shipped case has that name."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(name)):
+        return None
+    d = shipped_dir() / str(name)
+    return d if (d / MANIFEST).is_file() else None
+
+
+def list_cases(root=None) -> list[dict]:
+    """One entry per case under ``root`` (default: the shipped cases), from its manifest:
+    ``{name, kind, dtype, count, unit, description, path}``; ``count`` is the number of expected
+    tensors (model, trajectory) or records (acceptance)."""
+    out = []
+    for d in case_dirs(shipped_dir() if root is None else root):
+        m = read_manifest(d)
+        acc = m["kind"] == "acceptance"
+        count = m.get("records") if acc else len(m.get("tensors", {}))
+        out.append({"name": d.name, "kind": m["kind"], "dtype": m["dtype"], "count": count,
+                    "unit": "records" if acc else "tensors", "description": m.get("description", ""),
+                    "path": str(d)})
+    return out
 
 
 def load_recipe(path) -> dict:

@@ -1,0 +1,76 @@
+"""The PyTorch example of docs/golden-format.md section 6 passes every shipped model case.
+
+The example code is taken from the docs page itself (never copied here) and run with a plain
+PyTorch ``MyDeepseekV3`` (tests/torch_deepseek_v3.py, autograd gradients); its outputs must then
+pass ``refmtp golden verify CASE --against OUT`` with exit 0. The cases are every kind "model"
+entry of golden/recipe.json. Needs torch and transformers (skipped with the reason otherwise).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from refmtp import golden_files as gf
+from refmtp.cli.main import cli
+
+torch = pytest.importorskip("torch", reason="needs torch (optional extra: pip install 'refmtp[torch]')")
+pytest.importorskip("transformers", reason="needs transformers (optional extra: pip install 'refmtp[torch]')")
+
+from tests.torch_deepseek_v3 import MyDeepseekV3  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+ROOT = gf.shipped_dir()
+RECIPE = gf.load_recipe(ROOT / gf.RECIPE)
+MODEL_CASES = [n for n, e in RECIPE["cases"].items() if e.get("kind", "model") == "model"]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "golden-format.md"
+DOC_CASE = 'case = "golden/tiny_d2"'
+
+
+def docs_torch_example() -> str:
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S) if "safetensors.torch" in b]
+    assert len(blocks) == 1, "docs/golden-format.md should hold one PyTorch example"
+    assert DOC_CASE in blocks[0] and "MyDeepseekV3" in blocks[0]
+    return blocks[0]
+
+
+def run_example(block: str, case_dir: Path, workdir: Path, monkeypatch) -> Path:
+    monkeypatch.chdir(workdir)
+    code = block.replace(DOC_CASE, f"case = {str(case_dir)!r}")
+    exec(compile(code, f"docs/golden-format.md (PyTorch example, {case_dir.name})", "exec"),
+         {"MyDeepseekV3": MyDeepseekV3})
+    return workdir / "torch_out.safetensors"
+
+
+def verify(name, out):
+    res = CliRunner().invoke(cli, ["golden", "verify", name, "--against", str(out)])
+    return res.exit_code, res.output
+
+
+def test_recipe_has_model_cases():
+    assert len(MODEL_CASES) >= 7 and "tiny_d2_f32" in MODEL_CASES
+
+
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_docs_torch_example_passes(name, tmp_path, monkeypatch):
+    out = run_example(docs_torch_example(), ROOT / name, tmp_path, monkeypatch)
+    code, text = verify(name, out)
+    assert code == 0, text
+    n = len(gf.read_manifest(ROOT / name)["tensors"])
+    assert f"PASS: {n} passed, 0 failed, 0 missing (of {n} expected tensors)" in text, text
+
+
+def test_dropping_unrouted_expert_gradients_fails(tmp_path, monkeypatch):
+    """What the example guards against: without the zeros the unrouted experts are missing."""
+    name = next(n for n in MODEL_CASES
+                if any((v == 0).any() for k, v in gf.read_tensors(ROOT / n / "expected.safetensors").items()
+                       if k.endswith(".load")))
+    block = docs_torch_example()
+    old = "p.grad if p.grad is not None else torch.zeros_like(p)\n             for n, p in model.named_parameters()}"
+    assert old in block
+    block = block.replace(old, "p.grad\n             for n, p in model.named_parameters() if p.grad is not None}")
+    code, text = verify(name, run_example(block, ROOT / name, tmp_path, monkeypatch))
+    assert code == 1 and re.search(r"missing \(\d+\): grad\.model\.layers\.\d+\.mlp\.experts\.", text), text
