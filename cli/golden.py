@@ -181,7 +181,7 @@ def _diagnosis(report, case_dir) -> list[str]:
     except lib.GoldenError as exc:
         prints = None
         click.echo(f"  note: {exc}", err=True)
-    return ["  diagnosis:"] + conf.diagnose(report, prints, conf.n_layers(Path(case_dir)))
+    return ["  diagnosis:"] + ["  " + line for line in conf.diagnose(report, prints, conf.n_layers(Path(case_dir)))]
 
 
 # -------------------------------------------------------------------------------------------

@@ -264,6 +264,10 @@ def diagnose(report, fingerprints: dict | None, n_layers: int = 0, top: int = TO
         first.status, first.note or "outside tolerance")
     lines = [f"  first failing {'record' if report.kind == 'acceptance' else 'tensor'} "
              f"(dataflow order): {first.name}: {what}"]
+    if any("float32 but this case is float64" in h for h in getattr(report, "hints", [])):
+        lines.append("  likely cause: the outputs' precision (float32 for a float64 case; see the "
+                     "HINT above). The bug catalog is matched only at the case's own dtype.")
+        return lines
     if not fingerprints:
         lines.append("  likely causes: no conformance fingerprints found (`refmtp golden conformance --write`)")
         return lines
