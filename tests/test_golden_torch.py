@@ -19,6 +19,7 @@ from refmtp.cli.main import cli
 torch = pytest.importorskip("torch", reason="needs torch (optional extra: pip install 'refmtp[torch]')")
 pytest.importorskip("transformers", reason="needs transformers (optional extra: pip install 'refmtp[torch]')")
 
+from tests import torch_deepseek_v3  # noqa: E402
 from tests.torch_deepseek_v3 import MyDeepseekV3  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -74,3 +75,23 @@ def test_dropping_unrouted_expert_gradients_fails(tmp_path, monkeypatch):
     block = block.replace(old, "p.grad\n             for n, p in model.named_parameters() if p.grad is not None}")
     code, text = verify(name, run_example(block, ROOT / name, tmp_path, monkeypatch))
     assert code == 1 and re.search(r"missing \(\d+\): grad\.model\.layers\.\d+\.mlp\.experts\.", text), text
+
+
+@pytest.mark.parametrize("bug", ["router.mask_zero", "router.no_scaling", "router.bias_in_gate_values",
+                                 "mtp.eh_concat_swapped", "mla.kv_b_split_swapped", "rope.neox_pairs"])
+def test_independent_implementation_with_a_catalog_bug_gets_it_as_first_cause(bug, tmp_path, monkeypatch):
+    """Conformance from outside: the PyTorch implementation (autograd, its own rounding) carrying
+    one catalog bug fails verify --against, and the diagnosis names that bug (or one
+    indistinguishable from it on the case) first."""
+    from refmtp import conformance as conf
+
+    prints = conf.load_fingerprints()
+    name = next(c for c in MODEL_CASES if c in prints["mutants"][bug])  # first model case it fails
+    monkeypatch.setattr(torch_deepseek_v3, "BUGS", {bug})
+    code, text = verify(name, run_example(docs_torch_example(), ROOT / name, tmp_path, monkeypatch))
+    assert code == 1, text
+    lines = text.splitlines()
+    i = next(k for k, line in enumerate(lines) if "likely causes (bug catalog" in line)
+    first = lines[i + 1].split()[0]
+    same = set(prints["mutants"][bug][name]) == set(prints["mutants"].get(first, {}).get(name, {"?": 0}))
+    assert first == bug or same, text

@@ -25,6 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Deliberate bugs this independent implementation can carry (names from refmtp's bug catalog),
+# for tests/test_golden_torch.py: verify must fail and name the bug. Empty in normal use.
+BUGS: set[str] = set()
+
 
 class RMSNorm(nn.Module):
     def __init__(self, d, eps):
@@ -106,6 +110,10 @@ class MLA(nn.Module):
         ang = torch.arange(T, dtype=torch.float64)[:, None] * torch.tensor(rope_inv_freq(self.c), dtype=torch.float64)
         cos = (torch.cos(ang) * self.rope_factor).to(x.dtype)
         sin = (torch.sin(ang) * self.rope_factor).to(x.dtype)
+        if "rope.neox_pairs" in BUGS:  # rotate_half layout
+            h = x.shape[-1] // 2
+            x0, x1 = x[..., :h], x[..., h:]
+            return torch.cat([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
         x0, x1 = x[..., 0::2], x[..., 1::2]
         return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).reshape(x.shape)
 
@@ -119,8 +127,10 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(kv[..., :self.Rkv])
         k_pe = self.rope(kv[..., self.Rkv:], T)  # (B, T, Dr), shared by the heads
         kvb = self.kv_b_proj(c_kv).view(B, T, H, Dn + Dv).transpose(1, 2)
-        k = torch.cat([kvb[..., :Dn], k_pe[:, None].expand(B, H, T, Dr)], dim=-1)
-        v = kvb[..., Dn:]
+        k_nope, v = kvb[..., :Dn], kvb[..., Dn:]
+        if "mla.kv_b_split_swapped" in BUGS:
+            v, k_nope = kvb[..., :Dv], kvb[..., Dv:]
+        k = torch.cat([k_nope, k_pe[:, None].expand(B, H, T, Dr)], dim=-1)
         s = (q @ k.transpose(-1, -2)) * self.scale
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
@@ -160,12 +170,14 @@ class MoE(nn.Module):
             grouped = sc.view(-1, G, E // G)
             gs = grouped.topk(2, dim=-1).values.sum(-1)  # (N, G)
             keep = torch.zeros_like(gs, dtype=torch.bool).scatter_(1, gs.topk(TG, dim=-1).indices, True)
-            sc = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, E)
+            fill = 0.0 if "router.mask_zero" in BUGS else float("-inf")
+            sc = grouped.masked_fill(~keep[..., None], fill).view(-1, E)
         idx = sc.topk(K, dim=-1).indices  # (N, K)
-        w = s.gather(1, idx)
+        w = (sc if "router.bias_in_gate_values" in BUGS else s).gather(1, idx)
         if c["norm_topk_prob"]:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        w = w * c["routed_scaling_factor"]
+        if "router.no_scaling" not in BUGS:
+            w = w * c["routed_scaling_factor"]
         out = torch.zeros_like(x2)
         for e in range(E):
             tok, slot = torch.nonzero(idx == e, as_tuple=True)
@@ -272,7 +284,8 @@ class MyDeepseekV3(nn.Module):
             if self.kind == "causal":
                 m = self.model.layers[layer]
                 e = self.model.embed_tokens(tokens[:, k:T])
-                y = block(layer, m.eh_proj(torch.cat([m.enorm(e), m.hnorm(h[:, :Tk])], dim=-1)))
+                eh = [m.enorm(e), m.hnorm(h[:, :Tk])]
+                y = block(layer, m.eh_proj(torch.cat(eh[::-1] if "mtp.eh_concat_swapped" in BUGS else eh, dim=-1)))
                 n = m.shared_head.norm(y)
                 h = n if r.get("mtp_chain", "post_norm") == "post_norm" else y
             else:  # parallel head k on the trunk output, then the shared model.norm
