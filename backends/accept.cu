@@ -1,6 +1,6 @@
 // RNG-v1 speculative-decoding acceptance for N requests (spec speculative-decoding.md section 2.2).
 //
-// CUDA twin of refmtp.speculative.verify_drafts_batch_ref (wrapper: backends/cupy_accept.py).
+// CUDA twin of refmtp.inference.acceptance.verify_drafts_batch_ref (wrapper: backends/cupy_accept.py).
 // One thread per request, grid-stride over requests. Each thread runs the rule sequentially in
 // float64 (inputs of type T are upcast element by element) and sums the CDF in index order, so
 // its decisions are bit-identical to the numpy reference (numpy's cumsum is sequential too); a
@@ -15,7 +15,7 @@
 //   greedy  (N,)        bool
 //   scores  (N, K+1, V) L    logits (or p) for the greedy argmax of R1
 // Outputs: num_accepted (N,) int64, tokens (N, K+1) int64 (-1 padded), residual_fallback (N,),
-// is_bonus (N,) bool. Inputs are validated on the host (refmtp.speculative.verify_drafts_batch).
+// is_bonus (N,) bool. Inputs are validated on the host (refmtp.inference.acceptance.verify_drafts_batch).
 //
 // verify_one<T, L> is __host__ __device__ so tests can run the exact same code on the CPU
 // (tests/test_accept_kernels.py compiles a host harness with nvcc).

@@ -1,6 +1,6 @@
 """CuPy RawKernel: ``verify_drafts_batch`` (RNG-v1 acceptance for N requests) from ``accept.cu``.
 
-Same signature and bit-identical results as ``refmtp.speculative.verify_drafts_batch_ref``
+Same signature and bit-identical results as ``refmtp.inference.acceptance.verify_drafts_batch_ref``
 (one thread per request, sequential float64 CDF; see the header of accept.cu). Compiled lazily
 on first call for (p/q dtype, logits dtype) in {float, double}^2. Inputs are validated by the
 public ``verify_drafts_batch`` before dispatch; this wrapper only fixes dtypes and layout.

@@ -1,6 +1,6 @@
 """CuPy RawKernels: MoE dispatch and combine (source: backends/moe_dispatch.cu).
 
-Same contracts as ``refmtp.moe.moe_dispatch_plan_ref``, ``moe_permute_ref``,
+Same contracts as ``refmtp.model.moe.moe_dispatch_plan_ref``, ``moe_permute_ref``,
 ``moe_permute_backward_ref``, ``moe_combine_ref`` and ``moe_combine_backward_ref``. The kernels
 use no atomics (each output element has one owner thread adding its slots in dispatch order),
 so they are deterministic and bit-exact with the NumPy reference except ``dweight`` (a
@@ -51,7 +51,7 @@ def _inverse(order):
 
 
 def moe_dispatch_plan(topk_idx, n_experts):
-    """Same contract as ``refmtp.moe.moe_dispatch_plan_ref``: (order (S,), offsets (E+1,))."""
+    """Same contract as ``refmtp.model.moe.moe_dispatch_plan_ref``: (order (S,), offsets (E+1,))."""
     import cupy
 
     flat = cupy.ascontiguousarray(topk_idx.reshape(-1), dtype=cupy.int64)
@@ -69,7 +69,7 @@ def moe_dispatch_plan(topk_idx, n_experts):
 
 
 def moe_permute(x, order, K):
-    """Same contract as ``refmtp.moe.moe_permute_ref``: xs (S, d)."""
+    """Same contract as ``refmtp.model.moe.moe_permute_ref``: xs (S, d)."""
     import cupy
 
     x = cupy.ascontiguousarray(x)
@@ -82,7 +82,7 @@ def moe_permute(x, order, K):
 
 
 def moe_permute_backward(dxs, order, n_tokens):
-    """Same contract as ``refmtp.moe.moe_permute_backward_ref``: dx (N, d)."""
+    """Same contract as ``refmtp.model.moe.moe_permute_backward_ref``: dx (N, d)."""
     import cupy
 
     dxs = cupy.ascontiguousarray(dxs)
@@ -99,7 +99,7 @@ def moe_permute_backward(dxs, order, n_tokens):
 
 
 def moe_combine(ys, order, weight):
-    """Same contract as ``refmtp.moe.moe_combine_ref``: y (N, d)."""
+    """Same contract as ``refmtp.model.moe.moe_combine_ref``: y (N, d)."""
     import cupy
 
     ys = cupy.ascontiguousarray(ys)
@@ -116,7 +116,7 @@ def moe_combine(ys, order, weight):
 
 
 def moe_combine_backward(dy, ys, order, weight):
-    """Same contract as ``refmtp.moe.moe_combine_backward_ref``: (dys (S, d), dweight (N, K))."""
+    """Same contract as ``refmtp.model.moe.moe_combine_backward_ref``: (dys (S, d), dweight (N, K))."""
     import cupy
 
     ys = cupy.ascontiguousarray(ys)

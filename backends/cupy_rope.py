@@ -1,6 +1,6 @@
 """CuPy RawKernels: rope (see cupy_kernels.py for the contract).
 
-``rope_apply(x, cos, sin)`` has the signature of :func:`refmtp.ops.rope.rope_apply_ref`, its
+``rope_apply(x, cos, sin)`` has the signature of :func:`refmtp.model.ops.rope.rope_apply_ref`, its
 reference: x (..., T, Dr), cos/sin (T, Dr/2) -> y (..., T, Dr). The CUDA source is
 ``backends/rope.cu`` (``rope_apply<float>``, ``rope_apply<double>``), compiled lazily on first
 call. Forward and backward both use it (backward passes ``-sin``).

@@ -1,6 +1,6 @@
 """CuPy RawKernels: fused softmax cross-entropy (source: backends/xent.cu).
 
-Same contract as ``refmtp.ops.xent.xent_forward_ref`` / ``xent_backward_ref``.
+Same contract as ``refmtp.model.ops.xent.xent_forward_ref`` / ``xent_backward_ref``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 // MoE dispatch and combine kernels for the cupy backend (wrappers: backends/cupy_moe.py).
 //
-// References (same math, plain arrays): refmtp/moe.py moe_dispatch_plan_ref, moe_permute_ref,
+// References (same math, plain arrays): refmtp/model/moe.py moe_dispatch_plan_ref, moe_permute_ref,
 // moe_permute_backward_ref, moe_combine_ref, moe_combine_backward_ref. Slots are numbered
 // j = n*K + k (token n, its k-th expert); `order` lists slot ids sorted by expert (stable) and
 // `pos` is its inverse (pos[order[p]] = p).

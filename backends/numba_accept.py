@@ -1,6 +1,6 @@
 """Numba kernel: ``verify_drafts_batch`` (RNG-v1 acceptance for N requests, spec section 2.2).
 
-Twin of ``refmtp.speculative.verify_drafts_batch_ref`` with the same signature and
+Twin of ``refmtp.inference.acceptance.verify_drafts_batch_ref`` with the same signature and
 bit-identical results: one sequential pass per request, float64 arithmetic (inputs upcast
 element by element), the same operation order as the numpy reference (``cumsum`` is a
 sequential accumulation in numpy too), no fastmath. Inputs are assumed valid; the public

@@ -1,6 +1,6 @@
 """Numba kernels: MoE dispatch and combine (numpy backend).
 
-References (same signatures, in ``refmtp.moe``): ``moe_dispatch_plan_ref``, ``moe_permute_ref``,
+References (same signatures, in ``refmtp.model.moe``): ``moe_dispatch_plan_ref``, ``moe_permute_ref``,
 ``moe_permute_backward_ref``, ``moe_combine_ref``, ``moe_combine_backward_ref``.
 
 * The plan is a counting sort of the N*K slots by expert, filled in slot order, so it is the
@@ -104,7 +104,7 @@ def _order(order, S):
 
 
 def moe_dispatch_plan(topk_idx, n_experts):
-    """Same contract as ``refmtp.moe.moe_dispatch_plan_ref``."""
+    """Same contract as ``refmtp.model.moe.moe_dispatch_plan_ref``."""
     flat = np.ascontiguousarray(topk_idx, dtype=np.int64).reshape(-1)
     if flat.size and (flat.min() < 0 or flat.max() >= n_experts):
         raise ValueError(f"moe dispatch: expert indices must lie in [0, {n_experts})")
@@ -115,7 +115,7 @@ def moe_dispatch_plan(topk_idx, n_experts):
 
 
 def moe_permute(x, order, K):
-    """Same contract as ``refmtp.moe.moe_permute_ref``."""
+    """Same contract as ``refmtp.model.moe.moe_permute_ref``."""
     x = _float(x, "x")
     order = np.ascontiguousarray(order, dtype=np.int64)
     xs = np.empty((order.shape[0], x.shape[1]), dtype=x.dtype)
@@ -126,7 +126,7 @@ def moe_permute(x, order, K):
 
 
 def moe_permute_backward(dxs, order, n_tokens):
-    """Same contract as ``refmtp.moe.moe_permute_backward_ref``."""
+    """Same contract as ``refmtp.model.moe.moe_permute_backward_ref``."""
     dxs = _float(dxs, "dxs")
     order = _order(order, dxs.shape[0])
     K = dxs.shape[0] // n_tokens
@@ -138,7 +138,7 @@ def moe_permute_backward(dxs, order, n_tokens):
 
 
 def moe_combine(ys, order, weight):
-    """Same contract as ``refmtp.moe.moe_combine_ref``."""
+    """Same contract as ``refmtp.model.moe.moe_combine_ref``."""
     ys = _float(ys, "ys")
     weight = np.ascontiguousarray(weight, dtype=ys.dtype)
     N, K = weight.shape
@@ -151,7 +151,7 @@ def moe_combine(ys, order, weight):
 
 
 def moe_combine_backward(dy, ys, order, weight):
-    """Same contract as ``refmtp.moe.moe_combine_backward_ref``."""
+    """Same contract as ``refmtp.model.moe.moe_combine_backward_ref``."""
     ys = _float(ys, "ys")
     dy = np.ascontiguousarray(dy, dtype=ys.dtype)
     weight = np.ascontiguousarray(weight, dtype=ys.dtype)

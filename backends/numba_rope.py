@@ -1,6 +1,6 @@
 """Numba kernels: rope (see numba_kernels.py for the contract).
 
-``rope_apply(x, cos, sin)`` has the signature of :func:`refmtp.ops.rope.rope_apply_ref`, its
+``rope_apply(x, cos, sin)`` has the signature of :func:`refmtp.model.ops.rope.rope_apply_ref`, its
 reference: x (..., T, Dr), cos/sin (T, Dr/2) -> y (..., T, Dr), interleaved pairs
 
     y[2j] = x[2j] c - x[2j+1] s,   y[2j+1] = x[2j] s + x[2j+1] c.

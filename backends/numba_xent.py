@@ -1,6 +1,6 @@
 """Numba kernels: fused softmax cross-entropy forward/backward (numpy backend).
 
-Reference: ``refmtp.ops.xent.xent_forward_ref`` / ``xent_backward_ref`` (same signatures).
+Reference: ``refmtp.model.ops.xent.xent_forward_ref`` / ``xent_backward_ref`` (same signatures).
 One pass per row: max, sum of exp, logsumexp, picked logit; backward writes
 ``dz = dloss * (exp(z - lse) - onehot)``. The summation order differs from numpy's pairwise
 sum, so parity with the reference is to rounding (about 1e-15 relative in float64), and

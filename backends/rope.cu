@@ -1,6 +1,6 @@
 // RoPE in DeepSeek's interleaved pair layout (spec 2.4), forward and backward.
 //
-// Reference: refmtp/ops/rope.py::rope_apply_ref; wrapper: backends/cupy_rope.py (same signature).
+// Reference: refmtp/model/ops/rope.py::rope_apply_ref; wrapper: backends/cupy_rope.py (same signature).
 //   x, y   (N, T, Dr) contiguous; pair p = (n, t, j) holds x[2p], x[2p+1] with j = p % half,
 //   cos_t, sin_t (T, half), half = Dr / 2:
 //     y[2j]   = x[2j] c - x[2j+1] s

@@ -1,5 +1,5 @@
 // Fused softmax cross-entropy forward/backward for the cupy backend.
-// Reference: refmtp/ops/xent.py xent_forward_ref / xent_backward_ref (same math).
+// Reference: refmtp/model/ops/xent.py xent_forward_ref / xent_backward_ref (same math).
 // One block per row, a shared-memory tree reduction for max and sum(exp). No fast-math:
 // exp/log are the IEEE-accurate device functions. Instantiated for float and double.
 //

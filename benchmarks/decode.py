@@ -5,15 +5,15 @@
 
 Checkpoint: ``--ckpt``, else the newest directory under ``--runs`` (default ``runs/`` of the
 repository) holding a ``config.json`` and ``model.safetensors`` (e.g. ``runs/<run>/checkpoint-N``).
-When there is none, a short run is trained here with ``refmtp.train.Trainer`` (``--train-steps``,
+When there is none, a short run is trained here with ``refmtp.training.trainer.Trainer`` (``--train-steps``,
 the default small preset on the Python-stdlib corpus) and the JSON says so (``"trained_here"``).
 
-Prompts: ``--samples`` held-out windows of ``--prompt-len`` bytes (``refmtp.data.heldout_windows``,
+Prompts: ``--samples`` held-out windows of ``--prompt-len`` bytes (``refmtp.training.data.heldout_windows``,
 never trained on). For every prompt the runners below generate ``--max-new-tokens`` tokens one
 after the other (interleaved per prompt, so load drifts hit all alike), at each temperature:
 
-* ``plain-absorbed`` / ``plain-naive``: ``refmtp.decode.generate``, latent cache vs per-head K/V;
-* ``spec-K`` (K = 1, 2, 3): ``refmtp.specdecode.speculative_generate`` with the lossless rule,
+* ``plain-absorbed`` / ``plain-naive``: ``refmtp.inference.decode.generate``, latent cache vs per-head K/V;
+* ``spec-K`` (K = 1, 2, 3): ``refmtp.inference.speculative.speculative_generate`` with the lossless rule,
   MTP-chain drafts; drafts past the checkpoint's D modules reuse the last module (vLLM-style).
 
 Reported: tokens/s (generated tokens / wall time, prefill included), speedup over
@@ -50,7 +50,7 @@ def find_checkpoint(runs_dir: Path) -> Path | None:
 
 def train_here(out_dir: Path, steps: int) -> Path:
     from refmtp.config import preset
-    from refmtp.train import Trainer, TrainSettings
+    from refmtp.training.trainer import Trainer, TrainSettings
 
     settings = TrainSettings(preset="small", steps=steps, eval_every=0, checkpoint_every=0,
                              log_every=max(1, steps // 10))
@@ -82,9 +82,9 @@ def main(argv=None):
     temps = args.temperatures or ([0.0] if args.quick else [0.0, 1.0])
 
     from refmtp.checkpoint import load_checkpoint
-    from refmtp.data import heldout_windows, load_corpus
-    from refmtp.decode import Decoder, generate
-    from refmtp.specdecode import spec_metrics, speculative_generate
+    from refmtp.training.data import heldout_windows, load_corpus
+    from refmtp.inference.decode import Decoder, generate
+    from refmtp.inference.speculative import spec_metrics, speculative_generate
 
     ctx_start = run_context(args.threads)
     trained_here = None

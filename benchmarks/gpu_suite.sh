@@ -80,7 +80,7 @@ class _RefmtpFinder:
 sys.meta_path.insert(0, _RefmtpFinder)
 EOF
     export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
-    "$PY" -c "import refmtp.backends, refmtp.cli, refmtp.golden, refmtp.ops.rope"
+    "$PY" -c "import refmtp.backends, refmtp.cli, refmtp.golden, refmtp.model.ops.rope"
     stage install_refmtp_shim $?
 fi
 

@@ -6,7 +6,7 @@
 
 For each preset and kernel setting (``refmtp.backends.set_kernels_enabled(False)``: plain CuPy
 array code; ``True``: the RawKernels of backends/*.cu for RoPE, fused cross-entropy and MoE
-dispatch/combine) the step of ``refmtp.train.Trainer`` (forward, the host read of the losses,
+dispatch/combine) the step of ``refmtp.training.trainer.Trainer`` (forward, the host read of the losses,
 backward, global-norm clip, AdamW, expert-bias update) is run on a fixed (B, T+1) batch of
 random tokens: ``--warmup`` steps first (NVRTC compiles the kernels, cuBLAS and the memory pool
 warm up), then ``--repeats`` timed steps, each bracketed by CUDA events on the current stream and
@@ -14,7 +14,7 @@ ended by a device synchronize; the MEDIAN is reported. Both settings start from 
 initial parameters.
 
 * tokens/s = B*T / median step time (T main positions; the MTP depths reuse the same window).
-* achieved TFLOP/s = the analytic matmul FLOPs of the step (:func:`refmtp.flops.train_step_flops`,
+* achieved TFLOP/s = the analytic matmul FLOPs of the step (:func:`refmtp.verification.flops.train_step_flops`,
   checked against the executed matmuls by tests/test_flops.py; elementwise work is not counted)
   / median step time; ``pct_of_gemm_peak`` divides it by the float32 cuBLAS GEMM rate measured
   in the same process (square 8192 products; TF32 only if CuPy was told to use it, see
@@ -81,7 +81,7 @@ class StepRunner:
     """The Trainer's step without data loading, logging or checkpoints, timed by phase."""
 
     def __init__(self, cfg, params, grad_clip: float = 1.0, lr: float = 1e-3):
-        from refmtp.optim import AdamW
+        from refmtp.training.optim import AdamW
 
         self.cfg, self.params, self.grad_clip, self.lr = cfg, params, grad_clip, lr
         self.opt = AdamW()
@@ -90,7 +90,7 @@ class StepRunner:
         import cupy
 
         from refmtp.model import backward, forward, update_expert_bias
-        from refmtp.optim import clip_grads, global_grad_norm
+        from refmtp.training.optim import clip_grads, global_grad_norm
 
         ev = [cupy.cuda.Event() for _ in range(4)]
         t0 = time.perf_counter()
@@ -180,8 +180,8 @@ def run_preset(name: str, dtype: str, batch: int, seq: int, warmup: int, repeats
     import numpy as np
 
     from refmtp.backends import get_backend
-    from refmtp.flops import model_flops
-    from refmtp.init import is_bias
+    from refmtp.verification.flops import model_flops
+    from refmtp.params import is_bias
     from refmtp.model import init_params
 
     bk = get_backend("cupy")
@@ -254,7 +254,7 @@ def main(argv=None) -> int:
 
     from _machine import machine_info, write_result
     from refmtp.backends import get_backend
-    from refmtp.flops import model_flops
+    from refmtp.verification.flops import model_flops
 
     repeats = args.repeats or (3 if args.quick else 7)
     bk = get_backend("cupy")
@@ -299,9 +299,9 @@ def main(argv=None) -> int:
         "timing": ("CUDA events around forward (incl. the host read of the loss), backward and "
                    "clip + AdamW + bias update, device-synchronized after every step; median over "
                    "repeats after the warm-up steps; tokens_per_s = B*T / median step; tflops = analytic "
-                   "matmul FLOPs (refmtp.flops.train_step_flops) / median step; pct_of_gemm_peak "
+                   "matmul FLOPs (refmtp.verification.flops.train_step_flops) / median step; pct_of_gemm_peak "
                    "against the cuBLAS GEMM rate measured in this process; wall_ms = host clock"),
-        "flops_source": "refmtp.flops.train_step_flops",
+        "flops_source": "refmtp.verification.flops.train_step_flops",
         "gemm_peak": peaks,
         "env": {k: os.environ[k] for k in ("CUPY_TF32", "CUPY_ACCELERATORS", "REFMTP_KERNELS",
                                             "CUDA_VISIBLE_DEVICES") if k in os.environ},

@@ -3,7 +3,7 @@
     python benchmarks/moe_layer.py                       # numpy, B*T = 4*512 = 2048 tokens
     python benchmarks/moe_layer.py --backend cupy --repeats 20
 
-For float32 and float64, times the plain array path (refmtp/moe.py ``*_ref`` dispatch functions)
+For float32 and float64, times the plain array path (refmtp/model/moe.py ``*_ref`` dispatch functions)
 against the kernel path (Numba on numpy, RawKernels on cupy), switched with
 ``refmtp.backends.set_kernels_enabled``. Each timing is the median of ``--repeats`` runs after
 one warm-up run (which also compiles the kernels). The two paths must give the same output
@@ -27,7 +27,7 @@ from _machine import machine_info, write_result  # noqa: E402
 
 from refmtp.backends import get_backend, kernels_enabled, set_kernels_enabled  # noqa: E402
 from refmtp.config import preset  # noqa: E402
-from refmtp.moe import BIAS, moe_backward, moe_forward, moe_param_shapes  # noqa: E402
+from refmtp.model.moe import BIAS, moe_backward, moe_forward, moe_param_shapes  # noqa: E402
 
 
 def _sync(bk):

@@ -13,7 +13,7 @@ Three sweeps around the small preset (one variable at a time, the others fixed):
 Each point is the median of ``--repeats`` full training steps (forward + backward + clip + AdamW +
 bias update, benchmarks/train_step.py) after a warm-up. The exponent ``a`` of ``time ~ x^a`` is
 the least-squares slope of log(time) on log(x), printed next to the slope of the analytic matmul
-FLOPs (refmtp.flops) over the same points, so the gap shows what the FLOP count does not explain
+FLOPs (refmtp.verification.flops) over the same points, so the gap shows what the FLOP count does not explain
 (fixed per-call overheads at small sizes, the T^2 attention at long sequences). Writes
 ``benchmarks/results/scaling.json``. Not a test.
 """
@@ -62,7 +62,7 @@ def main(argv=None):
     experts = args.experts or ([4, 8, 16, 32] if args.quick else [4, 8, 16, 32, 64])
 
     from refmtp.config import preset
-    from refmtp.flops import train_step_flops
+    from refmtp.verification.flops import train_step_flops
     from train_step import time_steps
 
     base = preset(args.preset)

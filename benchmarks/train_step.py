@@ -4,10 +4,10 @@
     python benchmarks/train_step.py --threads 1 --presets small --repeats 9
 
 For each preset, dtype and kernel setting (numpy alone, then with the Numba kernels, switched
-with ``refmtp.backends.set_kernels_enabled``) the step of ``refmtp.train.Trainer`` is timed on a
+with ``refmtp.backends.set_kernels_enabled``) the step of ``refmtp.training.trainer.Trainer`` is timed on a
 fixed (B, T+1) batch of random byte tokens: median of ``--repeats`` steps after one warm-up
 (which compiles the kernels). Achieved GFLOP/s = the analytic matmul FLOPs of the step
-(:func:`refmtp.flops.train_step_flops`, checked against the executed matmuls by
+(:func:`refmtp.verification.flops.train_step_flops`, checked against the executed matmuls by
 tests/test_flops.py) / the median step time, and ``pct_of_peak`` divides it by the float32 /
 float64 GEMM peak measured in the same process and under the same load: after every timed step a
 GEMM sample of the same duration runs at the size that was fastest in the up-front peak
@@ -44,14 +44,14 @@ class StepRunner:
     """The Trainer's step without data loading, logging or checkpoints, timed by phase."""
 
     def __init__(self, cfg, params, grad_clip: float = 1.0, lr: float = 1e-3):
-        from refmtp.optim import AdamW
+        from refmtp.training.optim import AdamW
 
         self.cfg, self.params, self.grad_clip, self.lr = cfg, params, grad_clip, lr
         self.opt = AdamW()
 
     def step(self, tokens):
         from refmtp.model import backward, forward, update_expert_bias
-        from refmtp.optim import clip_grads, global_grad_norm
+        from refmtp.training.optim import clip_grads, global_grad_norm
 
         t0 = time.perf_counter()
         out, cache = forward(self.params, self.cfg, tokens)
@@ -150,7 +150,7 @@ def main(argv=None):
     repeats = args.repeats or (3 if args.quick else 7)
 
     from refmtp.config import preset
-    from refmtp.flops import model_flops
+    from refmtp.verification.flops import model_flops
 
     ctx_start = run_context(args.threads)
     peak_before = measure_peak(args.dtypes, sizes=QUICK_SIZES, repeats=5)
@@ -202,7 +202,7 @@ def main(argv=None):
         "backend": "numpy",
         "batch": B, "seq": T, "repeats": repeats,
         "timing": ("median over repeats after one warm-up step; tokens_per_s = B*T / median step; "
-                   "gflops = analytic matmul FLOPs (refmtp.flops.train_step_flops) / median step; "
+                   "gflops = analytic matmul FLOPs (refmtp.verification.flops.train_step_flops) / median step; "
                    "peak_gflops = median of GEMM samples interleaved with the steps (same duration, "
                    "size of the best up-front peak); pct_of_peak = gflops / peak_gflops"),
         "flops": {name: {"forward": model_flops(preset(name), B, T).forward,

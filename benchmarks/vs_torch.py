@@ -96,7 +96,7 @@ def hf_in_model_dtype(enabled: bool = True):
 
     @torch.no_grad()
     def rope_forward(self, x, position_ids):
-        inv = self.inv_freq64.to(x.device)  # float64, from refmtp.ops.rope.rope_freqs
+        inv = self.inv_freq64.to(x.device)  # float64, from refmtp.model.ops.rope.rope_freqs
         freqs = position_ids[..., None].to(torch.float64) * inv  # angles in float64
         emb = torch.cat((freqs, freqs), dim=-1)
         return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
@@ -125,8 +125,8 @@ def build_torch_model(ckpt_dir, cfg, dtype: str):
     from transformers import logging as hf_logging
     from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf
 
-    from refmtp.init import layer_prefix, mtp_layer
-    from refmtp.ops.rope import rope_freqs
+    from refmtp.params import layer_prefix, mtp_layer
+    from refmtp.model.ops.rope import rope_freqs
 
     hf_logging.set_verbosity_error()  # the MTP layers are "unexpected" for HF: we load them below
     hf_logging.disable_progress_bar()
@@ -178,7 +178,7 @@ def build_torch_model(ckpt_dir, cfg, dtype: str):
             return prefix_t + "mlp.experts.down_proj", (e,)
         return prefix_t + local, None
 
-    from refmtp.init import param_shapes
+    from refmtp.params import param_shapes
 
     for name in param_shapes(cfg):
         layer = int(name.split(".")[2]) if name.startswith("model.layers.") else None

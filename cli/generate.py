@@ -6,7 +6,7 @@
 Tokens are bytes: the prompt is encoded as UTF-8, the output decoded with ``errors="replace"``
 and streamed as it is produced (an incremental decoder, so multi-byte characters split across
 steps still print correctly). ``--speculative K`` drafts K tokens per step with the model's MTP
-modules (or parallel heads) and verifies them in one main-model call (refmtp/specdecode.py);
+modules (or parallel heads) and verifies them in one main-model call (refmtp/inference/speculative.py);
 at temperature 0 the text is the same as without it. A one-line summary goes to stderr.
 
 Exit codes: 2 for input the user can fix (missing or invalid checkpoint, bad K, a prompt byte
@@ -29,7 +29,7 @@ class InputError(click.ClickException):
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory, or a training run directory (its newest checkpoint)."""
-    from refmtp.train import latest_checkpoint
+    from refmtp.training.trainer import latest_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -46,7 +46,7 @@ def load_decoder(path, backend: str, dtype: str | None):
     """(Decoder, checkpoint dir) for ``--ckpt``; every loading problem is an InputError."""
     from refmtp.backends import BackendUnavailable
     from refmtp.checkpoint import load_checkpoint
-    from refmtp.decode import Decoder
+    from refmtp.inference.decode import Decoder
 
     ckpt = resolve_checkpoint(path)
     try:
@@ -57,7 +57,7 @@ def load_decoder(path, backend: str, dtype: str | None):
 
 
 def check_k_option(dec, k: int, reuse: bool) -> None:
-    from refmtp.specdecode import check_k
+    from refmtp.inference.speculative import check_k
 
     try:
         check_k(dec.cfg, k, reuse)
@@ -88,9 +88,9 @@ def fmt_rates(rates) -> str:
 def generate(ckpt, prompt, max_new_tokens, temperature, k, reuse, sample_drafts, seed, mode, backend,
              dtype):
     """Generate text from a checkpoint (byte-level), optionally with self-speculative decoding."""
-    from refmtp.decode import check_budget, check_prompt
-    from refmtp.decode import generate as plain_generate
-    from refmtp.specdecode import spec_metrics, speculative_generate
+    from refmtp.inference.decode import check_budget, check_prompt
+    from refmtp.inference.decode import generate as plain_generate
+    from refmtp.inference.speculative import spec_metrics, speculative_generate
 
     if max_new_tokens < 0:
         raise InputError(f"--max-new-tokens {max_new_tokens} must be >= 0")

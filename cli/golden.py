@@ -14,7 +14,7 @@ import click
 
 
 def _lib():
-    from refmtp import golden_files
+    from refmtp.verification import golden_files
 
     return golden_files
 
@@ -173,7 +173,7 @@ def verify(path, all_cases, backend, against, allow_missing, verbose):
 
 def _diagnosis(report, case_dir) -> list[str]:
     """The earliest failing tensor and the likely causes from the bug catalog (docs/conformance.md)."""
-    from refmtp import conformance as conf
+    from refmtp.verification import conformance as conf
 
     lib = _lib()
     try:
@@ -216,7 +216,7 @@ def list_():
 def conformance(write, doc_path, mutants, list_only):
     """Run the bug catalog against every shipped case: each mutant must fail at least one case
     (docs/conformance.md). Exit 0 when every mutant is caught and none crashes, else 1."""
-    from refmtp import conformance as conf
+    from refmtp.verification import conformance as conf
     from refmtp.mutation import CATALOG, IDS
 
     if list_only:

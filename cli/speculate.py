@@ -42,7 +42,7 @@ def _run_data(ckpt: Path):
 
 
 def _prompts(data, samples: int, prompt_len: int):
-    from refmtp.data import heldout_windows, load_corpus
+    from refmtp.training.data import heldout_windows, load_corpus
 
     try:
         corpus = load_corpus(data)
@@ -93,9 +93,9 @@ def _measure(runners, items):
 def speculate(ckpt, data, k, reuse, temperature, sample_drafts, samples, prompt_len, max_new_tokens,
               seed, mode, backend, dtype, json_path):
     """Acceptance per draft position, tokens per step and speedup of self-speculative decoding."""
-    from refmtp.decode import check_budget
-    from refmtp.decode import generate as plain_generate
-    from refmtp.specdecode import spec_metrics, speculative_generate
+    from refmtp.inference.decode import check_budget
+    from refmtp.inference.decode import generate as plain_generate
+    from refmtp.inference.speculative import spec_metrics, speculative_generate
 
     for name, value, low in (("--samples", samples, 1), ("--prompt-len", prompt_len, 2),
                              ("--max-new-tokens", max_new_tokens, 1)):

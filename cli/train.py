@@ -1,6 +1,6 @@
 """``refmtp train``: train a model on bytes, with checkpoints, metrics and exact resume.
 
-The loop lives in :mod:`refmtp.train`; this module parses options, prints, and maps errors to
+The loop lives in :mod:`refmtp.training.trainer`; this module parses options, prints, and maps errors to
 exit codes: 2 for input the user can fix (unknown preset, bad config, unreadable or empty data,
 an existing --out, a --resume that does not match), 1 for a numerical failure (non-finite loss
 or gradient), 130 after Ctrl-C (a checkpoint is saved first). No traceback reaches the user.
@@ -98,7 +98,7 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
     With no options: the `small` preset on the Python standard library source, numpy, float32
     (about 10 minutes on 2 CPU cores). Checkpoints, metrics.jsonl and run.json go to --out.
     """
-    from refmtp.train import NonFiniteError, RunError, Trainer, TrainSettings
+    from refmtp.training.trainer import NonFiniteError, RunError, Trainer, TrainSettings
 
     requested = {
         "data": data, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,

@@ -36,7 +36,7 @@ import numpy as np
 
 from refmtp.backends import get_backend
 from refmtp.config import ModelConfig
-from refmtp.init import is_bias, layer_prefix, mtp_layer, param_shapes
+from refmtp.params import is_bias, layer_prefix, mtp_layer, param_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -116,7 +116,7 @@ class ModelConfig:
         """Normalised YaRN parameters, or None when rope_scaling is absent.
 
         A missing ``mscale`` or ``mscale_all_dim`` reads as 0.0, "not given": HF transformers
-        treats None and 0 alike (falsy), and refmtp.ops.rope follows HF's rule for both fields.
+        treats None and 0 alike (falsy), and refmtp.model.ops.rope follows HF's rule for both fields.
         """
         if self.rope_scaling is None:
             return None

@@ -12,7 +12,7 @@ math modules test for it at the exact line the bug changes::
 Nothing is active unless code enters :func:`mutation`, so the reference path pays one set
 lookup per switch. Entering a mutation also switches the accelerated kernels off, so the
 mutated line is on the path that runs. The catalog is run against the shipped golden cases by
-:mod:`refmtp.conformance` (``refmtp golden conformance``; docs/conformance.md): every mutant must
+:mod:`refmtp.verification.conformance` (``refmtp golden conformance``; docs/conformance.md): every mutant must
 make at least one shipped case fail, and the failure fingerprints feed ``verify``'s diagnosis.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Mutant(NamedTuple):
 
 
 CATALOG: tuple[Mutant, ...] = (
-    # --- RoPE / YaRN (refmtp/ops/rope.py) ------------------------------------------------------
+    # --- RoPE / YaRN (refmtp/model/ops/rope.py) ------------------------------------------------------
     Mutant("rope.neox_pairs", "rope",
            "rotates the halves (x[j], x[j+Dr/2]) (NeoX rotate_half) instead of the interleaved "
            "pairs (x[2j], x[2j+1]) the checkpoint's RoPE dims use",
@@ -60,7 +60,7 @@ CATALOG: tuple[Mutant, ...] = (
     Mutant("rope.yarn_softmax_mscale_from_mscale", "rope",
            "softmax mscale computed from rope_scaling.mscale instead of mscale_all_dim",
            "NVIDIA/Megatron-LM#1429"),
-    # --- MLA (refmtp/mla.py, refmtp/ops/attention.py) ------------------------------------------
+    # --- MLA (refmtp/model/mla.py, refmtp/model/ops/attention.py) ------------------------------------------
     Mutant("mla.q_split_swapped", "mla",
            "each head's query split as [q_pe | q_nope] instead of [q_nope | q_pe]"),
     Mutant("mla.kv_a_split_swapped", "mla",
@@ -84,7 +84,7 @@ CATALOG: tuple[Mutant, ...] = (
     Mutant("mla.k_pe_grad_one_head", "mla",
            "backward: the shared k_pe receives head 0's gradient instead of the sum over heads",
            "NVIDIA/Megatron-LM#6839"),
-    # --- absorbed (latent-cache) decoding (refmtp/decode.py) -------------------------------------
+    # --- absorbed (latent-cache) decoding (refmtp/inference/decode.py) -------------------------------------
     Mutant("decode.absorbed_scale_latent_dim", "decode",
            "absorbed attention scaled by (kv_lora_rank + qk_rope_head_dim)^-1/2, the width of the "
            "absorbed key, instead of qk_head_dim^-1/2",
@@ -99,7 +99,7 @@ CATALOG: tuple[Mutant, ...] = (
            "a decode call attends only to its own new tokens, not to the cached prefix"),
     Mutant("decode.values_from_w_uk", "decode",
            "absorbed output projected with W_UK instead of W_UV"),
-    # --- router (refmtp/moe_gate.py) ------------------------------------------------------------
+    # --- router (refmtp/model/router.py) ------------------------------------------------------------
     Mutant("router.mask_zero", "router",
            "experts of dropped groups masked with 0 instead of -inf, so with negative biased "
            "scores a dropped group's experts win",
@@ -134,7 +134,7 @@ CATALOG: tuple[Mutant, ...] = (
            "n_group / topk_group ignored: top-K over all experts"),
     Mutant("router.backward_no_norm_term", "router",
            "backward of the renormalisation drops the -sum(dg w)/D term"),
-    # --- experts (refmtp/moe.py, refmtp/ops/swiglu.py) --------------------------------------------
+    # --- experts (refmtp/model/moe.py, refmtp/model/ops/swiglu.py) --------------------------------------------
     Mutant("experts.shared_scaled", "experts",
            "shared-expert output multiplied by routed_scaling_factor",
            "sgl-project/sglang#28237, sgl-project/sglang#35163"),
@@ -145,7 +145,7 @@ CATALOG: tuple[Mutant, ...] = (
            "SwiGLU computes silu(up) * gate instead of silu(gate) * up"),
     Mutant("experts.combine_overwrites", "experts",
            "combine written as y[token] = w * y_e (assignment), so a token keeps one of its K experts"),
-    # --- balance loss (refmtp/balance.py, refmtp/loss.py, refmtp/model.py) ------------------------
+    # --- balance loss (refmtp/model/balance.py, refmtp/model/loss.py, refmtp/model/model.py) ------------------------
     Mutant("balance.f_from_routed_topk", "balance",
            "f_i counts the biased, group-limited routing instead of the top-K of the unbiased s (eq. 18)",
            "NVIDIA/Megatron-LM#1513"),
@@ -164,7 +164,7 @@ CATALOG: tuple[Mutant, ...] = (
     Mutant("balance.alpha_zero", "balance",
            "the balance-loss coefficient silently 0, so the loss and its gradient vanish",
            "NVIDIA-NeMo/Megatron-Bridge#5165"),
-    # --- auxiliary-loss-free bias update (refmtp/balance.py, refmtp/moe.py) -----------------------
+    # --- auxiliary-loss-free bias update (refmtp/model/balance.py, refmtp/model/moe.py) -----------------------
     Mutant("bias_update.sign_flipped", "bias_update",
            "b += gamma sign(c_i - mean c): overloaded experts pushed up",
            "NVIDIA/Megatron-LM#7081"),
@@ -172,7 +172,7 @@ CATALOG: tuple[Mutant, ...] = (
            "b += gamma (mean c - c_i) instead of gamma sign(mean c - c_i)"),
     Mutant("bias_update.load_unbiased", "bias_update",
            "the loads counted from the unbiased top-K instead of the routing actually used"),
-    # --- MTP wiring (refmtp/mtp.py, refmtp/model.py) ----------------------------------------------
+    # --- MTP wiring (refmtp/model/mtp.py, refmtp/model/model.py) ----------------------------------------------
     Mutant("mtp.eh_concat_swapped", "mtp",
            "eh_proj input concatenated [hnorm(h) ; enorm(e)] instead of [enorm(e) ; hnorm(h)]",
            "ml-explore/mlx-lm#1469"),
@@ -197,7 +197,7 @@ CATALOG: tuple[Mutant, ...] = (
            "the MTP depths' embedding gradient not added to the shared embed_tokens gradient"),
     Mutant("mtp.lm_head_grad_not_summed", "mtp",
            "the MTP depths' lm_head gradient not added to the shared lm_head gradient"),
-    # --- loss terms (refmtp/loss.py) --------------------------------------------------------------
+    # --- loss terms (refmtp/model/loss.py) --------------------------------------------------------------
     Mutant("loss.mtp_weight_no_D", "loss",
            "MTP terms weighted lambda instead of lambda / D (eq. 25)"),
     Mutant("loss.mtp_no_lambda", "loss",
@@ -208,7 +208,7 @@ CATALOG: tuple[Mutant, ...] = (
            "NVIDIA/Megatron-LM#2417"),
     Mutant("loss.main_sum", "loss",
            "main loss summed over tokens instead of averaged"),
-    # --- optimizer and trajectory (refmtp/optim.py) -----------------------------------------------
+    # --- optimizer and trajectory (refmtp/training/optim.py) -----------------------------------------------
     Mutant("optim.decay_norms", "optim",
            "weight decay applied to RMSNorm weights too",
            "huggingface/transformers#4360"),
@@ -222,7 +222,7 @@ CATALOG: tuple[Mutant, ...] = (
            "NVIDIA/Megatron-LM#5916"),
     Mutant("optim.warmup_from_zero", "optim",
            "warmup lr * s / warmup instead of lr * (s + 1) / warmup (step 0 gets lr 0)"),
-    # --- speculative acceptance (refmtp/speculative.py) -------------------------------------------
+    # --- speculative acceptance (refmtp/inference/acceptance.py) -------------------------------------------
     Mutant("acceptance.strict_less", "acceptance",
            "a draft accepted iff u q(d) < p(d) instead of u q(d) <= p(d)"),
     Mutant("acceptance.accepts_zero_p", "acceptance",

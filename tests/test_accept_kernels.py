@@ -12,13 +12,10 @@ import numpy as np
 import pytest
 
 from refmtp.backends import cupy_accept, get_backend, numba_accept, set_kernels_enabled
-from refmtp.speculative import (
-    DYADIC_CASES,
-    BatchVerdict,
-    verify_drafts,
-    verify_drafts_batch,
-    verify_drafts_batch_ref,
-)
+from refmtp.inference.acceptance import BatchVerdict, verify_drafts, verify_drafts_batch, verify_drafts_batch_ref
+from refmtp.verification.acceptance_cases import dyadic_cases
+
+DYADIC_CASES = dyadic_cases()
 
 ACCEPT_CU = Path(numba_accept.__file__).with_name("accept.cu")
 

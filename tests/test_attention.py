@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from refmtp.gradcheck import check_grad
-from refmtp.ops.attention import attention_backward, attention_forward
+from refmtp.verification.gradcheck import check_grad
+from refmtp.model.ops.attention import attention_backward, attention_forward
 
 # (B, H, T, start, Dq, Dv): one token, one token after a cache, odd sizes, Dq != Dv
 CASES = [(1, 1, 1, 0, 3, 2), (2, 3, 4, 0, 5, 3), (1, 2, 3, 2, 4, 5), (2, 1, 1, 5, 3, 3),

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import refmtp.audit as audit
-from refmtp.audit import COMPONENTS, run_audit
+import refmtp.verification.audit as audit
+from refmtp.verification.audit import COMPONENTS, run_audit
 from refmtp.cli.main import cli
 from refmtp.config import preset
-from refmtp.init import is_bias, param_shapes
+from refmtp.params import is_bias, param_shapes
 
 
 def _invoke(*args):
@@ -101,7 +101,7 @@ def test_backward_covers_every_parameter_per_layer():
 
 
 def test_backward_detects_a_wrong_gradient():
-    import refmtp.block as block
+    import refmtp.model.block as block
 
     orig = block.mla_backward
 
@@ -142,14 +142,14 @@ def test_swapped_kv_a_rows_fail_the_latent_first_check():
 
 
 def _bad_rope():
-    import refmtp.mla as mla
-    from refmtp.ops.rope import rope_forward
+    import refmtp.model.mla as mla
+    from refmtp.model.ops.rope import rope_forward
 
     return mock.patch.object(mla, "rope_forward", lambda x, cos, sin: rope_forward(x, cos, -sin))
 
 
 def _bad_gates():
-    import refmtp.moe as moe
+    import refmtp.model.moe as moe
 
     orig = moe.router_forward
 
@@ -161,7 +161,7 @@ def _bad_gates():
 
 
 def _bad_normaliser():
-    import refmtp.loss as loss
+    import refmtp.model.loss as loss
 
     return mock.patch.object(loss, "mtp_normaliser", lambda cfg, B, T, k: B * (T - k))
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refmtp.balance import (balance_loss_backward, balance_loss_forward, expert_balance_loss_forward,
+from refmtp.model.balance import (balance_loss_backward, balance_loss_forward, expert_balance_loss_forward,
                             expert_load_stats, seq_balance_loss_forward, update_bias)
-from refmtp.gradcheck import check_grad
-from refmtp.moe_gate import sigmoid, softmax
+from refmtp.verification.gradcheck import check_grad
+from refmtp.model.router import sigmoid, softmax
 
 SHAPES = [(1, 1, 4, 2), (2, 3, 5, 2), (3, 7, 8, 3), (2, 4, 6, 5)]  # (B, T, E, K)
 

@@ -9,7 +9,7 @@ from safetensors.numpy import load_file, save_file
 
 from refmtp.checkpoint import CheckpointError, copy_names, load_checkpoint, save_checkpoint
 from refmtp.config import preset
-from refmtp.init import init_params, param_shapes
+from refmtp.params import init_params, param_shapes
 from refmtp.model import forward
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from refmtp import conformance as conf
-from refmtp import golden_files as gf
+from refmtp.verification import conformance as conf
+from refmtp.verification import golden_files as gf
 from refmtp.backends import kernels_enabled
 from refmtp.cli.main import cli as main
 from refmtp.mutation import CATALOG, IDS, active, mutation, on

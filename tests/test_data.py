@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from refmtp.data import (HELDOUT_FRACTION, STDLIB_EXCLUDED_DIRS, WindowSampler, check_window,
+from refmtp.training.data import (HELDOUT_FRACTION, STDLIB_EXCLUDED_DIRS, WindowSampler, check_window,
                          heldout_windows, load_corpus, stdlib_files)
 
 

@@ -1,4 +1,4 @@
-"""Cached decoding (refmtp/decode.py, spec 2.7): absorbed latent-cache decoding, naive full-K/V
+"""Cached decoding (refmtp/inference/decode.py, spec 2.7): absorbed latent-cache decoding, naive full-K/V
 decoding and the full-sequence forward give the same logits (float64, 1e-10) through prefill,
 single-token steps, K+1-token appends, rollback and buffer growth; MTP modules and parallel heads
 over their caches match the training forward; cache sizes match (Rkv + Dr) * L * itemsize and
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from refmtp.config import preset
-from refmtp.decode import (Decoder, KVCache, RowStore, cache_bytes_per_token, generate,
+from refmtp.inference.decode import (Decoder, KVCache, RowStore, cache_bytes_per_token, generate,
                            per_layer_entries)
 from refmtp.model import forward, init_params
 

@@ -1,4 +1,4 @@
-"""refmtp.flops against the matmuls the model actually runs.
+"""refmtp.verification.flops against the matmuls the model actually runs.
 
 The count is taken by running ``refmtp.model.forward`` / ``backward`` on parameters wrapped in
 a numpy subclass whose ``__array_ufunc__`` sees every ``np.matmul`` (the ``@`` operator) and adds
@@ -17,7 +17,7 @@ import pytest
 
 from refmtp.backends import set_kernels_enabled
 from refmtp.config import preset
-from refmtp.flops import FlopCount, block_flops, model_flops, train_step_flops
+from refmtp.verification.flops import FlopCount, block_flops, model_flops, train_step_flops
 from refmtp.model import backward, forward, init_params
 
 _UNCOUNTED_FUNCS = {np.dot, np.einsum, np.tensordot, np.inner, np.vdot, np.outer, np.kron,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from refmtp import golden_files as gf
+from refmtp.verification import golden_files as gf
 from refmtp.cli.main import cli
 
 ROOT = gf.shipped_dir()
@@ -87,7 +87,7 @@ def test_shipped_set_covers_the_required_variants():
 
 def test_every_parameter_has_a_gradient_and_routing_is_recorded():
     from refmtp.checkpoint import load_checkpoint
-    from refmtp.init import is_bias
+    from refmtp.params import is_bias
 
     for name in MODEL_CASES:
         cfg, params = load_checkpoint(ROOT / name, backend="numpy")
@@ -294,7 +294,7 @@ def _acceptance_dir():
 
 
 def test_acceptance_records_replay_exactly(backend):
-    from refmtp.speculative import verify_drafts
+    from refmtp.inference.acceptance import verify_drafts
 
     records = gf.read_records(_acceptance_dir())
     assert len(records) >= 40

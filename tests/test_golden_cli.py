@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from refmtp import golden_files as gf
+from refmtp.verification import golden_files as gf
 from refmtp.cli.main import cli
 
 ROOT = gf.shipped_dir()

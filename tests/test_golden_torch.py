@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from refmtp import golden_files as gf
+from refmtp.verification import golden_files as gf
 from refmtp.cli.main import cli
 
 torch = pytest.importorskip("torch", reason="needs torch (optional extra: pip install 'refmtp[torch]')")
@@ -83,7 +83,7 @@ def test_independent_implementation_with_a_catalog_bug_gets_it_as_first_cause(bu
     """Conformance from outside: the PyTorch implementation (autograd, its own rounding) carrying
     one catalog bug fails verify --against, and the diagnosis names that bug (or one
     indistinguishable from it on the case) first."""
-    from refmtp import conformance as conf
+    from refmtp.verification import conformance as conf
 
     prints = conf.load_fingerprints()
     name = next(c for c in MODEL_CASES if c in prints["mutants"][bug])  # first model case it fails

@@ -10,8 +10,8 @@ import pytest
 
 from refmtp.backends import set_kernels_enabled
 from refmtp.config import preset
-from refmtp.gradcheck import check_grad
-from refmtp.mla import (
+from refmtp.verification.gradcheck import check_grad
+from refmtp.model.mla import (
     mla_backward, mla_forward, mla_kv_b_heads, mla_kv_up, mla_latent_kv, mla_param_shapes,
     mla_query,
 )
@@ -330,7 +330,7 @@ def test_latent_norms_use_rms_norm_eps(backend, monkeypatch):
     # code and DeepSeek's inference/model.py build both with a fixed 1e-6: the same number for
     # V3 and every preset, different only for a config with another rms_norm_eps.
     # docs/math-decisions.md.
-    import refmtp.mla as mla
+    import refmtp.model.mla as mla
 
     seen = []
     real = mla.rmsnorm_forward

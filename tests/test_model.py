@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refmtp.block import block_backward, block_forward, sub_params
+from refmtp.model.block import block_backward, block_forward, sub_params
 from refmtp.config import preset
-from refmtp.gradcheck import check_grad
-from refmtp.init import is_bias, layer_prefix, param_shapes
-from refmtp.loss import loss_backward, loss_forward
-from refmtp.moe import routing_selection as moe_routing_selection
+from refmtp.verification.gradcheck import check_grad
+from refmtp.params import is_bias, layer_prefix, param_shapes
+from refmtp.model.loss import loss_backward, loss_forward
+from refmtp.model.moe import routing_selection as moe_routing_selection
 from refmtp.model import (backward, forward, init_params, routing_margin, routing_selection,
                           update_expert_bias)
 

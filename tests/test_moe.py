@@ -1,4 +1,4 @@
-"""The DeepSeekMoE layer (refmtp.moe): forward against a per-token oracle, float64 gradient checks
+"""The DeepSeekMoE layer (refmtp.model.moe): forward against a per-token oracle, float64 gradient checks
 of the whole layer over every parameter and the input, selection-flip detection, kernel vs plain
 path, cache contents, parameter names and one-line errors."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 
 from refmtp.backends import set_kernels_enabled
 from refmtp.config import ConfigError, ModelConfig, preset
-from refmtp.gradcheck import SelectionFlip, check_grad
-from refmtp.moe import (BIAS, dense_mlp_param_shapes, moe_backward, moe_forward, moe_param_shapes,
+from refmtp.verification.gradcheck import SelectionFlip, check_grad
+from refmtp.model.moe import (BIAS, dense_mlp_param_shapes, moe_backward, moe_forward, moe_param_shapes,
                         routing_margin, routing_selection)
 from tests.test_moe_gate import _oracle as route_oracle
 

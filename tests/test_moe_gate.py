@@ -1,4 +1,4 @@
-"""The DeepSeekMoE router (refmtp.moe_gate): forward against a per-token oracle written from the
+"""The DeepSeekMoE router (refmtp.model.router): forward against a per-token oracle written from the
 spec (section 3.2-3.3), -inf group masking, tie-breaking, float64 gradient checks, errors."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from refmtp.config import ModelConfig, preset
-from refmtp.gradcheck import check_grad
-from refmtp.moe_gate import (
+from refmtp.verification.gradcheck import check_grad
+from refmtp.model.router import (
     RouterGrads, gate_scale, router_backward, router_forward, router_margin,
 )
 

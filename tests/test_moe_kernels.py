@@ -1,5 +1,5 @@
 """Parity of the MoE dispatch/combine kernels (Numba, CuPy) with the plain array references in
-refmtp/moe.py, on random data and edge cases: an expert hit by no token, every token on one
+refmtp/model/moe.py, on random data and edge cases: an expert hit by no token, every token on one
 expert, a single token, sizes that are not multiples of a block. The CUDA source is compiled with
 nvcc here (no GPU needed); the cupy parity tests run under the gpu marker."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from refmtp.backends import get_backend, numba_moe, set_kernels_enabled
 from refmtp.backends.cupy_kernels import CU_DIR, NVRTC_OPTIONS
-from refmtp.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
+from refmtp.model.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
                         moe_permute_backward_ref, moe_permute_ref)
 from tests.conftest import HAS_GPU
 
@@ -226,7 +226,7 @@ def test_cupy_kernels_are_registered():
 def test_permute_and_combine_backward_gradcheck(backend, N, K, E, d, kind):
     """The dispatch references' own backwards against float64 central differences (the MoE layer
     gradcheck covers them too, but only composed with the experts)."""
-    from refmtp.gradcheck import check_grad
+    from refmtp.verification.gradcheck import check_grad
 
     c = _case(N, K, E, d, kind, np.float64)
     order, _ = moe_dispatch_plan_ref(backend.asarray(c["idx"]), E)

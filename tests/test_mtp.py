@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refmtp.block import sub_params
+from refmtp.model.block import sub_params
 from refmtp.config import preset
-from refmtp.gradcheck import check_grad
-from refmtp.init import init_params, is_bias, layer_prefix
+from refmtp.verification.gradcheck import check_grad
+from refmtp.params import init_params, is_bias, layer_prefix
 from refmtp.model import forward
-from refmtp.moe import routing_margin, routing_selection
-from refmtp.mtp import mtp_backward, mtp_forward
-from refmtp.ops.embedding import embedding_forward
-from refmtp.ops.linear import linear_forward
+from refmtp.model.moe import routing_margin, routing_selection
+from refmtp.model.mtp import mtp_backward, mtp_forward
+from refmtp.model.ops.embedding import embedding_forward
+from refmtp.model.ops.linear import linear_forward
 
 
 def _module(bk, cfg, k=1, seed=0, std=0.3):

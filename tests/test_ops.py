@@ -4,12 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refmtp.gradcheck import GradientMismatch, check_grad
-from refmtp.ops.embedding import embedding_backward, embedding_forward
-from refmtp.ops.linear import linear_backward, linear_forward
-from refmtp.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from refmtp.ops.swiglu import swiglu_backward, swiglu_forward
-from refmtp.ops.xent import xent_backward, xent_forward
+from refmtp.verification.gradcheck import GradientMismatch, check_grad
+from refmtp.model.ops.embedding import embedding_backward, embedding_forward
+from refmtp.model.ops.linear import linear_backward, linear_forward
+from refmtp.model.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
+from refmtp.model.ops.xent import xent_backward, xent_forward
 
 SHAPES = [(1, 1), (2, 3), (3, 5)]  # (B, T) including one token and odd sizes
 
@@ -161,8 +161,8 @@ def run_on(bk, fn, kernels: bool):
 def _op_case(name):
     """fn(bk) -> {output and gradient name: host array}; inputs drawn from a fixed seed on the host."""
     from refmtp.config import preset
-    from refmtp.ops.attention import attention_backward, attention_forward
-    from refmtp.ops.rope import rope_backward, rope_forward, rope_tables
+    from refmtp.model.ops.attention import attention_backward, attention_forward
+    from refmtp.model.ops.rope import rope_backward, rope_forward, rope_tables
 
     def fn(bk):
         rng = np.random.default_rng(sum(map(ord, name)))

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from refmtp.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, decays,
+from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, decays,
                           first_nonfinite, global_grad_norm, load_optimizer, save_optimizer)
 
 

@@ -13,8 +13,8 @@ from refmtp.backends import get_backend, set_kernels_enabled
 from refmtp.backends import numba_rope
 from refmtp.backends.cupy_kernels import cu_source
 from refmtp.config import preset
-from refmtp.gradcheck import check_grad
-from refmtp.ops.rope import (
+from refmtp.verification.gradcheck import check_grad
+from refmtp.model.ops.rope import (
     rope_apply_ref, rope_attention_factor, rope_backward, rope_forward, rope_freqs, rope_tables,
     softmax_scale, yarn_correction_range,
 )

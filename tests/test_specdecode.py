@@ -1,4 +1,4 @@
-"""Self-speculative decoding (refmtp/specdecode.py): greedy speculative output equals plain greedy
+"""Self-speculative decoding (refmtp/inference/speculative.py): greedy speculative output equals plain greedy
 decoding token for token (random weights and a checkpoint trained with the training API); the
 drafts and target rows are exactly what the training forward computes for the same sequences
 (paper-order MTP drafting, parallel heads); stochastic mode is reproducible by seed, K = 0
@@ -13,10 +13,10 @@ import pytest
 from scipy import stats
 
 from refmtp.config import preset
-from refmtp.decode import Decoder, generate
+from refmtp.inference.decode import Decoder, generate
 from refmtp.model import forward, init_params
-from refmtp.speculative import processed_probs
-from refmtp.specdecode import StepRecord, spec_metrics, speculative_generate
+from refmtp.inference.sampling import processed_probs
+from refmtp.inference.speculative import StepRecord, spec_metrics, speculative_generate
 
 TOL = 1e-10
 
@@ -53,8 +53,8 @@ def _corpus_text(seed=0, n=400):
 def train_tiny_checkpoint(base: Path) -> Path:
     """A tiny-preset checkpoint trained for 40 steps with the training API (float64), cached
     under ``base`` for the whole test session. Returns the checkpoint directory."""
-    from refmtp.data import load_corpus
-    from refmtp.train import Trainer, TrainSettings, latest_checkpoint
+    from refmtp.training.data import load_corpus
+    from refmtp.training.trainer import Trainer, TrainSettings, latest_checkpoint
 
     run = base / "tiny-mtp-run"
     if run.exists() and latest_checkpoint(run) is not None:

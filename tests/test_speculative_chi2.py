@@ -17,15 +17,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from refmtp.speculative import (
-    exp_from_uniform,
-    exp_race,
-    gumbel,
-    gumbel_from_uniform,
-    rng_v1_draws_batch,
-    verify_drafts,
-    verify_drafts_batch,
-)
+from refmtp.inference.acceptance import verify_drafts, verify_drafts_batch
+from refmtp.inference.sampling import (exp_from_uniform, exp_race, gumbel, gumbel_from_uniform,
+                                      rng_v1_draws_batch)
 
 ALPHA = 1e-6  # reject when the chi-square tail probability is below this (spec section 7 item 4)
 

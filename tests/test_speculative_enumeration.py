@@ -18,7 +18,8 @@ from fractions import Fraction as F
 import numpy as np
 import pytest
 
-from refmtp.speculative import verify_block, verify_drafts
+from refmtp.inference.acceptance import verify_drafts
+from refmtp.inference.other_rules import verify_block
 
 ZERO, ONE = F(0), F(1)
 

@@ -9,25 +9,13 @@ import numpy as np
 import pytest
 
 from refmtp.backends import HostRNG, get_backend
-from refmtp.speculative import (
-    DYADIC_CASES,
-    TYPICAL_DELTA,
-    TYPICAL_EPS,
-    Verdict,
-    dyadic_cases,
-    exp_from_uniform,
-    exp_race,
-    gumbel,
-    gumbel_from_uniform,
-    icdf,
-    processed_probs,
-    rng_v1_draws,
-    rng_v1_draws_batch,
-    verify_block,
-    verify_drafts,
-    verify_greedy,
-    verify_typical,
-)
+from refmtp.inference.acceptance import Verdict, verify_drafts, verify_greedy
+from refmtp.inference.sampling import (exp_from_uniform, exp_race, gumbel, gumbel_from_uniform, icdf,
+                                      processed_probs, rng_v1_draws, rng_v1_draws_batch)
+from refmtp.inference.other_rules import TYPICAL_DELTA, TYPICAL_EPS, verify_block, verify_typical
+from refmtp.verification.acceptance_cases import dyadic_cases
+
+DYADIC = dyadic_cases()  # the shipped acceptance case's inputs, built once for these tests
 
 P1 = [1 / 8, 1 / 8, 1 / 4, 1 / 2]
 Q1 = [1 / 2, 1 / 4, 1 / 8, 1 / 8]
@@ -51,7 +39,7 @@ SPEC_TABLE = {
 
 
 def _cases_by_name():
-    return {c["case"]: c for c in DYADIC_CASES}
+    return {c["case"]: c for c in DYADIC}
 
 
 def _dev(bk, x):
@@ -126,7 +114,7 @@ def test_dyadic_cases_are_valid_records():
 
 def test_dyadic_cases_cover_every_rule(backend):
     seen = set()
-    for c in DYADIC_CASES:
+    for c in DYADIC:
         v = _run(c, backend)
         assert v == verify_drafts(c["p"], c["q"], c["drafts"], c["u_accept"], c["u_sample"], c["greedy"],
                                   c["logits"]), c["case"]  # arrays on the backend == Python lists
@@ -441,7 +429,7 @@ def test_verify_block_k1_equals_token_level_rule(backend):
         ua, us = rng.random(1), float(rng.random())
         p, q = _dev(backend, p), _dev(backend, q)
         assert verify_block(p, q, d, ua, us) == verify_drafts(p, q, d, ua, us)
-    for c in DYADIC_CASES:
+    for c in DYADIC:
         if c["K"] <= 1 and not c["greedy"]:
             args = (_dev(backend, c["p"]), _dev(backend, c["q"]), c["drafts"], c["u_accept"], c["u_sample"])
             assert verify_block(*args) == verify_drafts(*args), c["case"]

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 from refmtp.cli.main import cli
 from refmtp.config import preset
-from refmtp.train import NonFiniteError, RunError, Trainer, TrainSettings, latest_checkpoint
+from refmtp.training.trainer import NonFiniteError, RunError, Trainer, TrainSettings, latest_checkpoint
 
 TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
 
@@ -170,7 +170,7 @@ def test_sigint_stops_after_the_current_step(tmp_path, text_file, backend, refer
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, text_file, monkeypatch):
-    import refmtp.train as train_mod
+    import refmtp.training.trainer as train_mod
 
     out = tmp_path / "crash"
     trainer = Trainer.new(settings(text_file, steps=4, checkpoint_every=2), preset("tiny"), out)

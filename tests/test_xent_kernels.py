@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from refmtp.backends import numba_xent
-from refmtp.ops.xent import xent_backward_ref, xent_forward_ref
+from refmtp.model.ops.xent import xent_backward_ref, xent_forward_ref
 
 CASES = [(1, 1), (1, 7), (5, 3), (33, 257)]  # one token, V=1, odd sizes
 

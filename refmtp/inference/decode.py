@@ -1,6 +1,6 @@
 """Cached (incremental) decoding with MLA's latent KV cache, and plain cached generation.
 
-Forward only. The model's own forward pieces do the math (``refmtp.mla`` helpers, RMSNorm,
+Forward only. The model's own forward pieces do the math (``refmtp.model.mla`` helpers, RMSNorm,
 SwiGLU, ``moe_forward``, ``attention_forward``); this module adds the cache and the two ways of
 attending over it (spec 2.7; docs/inference.md):
 
@@ -16,7 +16,7 @@ absorbed (default, "MLA")
         out       = o_proj(concat_h o)
 
     i.e. multi-query attention over ``k = [c_KV | k_pe]`` (one key shared by all heads) and
-    ``v = c_KV``, done by :func:`refmtp.ops.attention.attention_forward`.
+    ``v = c_KV``, done by :func:`refmtp.model.ops.attention.attention_forward`.
 
 naive ("MHA equivalent", HF / DeepSeek ``attn_impl="naive"``)
     the cache holds every head's full key ``[k_nope | k_pe]`` (H*(Dn+Dr)) and value (H*Dv).
@@ -44,18 +44,18 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
-from refmtp.block import sub_params
-from refmtp.init import layer_prefix, mtp_layer
-from refmtp.mla import mla_kv_b_heads, mla_kv_up, mla_latent_kv, mla_query
+from refmtp.model.block import sub_params
+from refmtp.params import layer_prefix, mtp_layer
+from refmtp.model.mla import mla_kv_b_heads, mla_kv_up, mla_latent_kv, mla_query
 from refmtp.model import EMBED, LM_HEAD, NORM, check_params
 from refmtp.mutation import on
-from refmtp.moe import moe_forward
-from refmtp.ops.attention import attention_forward
-from refmtp.ops.embedding import embedding_forward
-from refmtp.ops.linear import linear_forward
-from refmtp.ops.rmsnorm import rmsnorm_forward
-from refmtp.ops.rope import softmax_scale
-from refmtp.ops.swiglu import swiglu_forward
+from refmtp.model.moe import moe_forward
+from refmtp.model.ops.attention import attention_forward
+from refmtp.model.ops.embedding import embedding_forward
+from refmtp.model.ops.linear import linear_forward
+from refmtp.model.ops.rmsnorm import rmsnorm_forward
+from refmtp.model.ops.rope import softmax_scale
+from refmtp.model.ops.swiglu import swiglu_forward
 
 MODES = ("absorbed", "naive")
 
@@ -224,7 +224,7 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
 
 
 def block_decode(x, p, cfg, layer: int, cache: KVCache, start: int):
-    """One decoder block (pre-norm, two residuals; the same math as ``refmtp.block.block_forward``)
+    """One decoder block (pre-norm, two residuals; the same math as ``refmtp.model.block.block_forward``)
     with the attention over the cache.  x (B,T,d) -> (B,T,d)."""
     eps = cfg.rms_norm_eps
     a, _ = rmsnorm_forward(x, p["input_layernorm.weight"], eps)  # (B,T,d)
@@ -434,7 +434,7 @@ def next_token(logits_row, temperature: float, gen) -> int:
     """One token from a (V,) logits row: argmax (lowest index on ties) at temperature 0, else
     ``ICDF(softmax(logits/T), u)`` with ``u`` the RNG-v1 sample coin of ``gen`` (spec 2.2 R5, R9
     with K = 0, so plain sampling consumes the same stream as speculative decoding with no drafts)."""
-    from refmtp.speculative import icdf, processed_probs, rng_v1_draws
+    from refmtp.inference.sampling import icdf, processed_probs, rng_v1_draws
 
     xp = backend_of(logits_row).xp
     if temperature == 0:

@@ -16,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from refmtp.mla import mla_backward, mla_forward
-from refmtp.moe import moe_backward, moe_forward
-from refmtp.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from refmtp.ops.swiglu import swiglu_backward, swiglu_forward
+from refmtp.model.mla import mla_backward, mla_forward
+from refmtp.model.moe import moe_backward, moe_forward
+from refmtp.model.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
 
 
 def sub_params(p: dict, prefix: str) -> dict:

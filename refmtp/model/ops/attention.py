@@ -10,7 +10,7 @@ sees keys ``j <= start + t``:
     o[t] = sum_j p[t, j] v[j]                         (B, H, T, Dv)
 
 Every row keeps at least key 0, so no row is all -inf. MLA's scale is
-:func:`refmtp.ops.rope.softmax_scale` (``qk_head_dim^-1/2 * mscale^2``); it is a plain argument
+:func:`refmtp.model.ops.rope.softmax_scale` (``qk_head_dim^-1/2 * mscale^2``); it is a plain argument
 here. Derivation of the backward: docs/derivations/attention-mla.md.
 """
 from __future__ import annotations

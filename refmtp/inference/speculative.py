@@ -26,7 +26,7 @@ One step with K drafts (K capped so the step cannot overshoot ``max_new_tokens``
    last verified row predicts x_{n-1+k}; the heads run on the trunk rows of every verify call.
 2. verify: ONE main-model call on ``[x_{n-1}, d_1..d_K]`` (positions n-1..n-1+K) gives the K+1
    target rows ``p_1..p_{K+1}``.
-3. accept (``rule``): "lossless" = :func:`refmtp.speculative.verify_drafts` (RNG-v1; greedy R1
+3. accept (``rule``): "lossless" = :func:`refmtp.inference.acceptance.verify_drafts` (RNG-v1; greedy R1
    at temperature 0, else the lossless rule with temperature applied to p and, for sampled
    drafts, to q); "blockwise" = greedy exact match (Stern et al.); "typical" = Medusa typical
    acceptance (lossy).
@@ -36,7 +36,7 @@ One step with K drafts (K capped so the step cannot overshoot ``max_new_tokens``
 Randomness (temperature > 0): the accept/sample coins come from ``Generator(PCG64(seed))`` in
 the RNG-v1 order (K accept coins, then one sample coin, per step; spec 2.2 R9); sampled drafts
 draw from an independent child stream (``spawn``), as precondition (ii) of spec 1.2 requires.
-Plain sampling (:func:`refmtp.decode.generate`) consumes the same stream as K = 0.
+Plain sampling (:func:`refmtp.inference.decode.generate`) consumes the same stream as K = 0.
 """
 from __future__ import annotations
 
@@ -44,9 +44,10 @@ import time
 from dataclasses import dataclass, field
 
 from refmtp.backends import backend_of
-from refmtp.decode import Decoder, RowStore, check_budget, check_prompt
-from refmtp.speculative import (icdf, processed_probs, rng_v1_draws, verify_drafts, verify_greedy,
-                                verify_typical)
+from refmtp.inference.decode import Decoder, RowStore, check_budget, check_prompt
+from refmtp.inference.acceptance import verify_drafts, verify_greedy
+from refmtp.inference.sampling import icdf, processed_probs, rng_v1_draws
+from refmtp.inference.other_rules import verify_typical
 
 RULES = ("lossless", "blockwise", "typical")
 

@@ -38,18 +38,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from refmtp.backends import backend_of
-from refmtp.block import block_backward, block_forward, sub_params
-from refmtp.init import init_params, is_bias, layer_prefix, mtp_layer, param_shapes
-from refmtp.loss import loss_backward, loss_forward
-from refmtp.balance import update_bias
-from refmtp.moe import routing_margin as moe_routing_margin
-from refmtp.moe import routing_selection as moe_routing_selection
-from refmtp.mtp import mtp_backward, mtp_forward
+from refmtp.model.block import block_backward, block_forward, sub_params
+from refmtp.params import init_params, is_bias, layer_prefix, mtp_layer, param_shapes
+from refmtp.model.loss import loss_backward, loss_forward
+from refmtp.model.balance import update_bias
+from refmtp.model.moe import routing_margin as moe_routing_margin
+from refmtp.model.moe import routing_selection as moe_routing_selection
+from refmtp.model.mtp import mtp_backward, mtp_forward
 from refmtp.mutation import on
-from refmtp.ops.embedding import embedding_backward, embedding_forward
-from refmtp.ops.linear import linear_backward, linear_forward
-from refmtp.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from refmtp.ops.xent import xent_backward, xent_forward
+from refmtp.model.ops.embedding import embedding_backward, embedding_forward
+from refmtp.model.ops.linear import linear_backward, linear_forward
+from refmtp.model.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from refmtp.model.ops.xent import xent_backward, xent_forward
 
 __all__ = ["init_params", "forward", "backward", "update_expert_bias", "ModelOutput", "ModelCache",
            "Model", "check_params", "routing_selection", "routing_margin"]

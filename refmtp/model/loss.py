@@ -1,6 +1,6 @@
 """The training loss: main LM loss, per-depth MTP losses and the MoE balance losses (V3 eqs. 17, 24, 25).
 
-Inputs are the per-row cross-entropies from :func:`refmtp.ops.xent.xent_forward` (one row per
+Inputs are the per-row cross-entropies from :func:`refmtp.model.ops.xent.xent_forward` (one row per
 predicted token) and the per-layer balance losses ``aux_l`` returned by ``moe_forward`` (without
 alpha). With B sequences of T main positions and D = num_nextn_predict_layers:
 

@@ -444,7 +444,7 @@ def make_tokens(seed: int, batch: int, seq_len: int, vocab_size: int):
 
 def _moe_block_caches(cache) -> dict:
     """{layer index: block cache} of every MoE block (main and MTP) in a ModelCache."""
-    from refmtp.init import mtp_layer
+    from refmtp.params import mtp_layer
 
     cfg = cache.cfg
     blocks = {layer: bc for layer, bc in enumerate(cache.blocks)}
@@ -454,8 +454,8 @@ def _moe_block_caches(cache) -> dict:
 
 
 def routing_margins(cache) -> dict:
-    """{MoE layer: smallest score gap behind its routing decisions} (refmtp.moe_gate.router_margin)."""
-    from refmtp.moe_gate import router_margin
+    """{MoE layer: smallest score gap behind its routing decisions} (refmtp.model.router.router_margin)."""
+    from refmtp.model.router import router_margin
 
     from refmtp.backends import backend_of
 
@@ -480,7 +480,7 @@ def compute_case(cfg, params: dict, tokens, *, gamma: float | None = None, with_
     (and the routing margins when ``with_margins``).
     """
     from refmtp.backends import backend_of
-    from refmtp.init import is_bias, layer_prefix
+    from refmtp.params import is_bias, layer_prefix
     from refmtp.model import backward, forward, update_expert_bias
 
     bk = backend_of(tokens, params["model.embed_tokens.weight"])
@@ -562,7 +562,7 @@ def _golden_params(cfg, seed, dtype, init_std, bias_std, norm_std=0.0, bias_mean
     every RMSNorm weight times (1 + normal(0, norm_std)) (so swapped or shared norms show in
     the forward), and ``bias_mean`` added to every e_score_correction_bias (negative biased
     scores, where masking dropped groups with 0 instead of -inf re-routes tokens)."""
-    from refmtp.init import is_bias
+    from refmtp.params import is_bias
     from refmtp.model import init_params
 
     params = init_params(cfg, seed=int(seed), backend="numpy", dtype=dtype, std=init_std,
@@ -646,14 +646,14 @@ def _write_case(out_dir: Path, cfg, params, inputs: dict, expected, *, name, des
 
 
 # -------------------------------------------------------------------------------------------
-# training trajectories: S steps of forward, backward, clip, AdamW, bias update (refmtp/train.py)
+# training trajectories: S steps of forward, backward, clip, AdamW, bias update (refmtp/training/trainer.py)
 # -------------------------------------------------------------------------------------------
 TRAIN_KEYS = ("lr", "warmup_steps", "decay_steps", "min_lr_ratio", "weight_decay", "beta1",
               "beta2", "eps", "grad_clip")
 
 
 def compute_trajectory(cfg, params: dict, tokens, train: dict, *, with_margins=False):
-    """Run ``S = tokens.shape[0]`` training steps exactly as refmtp.train.Trainer takes them::
+    """Run ``S = tokens.shape[0]`` training steps exactly as refmtp.training.trainer.Trainer takes them::
 
         out, cache = forward(params, cfg, tokens[s]); grads = backward(cache)
         grads, norm = clip_grads(grads, grad_clip); opt.step(params, grads, schedule(s))
@@ -665,7 +665,7 @@ def compute_trajectory(cfg, params: dict, tokens, train: dict, *, with_margins=F
     """
     from refmtp.backends import backend_of
     from refmtp.model import backward, forward, update_expert_bias
-    from refmtp.optim import AdamW, AdamWSettings, CosineSchedule, clip_grads
+    from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule, clip_grads
 
     missing = [k for k in TRAIN_KEYS if k not in train]
     if missing:
@@ -730,7 +730,7 @@ def export_trajectory_case(out_dir, cfg, *, seed: int, steps: int, train: dict, 
 
 # -------------------------------------------------------------------------------------------
 # decode cases: a prefill, single-token steps, a multi-token append and a rollback through the
-# absorbed latent cache (refmtp.decode)
+# absorbed latent cache (refmtp.inference.decode)
 # -------------------------------------------------------------------------------------------
 def check_schedule(schedule, where: str) -> list[dict]:
     """A decode schedule: a list of {"op": "append", "n": >= 1} / {"op": "truncate", "length": m}
@@ -758,7 +758,7 @@ def check_schedule(schedule, where: str) -> list[dict]:
 
 
 def compute_decode(cfg, params: dict, schedule: list[dict], inputs: dict) -> dict:
-    """Run ``schedule`` through :class:`refmtp.decode.Decoder` with the absorbed latent cache.
+    """Run ``schedule`` through :class:`refmtp.inference.decode.Decoder` with the absorbed latent cache.
 
     Append step i feeds ``inputs["step.{i}.tokens"]`` (B, n) and records
     ``decode.{i}.logits`` (B, n, V) and, per main layer, ``decode.{i}.latent.{layer}``
@@ -766,7 +766,7 @@ def compute_decode(cfg, params: dict, schedule: list[dict], inputs: dict) -> dic
     after kv_a_layernorm, k_pe after RoPE at the token's position). Truncate steps roll back.
     """
     from refmtp.backends import backend_of
-    from refmtp.decode import Decoder
+    from refmtp.inference.decode import Decoder
 
     bk = backend_of(params["model.embed_tokens.weight"])
     h = bk.to_numpy
@@ -932,9 +932,9 @@ def record_inputs(rec: dict, where: str) -> dict:
 
 
 def run_record(inputs: dict, backend="numpy") -> dict:
-    """Replay one record through refmtp.speculative.verify_drafts on ``backend``."""
+    """Replay one record through refmtp.inference.acceptance.verify_drafts on ``backend``."""
     from refmtp.backends import get_backend
-    from refmtp.speculative import verify_drafts
+    from refmtp.inference.acceptance import verify_drafts
 
     bk = get_backend(backend) if isinstance(backend, str) else backend
 
@@ -950,7 +950,7 @@ def run_record(inputs: dict, backend="numpy") -> dict:
 
 
 def acceptance_record(case: dict) -> dict:
-    """One golden record from a builder's input dict (``refmtp.speculative.dyadic_cases`` keys:
+    """One golden record from a builder's input dict (``refmtp.verification.acceptance_cases.dyadic_cases`` keys:
     case, pins, V, K, drafts, q, p, u_accept, u_sample, greedy, logits): numbers become exact
     decimal strings, ``expected`` is computed by verify_drafts (never typed)."""
     def rows(r, float32=True):

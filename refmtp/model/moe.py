@@ -2,8 +2,8 @@
 
     out_t = SharedMLP(u_t) + sum_{i in S_t} g_{i,t} Expert_i(u_t)          (eq. 12 without the residual)
 
-u = x is the post_attention_layernorm output; the router (:mod:`refmtp.moe_gate`) picks S_t and
-g_{i,t}; the balance loss (:mod:`refmtp.balance`) is returned as ``aux`` WITHOUT alpha.
+u = x is the post_attention_layernorm output; the router (:mod:`refmtp.model.router`) picks S_t and
+g_{i,t}; the balance loss (:mod:`refmtp.model.balance`) is returned as ``aux`` WITHOUT alpha.
 
 Dispatch and combine (docs/derivations/moe-combine.md). The N*K token-slots are numbered
 ``j = n*K + k`` (token n, its k-th choice)::
@@ -30,9 +30,9 @@ from typing import Any
 
 from refmtp.backends import backend_of
 from refmtp.mutation import on
-from refmtp.balance import balance_loss_backward, balance_loss_forward
-from refmtp.moe_gate import RouterCache, router_backward, router_forward, router_margin
-from refmtp.ops.swiglu import swiglu_backward, swiglu_forward
+from refmtp.model.balance import balance_loss_backward, balance_loss_forward
+from refmtp.model.router import RouterCache, router_backward, router_forward, router_margin
+from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
 
 BIAS = "gate.e_score_correction_bias"
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -268,7 +268,7 @@ def moe_backward(dout, daux, cache: MoECache):
         shared:   SwiGLU backward on dout
         combine:  dys = g dout[token], dg = <dout[token], ys>
         experts:  SwiGLU backward per block -> dxs;  dx_routed = scatter-add of dxs to tokens
-        router:   dg (and the balance loss' ds) -> dx_gate, dWg     (refmtp.moe_gate)
+        router:   dg (and the balance loss' ds) -> dx_gate, dWg     (refmtp.model.router)
         dx = dx_shared + dx_routed + dx_gate
     """
     bk = backend_of(dout, cache.ys)

@@ -48,8 +48,8 @@ from pathlib import Path
 from refmtp import __version__
 from refmtp.backends import get_backend, kernels_enabled
 from refmtp.config import PASSTHROUGH_FIELDS, ModelConfig
-from refmtp.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
-from refmtp.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, first_nonfinite,
+from refmtp.training.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
+from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, first_nonfinite,
                           global_grad_norm, load_optimizer, save_optimizer)
 
 RUN_FORMAT = "refmtp-run"

@@ -36,10 +36,10 @@ from typing import Any
 
 from refmtp.backends import backend_of
 from refmtp.mutation import on
-from refmtp.ops.attention import AttentionCache, attention_backward, attention_forward
-from refmtp.ops.linear import LinearCache, linear_backward, linear_forward
-from refmtp.ops.rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
-from refmtp.ops.rope import RopeCache, rope_backward, rope_forward, rope_tables, softmax_scale
+from refmtp.model.ops.attention import AttentionCache, attention_backward, attention_forward
+from refmtp.model.ops.linear import LinearCache, linear_backward, linear_forward
+from refmtp.model.ops.rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
+from refmtp.model.ops.rope import RopeCache, rope_backward, rope_forward, rope_tables, softmax_scale
 
 
 # ------------------------------------------------------------------------------------------

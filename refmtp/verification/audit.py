@@ -403,7 +403,7 @@ def _read_reference(ckpt: Path) -> dict:
 
 
 def _n_params(cfg) -> int:
-    from refmtp.init import param_shapes
+    from refmtp.params import param_shapes
 
     return sum(math.prod(s) for s in param_shapes(cfg).values())
 
@@ -453,10 +453,10 @@ def _check_size(cfg):
 # component: MLA
 # -------------------------------------------------------------------------------------------
 def _audit_mla(ctx: _Ctx) -> list:
-    from refmtp.block import sub_params
-    from refmtp.decode import KVCache, mla_decode
-    from refmtp.mla import mla_forward, mla_kv_b_heads
-    from refmtp.ops.rope import rope_forward, rope_tables, softmax_scale
+    from refmtp.model.block import sub_params
+    from refmtp.inference.decode import KVCache, mla_decode
+    from refmtp.model.mla import mla_forward, mla_kv_b_heads
+    from refmtp.model.ops.rope import rope_forward, rope_tables, softmax_scale
 
     cfg, bk, xp = ctx.cfg, ctx.bk, ctx.bk.xp
     b, i, B, T = ctx.b, ctx.i, ctx.B, ctx.T
@@ -738,11 +738,11 @@ def _host_balance(s, idx_actual, cfg):
 
 
 def _audit_moe(ctx: _Ctx) -> list:
-    from refmtp.balance import update_bias
-    from refmtp.block import sub_params
+    from refmtp.model.balance import update_bias
+    from refmtp.model.block import sub_params
     from refmtp.model import backward
-    from refmtp.moe import moe_forward
-    from refmtp.moe_gate import router_forward
+    from refmtp.model.moe import moe_forward
+    from refmtp.model.router import router_forward
 
     cfg, bk, xp = ctx.cfg, ctx.bk, ctx.bk.xp
     layers = _moe_layers(cfg)
@@ -953,7 +953,7 @@ def _audit_moe(ctx: _Ctx) -> list:
 
     # 11. no gradient for the bias --------------------------------------------------------------------
     grads = backward(ctx.cache)
-    from refmtp.init import is_bias
+    from refmtp.params import is_bias
 
     nb = [k for k in grads if is_bias(k)]
     missing = [k for k in ctx.params if not is_bias(k) and k not in grads]
@@ -1125,8 +1125,8 @@ def _mtp_loss_steps(ctx, add) -> None:
 # component: loss
 # -------------------------------------------------------------------------------------------
 def _audit_loss(ctx: _Ctx) -> list:
-    from refmtp.loss import loss_backward
-    from refmtp.ops.xent import xent_backward
+    from refmtp.model.loss import loss_backward
+    from refmtp.model.ops.xent import xent_backward
 
     cfg, out, cache = ctx.cfg, ctx.out, ctx.cache
     B, T, D, V = ctx.B, ctx.T, cfg.D, cfg.vocab_size
@@ -1228,10 +1228,11 @@ def _host_icdf(w, u):
 
 
 def _audit_speculative(ctx: _Ctx) -> list:
-    from refmtp.decode import Decoder, generate
+    from refmtp.inference.decode import Decoder, generate
     from refmtp.model import forward
-    from refmtp.specdecode import speculative_generate
-    from refmtp.speculative import icdf, rng_v1_draws, verify_drafts
+    from refmtp.inference.speculative import speculative_generate
+    from refmtp.inference.acceptance import verify_drafts
+    from refmtp.inference.sampling import icdf, rng_v1_draws
 
     cfg, bk, xp = ctx.cfg, ctx.bk, ctx.bk.xp
     D, b = cfg.D, ctx.b
@@ -1404,7 +1405,7 @@ SHARED = ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight")
 
 def _sampled_gradcheck(bk, fwd_full, bwd_full, inputs, names, *, coords, seed, h, selection=None):
     """Central differences on ``coords`` random coordinates of every tensor in ``names``, through
-    :func:`refmtp.gradcheck.check_grad`, judged on the LAYER's gradient scale.
+    :func:`refmtp.verification.gradcheck.check_grad`, judged on the LAYER's gradient scale.
 
     ``fwd_full(**inputs) -> (outputs dict, cache)``, ``bwd_full(dout dict, cache) -> grads``.
     A fixed random ``dout`` turns the outputs into one scalar ``L = sum(out * dout)``. Each tensor
@@ -1416,7 +1417,7 @@ def _sampled_gradcheck(bk, fwd_full, bwd_full, inputs, names, *, coords, seed, h
     Returns ``{name: (TensorReport, worst coordinate as a list or "anchor")}`` or raises
     SelectionFlip.
     """
-    from refmtp.gradcheck import check_grad
+    from refmtp.verification.gradcheck import check_grad
 
     xp = bk.xp
     rng = np.random.default_rng(seed)
@@ -1485,13 +1486,13 @@ def _audit_backward(ctx: _Ctx, component: str, coords: int) -> list:
     (random dout on its outputs, so every parameter's gradient is O(1) and well resolved); then
     the whole model for the shared tensors, whose gradient runs back through every layer and
     depth (the composition: chain between depths, shared-gradient sums)."""
-    from refmtp.block import block_backward, block_forward, sub_params
-    from refmtp.gradcheck import SelectionFlip
-    from refmtp.init import is_bias
+    from refmtp.model.block import block_backward, block_forward, sub_params
+    from refmtp.verification.gradcheck import SelectionFlip
+    from refmtp.params import is_bias
     from refmtp.model import backward, forward, routing_margin, routing_selection
-    from refmtp.moe import routing_margin as moe_margin
-    from refmtp.moe import routing_selection as moe_selection
-    from refmtp.mtp import mtp_backward, mtp_forward
+    from refmtp.model.moe import routing_margin as moe_margin
+    from refmtp.model.moe import routing_selection as moe_selection
+    from refmtp.model.mtp import mtp_backward, mtp_forward
 
     cfg, xp = ctx.cfg, ctx.bk.xp
     L, D, T = cfg.num_hidden_layers, cfg.D, ctx.T

@@ -41,8 +41,8 @@ def mtp_layer(cfg: ModelConfig, k: int) -> int:
 
 def block_param_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple]:
     """Local names (prefix stripped) and shapes of one decoder block at index ``layer``."""
-    from refmtp.mla import mla_param_shapes
-    from refmtp.moe import dense_mlp_param_shapes, moe_param_shapes
+    from refmtp.model.mla import mla_param_shapes
+    from refmtp.model.moe import dense_mlp_param_shapes, moe_param_shapes
 
     d = cfg.hidden_size
     shapes = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}

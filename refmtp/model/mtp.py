@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from refmtp.backends import backend_of
-from refmtp.block import block_backward, block_forward
+from refmtp.model.block import block_backward, block_forward
 from refmtp.mutation import on
-from refmtp.ops.linear import linear_backward, linear_forward
-from refmtp.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
+from refmtp.model.ops.linear import linear_backward, linear_forward
+from refmtp.model.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refmtp import golden_files as gf
+from refmtp.verification import golden_files as gf
 from refmtp.mutation import CATALOG, mutation
 
 FINGERPRINTS = "conformance.json"
