@@ -78,7 +78,8 @@ def unavailable() -> str | None:
 
 
 class StepRunner:
-    """The Trainer's step without data loading, logging or checkpoints, timed by phase."""
+    """refmtp.training.step.train_step (the Trainer's step) without data loading, logging or
+    checkpoints, timed by phase with CUDA events."""
 
     def __init__(self, cfg, params, grad_clip: float = 1.0, lr: float = 1e-3):
         from refmtp.training.optim import AdamW
@@ -89,27 +90,23 @@ class StepRunner:
     def step(self, tokens):
         import cupy
 
-        from refmtp.model import backward, forward, update_expert_bias
-        from refmtp.training.optim import clip_grads, global_grad_norm
+        from refmtp.training.step import train_step
 
-        ev = [cupy.cuda.Event() for _ in range(4)]
+        ev = {"start": cupy.cuda.Event()}
+
+        def mark(phase):
+            ev[phase] = cupy.cuda.Event()
+            ev[phase].record()
+
         t0 = time.perf_counter()
-        ev[0].record()
-        out, cache = forward(self.params, self.cfg, tokens)
-        loss = float(out.losses["total"])  # the trainer reads every term on the host
-        ev[1].record()
-        grads = backward(cache)
-        ev[2].record()
-        del cache
-        grads, norm = clip_grads(grads, self.grad_clip, global_grad_norm(grads))
-        self.opt.step(self.params, grads, self.lr)
-        update_expert_bias(self.params, out.load, self.cfg.refmtp.bias_update_gamma)
-        ev[3].record()
-        ev[3].synchronize()
+        ev["start"].record()
+        r = train_step(self.params, self.cfg, tokens, self.opt, self.lr, self.grad_clip, mark=mark)
+        ev["update"].synchronize()
         wall = time.perf_counter() - t0
-        ms = [cupy.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(3)]
+        names = ["start", "forward", "backward", "update"]
+        ms = [cupy.cuda.get_elapsed_time(ev[a], ev[b]) for a, b in zip(names, names[1:])]
         return {"forward": ms[0] / 1e3, "backward": ms[1] / 1e3, "optimizer": ms[2] / 1e3,
-                "step": sum(ms) / 1e3, "wall": wall, "loss": loss, "grad_norm": norm}
+                "step": sum(ms) / 1e3, "wall": wall, "loss": r.losses["total"], "grad_norm": r.grad_norm}
 
 
 def _free_gpu_memory():

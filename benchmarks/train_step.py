@@ -41,7 +41,8 @@ def make_batch(cfg, batch: int, seq: int, seed: int = 0):
 
 
 class StepRunner:
-    """The Trainer's step without data loading, logging or checkpoints, timed by phase."""
+    """refmtp.training.step.train_step (the Trainer's step) without data loading, logging or
+    checkpoints, timed by phase."""
 
     def __init__(self, cfg, params, grad_clip: float = 1.0, lr: float = 1e-3):
         from refmtp.training.optim import AdamW
@@ -50,21 +51,15 @@ class StepRunner:
         self.opt = AdamW()
 
     def step(self, tokens):
-        from refmtp.model import backward, forward, update_expert_bias
-        from refmtp.training.optim import clip_grads, global_grad_norm
+        from refmtp.training.step import train_step
 
-        t0 = time.perf_counter()
-        out, cache = forward(self.params, self.cfg, tokens)
-        loss = float(out.losses["total"])  # the trainer reads every term on the host
-        t1 = time.perf_counter()
-        grads = backward(cache)
-        t2 = time.perf_counter()
-        grads, norm = clip_grads(grads, self.grad_clip, global_grad_norm(grads))
-        self.opt.step(self.params, grads, self.lr)
-        update_expert_bias(self.params, out.load, self.cfg.refmtp.bias_update_gamma)
-        t3 = time.perf_counter()
-        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0,
-                "loss": loss}
+        marks = [("start", time.perf_counter())]
+        r = train_step(self.params, self.cfg, tokens, self.opt, self.lr, self.grad_clip,
+                       mark=lambda phase: marks.append((phase, time.perf_counter())))
+        t = dict(marks)
+        return {"forward": t["forward"] - t["start"], "backward": t["backward"] - t["forward"],
+                "optimizer": t["update"] - t["backward"], "step": t["update"] - t["start"],
+                "loss": r.losses["total"]}
 
 
 def time_steps(cfg, dtype: str, batch: int, seq: int, repeats: int, kernels: bool, seed: int = 0,

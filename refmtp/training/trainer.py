@@ -7,12 +7,8 @@
 
 One step (``step`` counts completed updates, so the update taken now is number ``step + 1``)::
 
-    tokens = sampler.next(B)                         # (B, T+1) int64, random windows
-    out, cache = forward(params, cfg, tokens)        # losses: main, mtp.k, balance, total
-    grads = backward(cache)                          # d total / d param
-    grads, norm = clip_grads(grads, grad_clip)       # global-norm clipping
-    opt.step(params, grads, schedule(step))          # AdamW, warmup + cosine lr
-    update_expert_bias(params, out.load, gamma)      # aux-loss-free balancing (V3 sec. 2.1.2)
+    tokens = sampler.next(B)                                          # (B, T+1) int64, random windows
+    train_step(params, cfg, tokens, opt, schedule(step), grad_clip)   # refmtp.training.step
 
 A run directory holds ``run.json`` (settings, model config, data fingerprint), ``metrics.jsonl``
 (one JSON object per logged step), ``latest`` (name of the newest checkpoint) and one
@@ -49,12 +45,11 @@ from refmtp import __version__
 from refmtp.backends import get_backend, kernels_enabled
 from refmtp.config import PASSTHROUGH_FIELDS, ModelConfig
 from refmtp.training.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
-from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, first_nonfinite,
-                          global_grad_norm, load_optimizer, save_optimizer)
+from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule, load_optimizer, save_optimizer
+from refmtp.training.step import NonFinite, train_step
 
 RUN_FORMAT = "refmtp-run"
 RUN_FORMAT_VERSION = 1
-LOSS_ORDER = ("main", "mtp", "balance", "total")  # order in which non-finite terms are named
 
 
 class NonFiniteError(RuntimeError):
@@ -465,53 +460,34 @@ class Trainer:
         )
 
     def _train_step(self) -> dict:
-        from refmtp.model import backward, forward, update_expert_bias
-
         s, number = self.settings, self.step + 1
         tokens = self.sampler.next(s.batch_size)  # (B, T+1) int64 on the backend
-        try:
-            out, cache = forward(self.params, self.cfg, tokens)
-        except ValueError as exc:  # inputs were validated: this is overflow (e.g. NaN router scores)
-            bad = first_nonfinite(self.params)
-            what = f"parameter {bad!r} is not finite" if bad else "the forward pass failed"
-            raise NonFiniteError(
-                f"step {number}: {what} ({exc}); stopped without saving, {self._last_good()}; "
-                "lower --lr or check the data"
-            ) from None
-        losses = {k: float(v) for k, v in out.losses.items()}
-        for name in sorted(losses, key=_loss_rank):
-            if not math.isfinite(losses[name]):
-                raise NonFiniteError(
-                    f"step {number}: loss term {name!r} is {losses[name]} (not finite); "
-                    f"stopped without saving, {self._last_good()}; lower --lr or check the data"
-                )
-        grads = backward(cache)
-        norm = global_grad_norm(grads)
-        if not math.isfinite(norm):
-            bad = first_nonfinite(grads)
-            raise NonFiniteError(
-                f"step {number}: gradient of {bad!r} is not finite (grad norm {norm}); stopped "
-                f"without saving, {self._last_good()}; lower --lr or check the data"
-            )
-        grads, norm = clip_grads(grads, s.grad_clip, norm)
         lr = self.schedule(self.step)
-        imbalance = _imbalance(self.backend, out.load)
-        # commit: after this block the step is part of the run (Ctrl-C waits for it)
-        self._committing = True
         try:
-            self.opt.step(self.params, grads, lr)
-            update_expert_bias(self.params, out.load, self.cfg.refmtp.bias_update_gamma)
-            self.step = number
-            self.tokens_seen += s.batch_size * s.seq_len
-            self._pending_data = None  # the sampler's advance is now part of the run
-        finally:
-            self._committing = False
-        record = {"step": number, "tokens": self.tokens_seen, "lr": lr, "grad_norm": norm,
-                  "loss": losses}
+            r = train_step(self.params, self.cfg, tokens, self.opt, lr, s.grad_clip,
+                           commit=self._commit)
+        except NonFinite as exc:
+            raise NonFiniteError(f"step {number}: {exc}; stopped without saving, "
+                                 f"{self._last_good()}; lower --lr or check the data") from None
+        self.step = number
+        self.tokens_seen += s.batch_size * s.seq_len
+        self._pending_data = None  # the sampler's advance is now part of the run
+        record = {"step": number, "tokens": self.tokens_seen, "lr": lr, "grad_norm": r.grad_norm,
+                  "loss": r.losses}
+        imbalance = _imbalance(self.backend, r.out.load)
         if imbalance:
             record["imbalance"] = imbalance
             record["imbalance_max"] = max(imbalance.values())
         return record
+
+    @contextmanager
+    def _commit(self):
+        """The updates of a step: Ctrl-C waits until they are done (the step is then part of the run)."""
+        self._committing = True
+        try:
+            yield
+        finally:
+            self._committing = False
 
     # ---------------------------------------------------------------------------------------
     # evaluation
@@ -637,11 +613,6 @@ def _normalise(key, value):
                                                                          "weight_decay"):
         return float(value)
     return value
-
-
-def _loss_rank(name: str):
-    head = name.split(".")[0]
-    return (LOSS_ORDER.index(head) if head in LOSS_ORDER else len(LOSS_ORDER), name)
 
 
 def _imbalance(bk, load: dict) -> dict:

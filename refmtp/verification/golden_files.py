@@ -653,44 +653,38 @@ TRAIN_KEYS = ("lr", "warmup_steps", "decay_steps", "min_lr_ratio", "weight_decay
 
 
 def compute_trajectory(cfg, params: dict, tokens, train: dict, *, with_margins=False):
-    """Run ``S = tokens.shape[0]`` training steps exactly as refmtp.training.trainer.Trainer takes them::
-
-        out, cache = forward(params, cfg, tokens[s]); grads = backward(cache)
-        grads, norm = clip_grads(grads, grad_clip); opt.step(params, grads, schedule(s))
-        update_expert_bias(params, out.load, gamma)
-
-    and return ``trajectory.loss.{term}`` (S,), ``trajectory.grad_norm`` (S,) (before clipping),
-    ``trajectory.lr`` (S,) and ``final.{name}`` for every parameter after the last step.
-    ``params`` is not modified.
+    """Run ``S = tokens.shape[0]`` training steps through :func:`refmtp.training.step.train_step`
+    (the trainer's step: forward, backward, global-norm clip, AdamW at ``schedule(s)``, bias
+    update) and return ``trajectory.loss.{term}`` (S,), ``trajectory.grad_norm`` (S,) (before
+    clipping), ``trajectory.lr`` (S,) and ``final.{name}`` for every parameter after the last
+    step. ``params`` is not modified.
     """
     from refmtp.backends import backend_of
-    from refmtp.model import backward, forward, update_expert_bias
-    from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule, clip_grads
+    from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule
+    from refmtp.training.step import train_step
 
     missing = [k for k in TRAIN_KEYS if k not in train]
     if missing:
         raise ValueError(f"trajectory settings lack {', '.join(missing)}")
-    bk = backend_of(tokens, params["model.embed_tokens.weight"])
-    h = bk.to_numpy
     params = dict(params)  # the optimizer replaces entries; the caller's dict stays as it was
     opt = AdamW(AdamWSettings(train["beta1"], train["beta2"], train["eps"], train["weight_decay"]))
     schedule = CosineSchedule(lr=train["lr"], warmup_steps=train["warmup_steps"],
                               decay_steps=train["decay_steps"], min_lr_ratio=train["min_lr_ratio"])
     losses, norms, lrs, margins = {}, [], [], {}
+
+    def record_margins(out, cache):
+        for layer, m in routing_margins(cache).items():
+            margins[layer] = min(m, margins.get(layer, float("inf")))
+
     for step in range(int(tokens.shape[0])):
-        out, cache = forward(params, cfg, tokens[step])
-        if with_margins:
-            for layer, m in routing_margins(cache).items():
-                margins[layer] = min(m, margins.get(layer, float("inf")))
-        grads = backward(cache)
-        grads, norm = clip_grads(grads, train["grad_clip"])
         lr = schedule(step)
-        opt.step(params, grads, lr)
-        update_expert_bias(params, out.load, cfg.refmtp.bias_update_gamma)
-        for key, val in out.losses.items():
-            losses.setdefault(key, []).append(float(h(val)))
-        norms.append(norm)
+        r = train_step(params, cfg, tokens[step], opt, lr, train["grad_clip"],
+                       on_forward=record_margins if with_margins else None)
+        for key, val in r.losses.items():
+            losses.setdefault(key, []).append(val)
+        norms.append(r.grad_norm)
         lrs.append(lr)
+    h = backend_of(params["model.embed_tokens.weight"]).to_numpy
     dt = np.float64 if str(params["model.embed_tokens.weight"].dtype) == "float64" else np.float32
     exp = {f"trajectory.loss.{k}": np.asarray(v, dtype=dt) for k, v in losses.items()}
     exp["trajectory.grad_norm"] = np.asarray(norms, dtype=np.float64).astype(dt)
