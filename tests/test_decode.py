@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from refmtp.config import preset
-from refmtp.inference.decode import (Decoder, KVCache, RowStore, cache_bytes_per_token, generate,
-                           per_layer_entries)
+from refmtp.inference.cache import KVCache, RowStore, cache_bytes_per_token, per_layer_entries
+from refmtp.inference.decode import Decoder, generate
 from refmtp.model import forward, init_params
 
 TOL = 1e-10
@@ -282,3 +282,64 @@ def test_decode_on_each_backend(backend):
     # sampling draws its coins on the host (RNG v1): the same seed gives the same tokens
     assert (generate(dec, [1, 2, 3], 8, temperature=1.0, seed=5)
             == generate(ref_dec, [1, 2, 3], 8, temperature=1.0, seed=5))
+
+
+# -------------------------------------------------------------------------------------------
+# one wiring: decoding runs the model's own block, MTP module and heads
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["tiny", "parallel"])
+def test_decoding_runs_the_training_block(monkeypatch, variant):
+    """Break the one block function the training forward uses and decoding breaks too: the
+    decoder composes no block, MTP module, main path or head of its own."""
+    import refmtp.model.model as wiring
+    import refmtp.model.mtp as mtp_module
+
+    cfg = _cfg(variant)
+    params = _params(cfg)
+    dec = Decoder(params, cfg)
+    ids = np.asarray(_tokens(cfg, 1, 3))
+    seen = []
+    real = wiring.block_forward
+
+    def spy(x, p, c, layer, positions, attend=None):
+        seen.append(layer)
+        return real(x, p, c, layer, positions, attend)
+
+    monkeypatch.setattr(wiring, "block_forward", spy)
+    monkeypatch.setattr(mtp_module, "block_forward", spy)
+    out = dec.main(ids, dec.new_cache("main"))
+    assert seen == list(range(cfg.num_hidden_layers))
+    k_cache = dec.new_cache(("mtp", 1))
+    if variant == "parallel":
+        dec.head(1, out.trunk, k_cache)
+    else:
+        dec.mtp(1, ids, out.hidden, k_cache)
+    assert seen[-1] == cfg.num_hidden_layers  # module / head 1 ran the same block function
+
+    def broken(*a, **k):
+        raise RuntimeError("the training block is broken")
+
+    monkeypatch.setattr(wiring, "block_forward", broken)
+    monkeypatch.setattr(mtp_module, "block_forward", broken)
+    with pytest.raises(RuntimeError, match="training block is broken"):
+        dec.main(ids, dec.new_cache("main"))
+    with pytest.raises(RuntimeError, match="training block is broken"):
+        if variant == "parallel":
+            dec.head(1, out.trunk, dec.new_cache(("mtp", 1)))
+        else:
+            dec.mtp(1, ids, out.hidden, dec.new_cache(("mtp", 1)))
+
+
+def test_inference_composes_no_wiring_of_its_own():
+    """refmtp/inference/ never calls the block-level pieces: norms, FFNs, embeddings, blocks,
+    MTP modules or the lm_head come only through refmtp.model.model's trunk/depth/head."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "refmtp" / "inference"
+    forbidden = re.compile(r"\b(rmsnorm_forward|swiglu_forward|moe_forward|embedding_forward|"
+                           r"block_forward|mtp_forward|xent_forward)\(")  # a call
+    for path in sorted(root.glob("*.py")):
+        hits = [line for line in path.read_text().splitlines()
+                if forbidden.search(line) and not line.lstrip().startswith("#")]
+        assert not hits, f"{path.name} composes model wiring itself: {hits[:3]}"

@@ -1,8 +1,10 @@
 """Cached (incremental) decoding with MLA's latent KV cache, and plain cached generation.
 
-Forward only. The model's own forward pieces do the math (``refmtp.model.mla`` helpers, RMSNorm,
-SwiGLU, ``moe_forward``, ``attention_forward``); this module adds the cache and the two ways of
-attending over it (spec 2.7; docs/inference.md):
+Forward only, and with the model's one wiring: :meth:`Decoder.main`, :meth:`Decoder.mtp` and
+:meth:`Decoder.head` call :func:`refmtp.model.model.trunk_forward`, ``depth_forward`` and
+``head_forward`` (the functions training's ``forward`` calls), passing :class:`CachedMLA` as the
+blocks' attention. This module adds only the attention over the cache, in two forms
+(spec 2.7; docs/inference.md):
 
 absorbed (default, "MLA")
     per layer and token the cache holds ONLY ``[c_KV | k_pe]`` (Rkv + Dr numbers): ``c_KV`` after
@@ -29,7 +31,7 @@ A decode call appends ``T >= 1`` new tokens at positions ``cache.length .. cache
 (prefill of a prompt, one token, or the ``K+1`` tokens of a speculative verification) with the
 causal mask of spec 2.6 (``start = cache.length``); ``cache.truncate(n)`` rolls back.
 
-    dec   = Decoder(params, cfg)                       # validates and splits params once
+    dec   = Decoder(params, cfg)                       # validates params once
     cache = dec.new_cache("main")                      # layers 0..L-1
     out   = dec.main(tokens (B,T), cache)              # logits (B,T,V), hidden h^0, trunk z
     c1    = dec.new_cache(("mtp", 1))                  # MTP module 1's block (layer L)
@@ -44,129 +46,19 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
-from refmtp.model.block import sub_params
-from refmtp.params import layer_prefix, mtp_layer
+from refmtp.inference.cache import KVCache, RowStore
+from refmtp.inference.sampling import icdf, processed_probs, rng_v1_draws
+from refmtp.model import EMBED, check_params
 from refmtp.model.mla import mla_kv_b_heads, mla_kv_up, mla_latent_kv, mla_query
-from refmtp.model import EMBED, LM_HEAD, NORM, check_params
-from refmtp.mutation import on
-from refmtp.model.moe import moe_forward
+from refmtp.model.model import chained_state, depth_forward, head_forward, trunk_forward
 from refmtp.model.ops.attention import attention_forward
-from refmtp.model.ops.embedding import embedding_forward
 from refmtp.model.ops.linear import linear_forward
-from refmtp.model.ops.rmsnorm import rmsnorm_forward
 from refmtp.model.ops.rope import softmax_scale
-from refmtp.model.ops.swiglu import swiglu_forward
+from refmtp.mutation import on
+from refmtp.params import mtp_layer
 
-MODES = ("absorbed", "naive")
-
-
-# -------------------------------------------------------------------------------------------
-# sizes
-# -------------------------------------------------------------------------------------------
-def per_layer_entries(cfg, mode: str = "absorbed") -> int:
-    """Numbers cached per layer and token: absorbed ``Rkv + Dr``; naive ``H*(Dn+Dr) + H*Dv``."""
-    _check_mode(mode)
-    if mode == "absorbed":
-        return cfg.kv_lora_rank + cfg.qk_rope_head_dim  # c_KV and the shared k_pe (spec 2.7)
-    H = cfg.num_attention_heads
-    return H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) + H * cfg.v_head_dim  # k and v per head
-
-
-def cache_bytes_per_token(cfg, mode: str = "absorbed", itemsize: int = 2, layers: int | None = None) -> int:
-    """Cache bytes per token over ``layers`` MLA layers (default: the L main layers).
-
-    V3 in bf16 (itemsize 2): absorbed 576 * 61 * 2 = 70,272; naive 40,960 * 61 * 2 = 4,997,120.
-    """
-    n = cfg.num_hidden_layers if layers is None else int(layers)
-    return per_layer_entries(cfg, mode) * n * int(itemsize)
-
-
-def _check_mode(mode):
-    if mode not in MODES:
-        raise ValueError(f"decode mode {mode!r} is not known: choose absorbed or naive")
-
-
-# -------------------------------------------------------------------------------------------
-# the cache
-# -------------------------------------------------------------------------------------------
-class KVCache:
-    """Decoding cache of one stack of MLA layers (the main model, one MTP module's block, or
-    one parallel head), for a batch of ``B`` sequences that all have ``length`` tokens.
-
-    Buffers are preallocated and doubled when full; rows ``[0, length)`` are valid.
-    absorbed: ``latent[layer]`` (B, capacity, Rkv+Dr) = ``[c_KV | k_pe]``;
-    naive: ``k[layer]`` (B, H, capacity, Dn+Dr) and ``v[layer]`` (B, H, capacity, Dv).
-    """
-
-    def __init__(self, cfg, layers, *, like, batch: int = 1, mode: str = "absorbed", capacity: int = 64):
-        _check_mode(mode)
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"KVCache: batch={batch!r} must be an integer >= 1")
-        self.cfg, self.layers, self.mode, self.batch = cfg, tuple(layers), mode, batch
-        self.bk = backend_of(like)
-        self.dtype = like.dtype
-        self.length = 0
-        self.capacity = 0
-        self.buffers: dict[int, tuple] = {}
-        self._grow(max(int(capacity), 1))
-
-    def _alloc(self, capacity):
-        xp, cfg, B = self.bk.xp, self.cfg, self.batch
-        H, Dn, Dr, Dv = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                         cfg.v_head_dim)
-        if self.mode == "absorbed":
-            return (xp.zeros((B, capacity, cfg.kv_lora_rank + Dr), dtype=self.dtype),)  # [c_KV | k_pe]
-        return (xp.zeros((B, H, capacity, Dn + Dr), dtype=self.dtype),  # k = [k_nope | k_pe]
-                xp.zeros((B, H, capacity, Dv), dtype=self.dtype))  # v
-
-    def _grow(self, need):
-        if need <= self.capacity:
-            return
-        cap = max(need, 2 * self.capacity)
-        for layer in self.layers:
-            new = self._alloc(cap)
-            for old, buf in zip(self.buffers.get(layer, ()), new):
-                seq_axis = buf.ndim - 2
-                idx = (slice(None),) * seq_axis + (slice(0, self.length),)
-                buf[idx] = old[idx]
-            self.buffers[layer] = new
-        self.capacity = cap
-
-    def write(self, layer: int, start: int, *rows):
-        """Store the new rows of ``layer`` at ``[start, start+T)``; return the valid prefix views
-        ``[0, start+T)`` of every buffer of the layer."""
-        T = rows[0].shape[-2]
-        self._grow(start + T)
-        out = []
-        for buf, r in zip(self.buffers[layer], rows):
-            pre = (slice(None),) * (buf.ndim - 2)
-            buf[pre + (slice(start, start + T),)] = r
-            out.append(buf[pre + (slice(0, start + T),)])
-        return out
-
-    def truncate(self, length: int) -> None:
-        """Roll back to the first ``length`` tokens (rows past it are ignored and overwritten)."""
-        if isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= self.length:
-            raise ValueError(
-                f"KVCache.truncate: length={length!r} must be an integer in [0, {self.length}] "
-                "(the cache can only roll back)"
-            )
-        self.length = length
-
-    @property
-    def itemsize(self) -> int:
-        return self.bk.xp.empty((0,), dtype=self.dtype).itemsize
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes the buffers hold per token and sequence: ``per_layer_entries * layers * itemsize``."""
-        total = sum(int(b.nbytes) for bufs in self.buffers.values() for b in bufs)
-        return total // (self.capacity * self.batch)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the valid rows: ``length * batch * bytes_per_token``."""
-        return self.length * self.batch * self.bytes_per_token
+__all__ = ["CachedMLA", "Decoder", "KVCache", "RowStore", "MainOut", "MTPOut", "mla_decode",
+           "generate", "next_token", "check_prompt", "check_budget"]
 
 
 # -------------------------------------------------------------------------------------------
@@ -223,19 +115,18 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
     return out
 
 
-def block_decode(x, p, cfg, layer: int, cache: KVCache, start: int):
-    """One decoder block (pre-norm, two residuals; the same math as ``refmtp.model.block.block_forward``)
-    with the attention over the cache.  x (B,T,d) -> (B,T,d)."""
-    eps = cfg.rms_norm_eps
-    a, _ = rmsnorm_forward(x, p["input_layernorm.weight"], eps)  # (B,T,d)
-    h = x + mla_decode(a, p["self_attn"], cfg, cache, layer, start)  # (B,T,d) first residual
-    m, _ = rmsnorm_forward(h, p["post_attention_layernorm.weight"], eps)  # (B,T,d)
-    if cfg.is_moe_layer(layer):
-        f, _, _ = moe_forward(m, p["mlp"], cfg)  # (B,T,d) DeepSeekMoE (eqs. 12-16)
-    else:
-        f, _ = swiglu_forward(m, p["mlp"]["gate_proj.weight"], p["mlp"]["up_proj.weight"],
-                              p["mlp"]["down_proj.weight"])  # (B,T,d) dense MLP
-    return h + f  # second residual
+class CachedMLA:
+    """The blocks' attention during decoding: MLA of the new tokens over ``cache`` from ``start``.
+
+    ``attend(a, p_attn, layer)`` is what :func:`refmtp.model.block.block_forward` calls instead
+    of the full-sequence ``mla_forward``; it writes the new tokens' cache rows of ``layer``.
+    """
+
+    def __init__(self, cfg, cache: KVCache, start: int):
+        self.cfg, self.cache, self.start = cfg, cache, start
+
+    def attend(self, a, p_attn: dict, layer: int):
+        return mla_decode(a, p_attn, self.cfg, self.cache, layer, self.start)
 
 
 # -------------------------------------------------------------------------------------------
@@ -252,25 +143,15 @@ class MTPOut(NamedTuple):
     carry: Any  # (B,T,d) state passed on: n (post_norm chain) or y (pre_norm chain)
 
 
-def _split_block(params, layer):
-    """Local names of one block; "self_attn" and "mlp" hold the sub-dicts their layers take."""
-    p = sub_params(params, layer_prefix(layer))
-    out = {k: v for k, v in p.items() if not k.startswith(("self_attn.", "mlp."))}
-    out["self_attn"] = sub_params(p, "self_attn.")
-    out["mlp"] = sub_params(p, "mlp.")
-    return out
-
-
 class Decoder:
-    """A model prepared for cached decoding: ``params`` validated and split per layer once."""
+    """A model prepared for cached decoding: ``params`` validated once, then every call runs the
+    model's own wiring (trunk_forward / depth_forward / head_forward) with :class:`CachedMLA`."""
 
     def __init__(self, params: dict, cfg):
         check_params(params, cfg)
         self.params, self.cfg = params, cfg
         self.bk = backend_of(params[EMBED])
         self.kind = cfg.refmtp.mtp_kind
-        L = cfg.num_hidden_layers
-        self.blocks = {layer: _split_block(params, layer) for layer in range(L + cfg.D)}
 
     @property
     def dtype(self):
@@ -299,8 +180,9 @@ class Decoder:
             )
         return tokens
 
-    @staticmethod
-    def _start(cache, B, T, cfg):
+    def _positions(self, cache, B, T):
+        """RoPE positions of T new rows of ``cache``: cache.length .. cache.length+T-1."""
+        cfg = self.cfg
         if B != cache.batch:
             raise ValueError(f"decode: batch {B} does not match the cache's batch {cache.batch}")
         if T < 1:
@@ -310,20 +192,18 @@ class Decoder:
                 f"decode: {cache.length + T} tokens exceed max_position_embeddings="
                 f"{cfg.max_position_embeddings}; shorten the prompt or max_new_tokens"
             )
-        return cache.length
+        xp = self.bk.xp
+        return xp.arange(cache.length, cache.length + T, dtype=xp.int64)
 
     def main(self, tokens, cache: KVCache) -> MainOut:
         """Append ``tokens`` (B,T) to the main model's cache; logits/states of those T tokens."""
-        cfg, P = self.cfg, self.params
         tokens = self._ids(tokens)
-        start = self._start(cache, tokens.shape[0], tokens.shape[1], cfg)
-        x, _ = embedding_forward(tokens, P[EMBED])  # (B,T,d)
-        for layer in range(cfg.num_hidden_layers):
-            x = block_decode(x, self.blocks[layer], cfg, layer, cache, start)  # (B,T,d)
-        cache.length = start + tokens.shape[1]
-        h0, _ = rmsnorm_forward(x, P[NORM], cfg.rms_norm_eps)  # (B,T,d) h^0
-        logits, _ = linear_forward(h0, P[LM_HEAD])  # (B,T,V)
-        return MainOut(logits=logits, hidden=h0, trunk=x)
+        B, T = tokens.shape
+        positions = self._positions(cache, B, T)
+        att = CachedMLA(self.cfg, cache, cache.length)
+        tr = trunk_forward(self.params, self.cfg, tokens, positions, att.attend)
+        cache.length += T
+        return MainOut(logits=tr.logits, hidden=tr.h0, trunk=tr.z)
 
     def mtp(self, k: int, token_ids, h_prev, cache: KVCache) -> MTPOut:
         """Causal MTP module k on new rows (V3 eqs. 21-23; spec 4.3): row i reads
@@ -331,77 +211,31 @@ class Decoder:
         of row i = its cache row (the main-model position of h^{k-1}_i)."""
         if self.kind != "causal":
             raise ValueError("Decoder.mtp needs mtp_kind='causal'; use Decoder.head for parallel heads")
-        cfg, P = self.cfg, self.params
-        layer = self._module_layer(k)
-        p = self.blocks[layer]
+        self._module_layer(k)
         token_ids = self._ids(token_ids)
         B, T = token_ids.shape
-        if tuple(h_prev.shape) != (B, T, cfg.hidden_size):
+        if tuple(h_prev.shape) != (B, T, self.cfg.hidden_size):
             raise ValueError(
-                f"decode: h_prev {tuple(h_prev.shape)} must be (B, T, d) = {(B, T, cfg.hidden_size)}"
+                f"decode: h_prev {tuple(h_prev.shape)} must be (B, T, d) = {(B, T, self.cfg.hidden_size)}"
             )
-        start = self._start(cache, B, T, cfg)
-        xp, eps = self.bk.xp, cfg.rms_norm_eps
-        emb, _ = embedding_forward(token_ids, P[EMBED])  # (B,T,d) shared embedding
-        e, _ = rmsnorm_forward(emb, p["enorm.weight"], eps)  # (B,T,d)
-        hh, _ = rmsnorm_forward(h_prev, p["hnorm.weight"], eps)  # (B,T,d)
-        x, _ = linear_forward(xp.concat([e, hh], axis=-1), p["eh_proj.weight"])  # (B,T,d) embedding first
-        y = block_decode(x, p, cfg, layer, cache, start)  # (B,T,d)
-        cache.length = start + T
-        n, _ = rmsnorm_forward(y, p["shared_head.norm.weight"], eps)  # (B,T,d)
-        logits, _ = linear_forward(n, P[LM_HEAD])  # (B,T,V) shared lm_head
-        return MTPOut(logits=logits, carry=n if cfg.refmtp.mtp_chain == "post_norm" else y)
+        positions = self._positions(cache, B, T)
+        att = CachedMLA(self.cfg, cache, cache.length)
+        d = depth_forward(self.params, self.cfg, k, token_ids, h_prev, positions, att.attend)
+        cache.length += T
+        return MTPOut(logits=d.logits, carry=chained_state(self.cfg, d))
 
     def head(self, k: int, z, cache: KVCache) -> MTPOut:
         """Parallel head k (Gloeckle et al.; spec 6) on new rows of the trunk output z (B,T,d):
         ``logits = lm_head(model.norm(Block_{L+k-1}(z)))``; head k predicts t_{i+k+1} from row i."""
         if self.kind != "parallel":
             raise ValueError("Decoder.head needs mtp_kind='parallel'; use Decoder.mtp for causal MTP")
-        cfg, P = self.cfg, self.params
-        layer = self._module_layer(k)
+        self._module_layer(k)
         B, T, _ = z.shape
-        start = self._start(cache, B, T, cfg)
-        y = block_decode(z, self.blocks[layer], cfg, layer, cache, start)  # (B,T,d)
-        cache.length = start + T
-        n, _ = rmsnorm_forward(y, P[NORM], cfg.rms_norm_eps)  # shared model.norm
-        logits, _ = linear_forward(n, P[LM_HEAD])  # (B,T,V) shared lm_head
-        return MTPOut(logits=logits, carry=n)
-
-
-# -------------------------------------------------------------------------------------------
-# per-row states kept next to a cache
-# -------------------------------------------------------------------------------------------
-class RowStore:
-    """Per-token states ``(B, length, d)`` kept in step with a :class:`KVCache` (the main
-    model's ``h^0``, an MTP module's chained state). Preallocated, doubled when full."""
-
-    def __init__(self, width: int, *, like, batch: int = 1, capacity: int = 64):
-        self.bk, self.batch, self.width = backend_of(like), batch, int(width)
-        self.dtype = like.dtype
-        self.buf = self.bk.xp.zeros((batch, max(int(capacity), 1), self.width), dtype=self.dtype)
-        self.length = 0
-
-    def append(self, rows) -> None:
-        """rows (B, T, width) become rows ``[length, length+T)``."""
-        T = rows.shape[1]
-        if self.length + T > self.buf.shape[1]:
-            new = self.bk.xp.zeros((self.batch, max(self.length + T, 2 * self.buf.shape[1]), self.width),
-                                   dtype=self.dtype)
-            new[:, : self.length] = self.buf[:, : self.length]
-            self.buf = new
-        self.buf[:, self.length: self.length + T] = rows
-        self.length += T
-
-    def view(self, lo: int, hi: int):
-        """Rows ``[lo, hi)`` (B, hi-lo, width); ``hi <= length``."""
-        if not 0 <= lo <= hi <= self.length:
-            raise ValueError(f"RowStore.view: [{lo}, {hi}) is outside the {self.length} stored rows")
-        return self.buf[:, lo:hi]
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"RowStore.truncate: length={length} must be in [0, {self.length}]")
-        self.length = length
+        positions = self._positions(cache, B, T)
+        att = CachedMLA(self.cfg, cache, cache.length)
+        d = head_forward(self.params, self.cfg, k, z, positions, att.attend)
+        cache.length += T
+        return MTPOut(logits=d.logits, carry=d.n)
 
 
 # -------------------------------------------------------------------------------------------
@@ -434,8 +268,6 @@ def next_token(logits_row, temperature: float, gen) -> int:
     """One token from a (V,) logits row: argmax (lowest index on ties) at temperature 0, else
     ``ICDF(softmax(logits/T), u)`` with ``u`` the RNG-v1 sample coin of ``gen`` (spec 2.2 R5, R9
     with K = 0, so plain sampling consumes the same stream as speculative decoding with no drafts)."""
-    from refmtp.inference.sampling import icdf, processed_probs, rng_v1_draws
-
     xp = backend_of(logits_row).xp
     if temperature == 0:
         return int(xp.argmax(logits_row))

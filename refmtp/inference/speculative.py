@@ -44,7 +44,8 @@ import time
 from dataclasses import dataclass, field
 
 from refmtp.backends import backend_of
-from refmtp.inference.decode import Decoder, RowStore, check_budget, check_prompt
+from refmtp.inference.cache import RowStore
+from refmtp.inference.decode import Decoder, check_budget, check_prompt
 from refmtp.inference.acceptance import verify_drafts, verify_greedy
 from refmtp.inference.sampling import icdf, processed_probs, rng_v1_draws
 from refmtp.inference.other_rules import verify_typical

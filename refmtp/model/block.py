@@ -8,8 +8,12 @@
 
 ``p`` is the block's parameter dict with the ``model.layers.{layer}.`` prefix stripped
 (``input_layernorm.weight``, ``self_attn.*``, ``post_attention_layernorm.weight``, ``mlp.*``).
-The same function serves main layers, MTP modules and parallel heads; ``layer`` only decides
-dense vs MoE (``cfg.is_moe_layer(layer)``).
+The same function serves main layers, MTP modules and parallel heads, in training and in
+decoding; ``layer`` decides dense vs MoE (``cfg.is_moe_layer(layer)``). The attention is an
+argument: ``attend=None`` is the full-sequence MLA of training (:func:`refmtp.model.mla.mla_forward`
+over the T tokens at ``positions``); decoding passes ``attend(a, p_attn, layer) -> att``, MLA over
+its latent cache (:class:`refmtp.inference.decode.CachedMLA`). Either way the block around it is
+this one function.
 """
 from __future__ import annotations
 
@@ -31,21 +35,25 @@ def sub_params(p: dict, prefix: str) -> dict:
 @dataclass(frozen=True, slots=True)
 class BlockCache:
     attn_norm: Any  # RMSNormCache of input_layernorm on x (B, T, d)
-    attn: Any  # MLACache
+    attn: Any  # MLACache (None when the attention ran over a decoding cache)
     ffn_norm: Any  # RMSNormCache of post_attention_layernorm on h (B, T, d)
     ffn: Any  # MoECache (MoE layer) or SwiGLUCache (dense layer)
     moe: bool  # which FFN ran
     layer: int  # layer index (main 0..L-1, MTP module k at L+k-1)
 
 
-def block_forward(x, p: dict, cfg, layer: int, positions):
+def block_forward(x, p: dict, cfg, layer: int, positions, attend=None):
     """x (B, T, d), positions (T,) int64 -> (y (B, T, d), aux, BlockCache).
 
     ``aux`` is the MoE layer's balance loss without alpha (a scalar array), None for a dense layer.
+    ``attend`` (decoding) replaces the full-sequence MLA; the cache then has ``attn=None``.
     """
     eps = cfg.rms_norm_eps
     a, c_attn_norm = rmsnorm_forward(x, p["input_layernorm.weight"], eps)  # (B, T, d)
-    att, c_attn = mla_forward(a, sub_params(p, "self_attn."), cfg, positions)  # (B, T, d)
+    if attend is None:
+        att, c_attn = mla_forward(a, sub_params(p, "self_attn."), cfg, positions)  # (B, T, d)
+    else:
+        att, c_attn = attend(a, sub_params(p, "self_attn."), layer), None  # (B, T, d) over the cache
     h = x + att  # first residual, (B, T, d)
     m, c_ffn_norm = rmsnorm_forward(h, p["post_attention_layernorm.weight"], eps)  # (B, T, d)
     moe = cfg.is_moe_layer(layer)

@@ -167,6 +167,79 @@ def _all_blocks(cache: "ModelCache") -> list:
 
 
 # -------------------------------------------------------------------------------------------
+# the three paths, composed once and used by training (forward) and decoding (refmtp.inference)
+# -------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TrunkOut:
+    logits: Any  # (B, T, V) lm_head(h^0)
+    h0: Any  # (B, T, d) model.norm(z): what MTP module 1 reads
+    z: Any  # (B, T, d) trunk output before model.norm: what parallel heads read
+    blocks: list  # L (aux, BlockCache) pairs, layer order
+    emb: Any  # EmbeddingCache
+    norm: Any  # RMSNormCache of model.norm
+    head: Any  # LinearCache of lm_head
+
+
+def trunk_forward(params: dict, cfg, ids, positions, attend=None) -> TrunkOut:
+    """The main model on ids (B, T) at RoPE ``positions`` (T,): Emb -> L blocks -> model.norm ->
+    lm_head. ``attend``: the blocks' attention (None: full sequence; see refmtp.model.block)."""
+    x, c_emb = embedding_forward(ids, params[EMBED])  # (B, T, d)
+    blocks = []
+    for layer in range(cfg.num_hidden_layers):
+        x, aux_l, bc = block_forward(x, sub_params(params, layer_prefix(layer)), cfg, layer,
+                                     positions, attend)  # (B, T, d)
+        blocks.append((aux_l, bc))
+    h0, c_norm = rmsnorm_forward(x, params[NORM], cfg.rms_norm_eps)  # h^0 (B, T, d)
+    logits, c_head = linear_forward(h0, params[LM_HEAD])  # (B, T, V)
+    return TrunkOut(logits=logits, h0=h0, z=x, blocks=blocks, emb=c_emb, norm=c_norm, head=c_head)
+
+
+@dataclass(frozen=True, slots=True)
+class DepthOut:
+    logits: Any  # (B, T', V) lm_head(n): depth k's predictions of t_{i+k+1}
+    n: Any  # (B, T', d) shared_head.norm(y) (causal) or model.norm(y) (parallel head)
+    y: Any  # (B, T', d) the module's block output
+    aux: Any  # the block's balance loss (None if dense)
+    block: Any  # BlockCache
+    emb: Any  # EmbeddingCache of Emb(t_{i+k}) (causal) or None
+    mtp: Any  # MTPCache (causal) or None
+    norm: Any  # RMSNormCache of the shared model.norm (parallel) or None
+    head: Any  # LinearCache of the shared lm_head
+
+
+def depth_forward(params: dict, cfg, k: int, ids, h_prev, positions, attend=None) -> DepthOut:
+    """Causal MTP depth k (V3 eqs. 21-23): row i reads Emb(ids[:, i]) = Emb(t_{i+k}) and
+    h_prev[:, i] = h^{k-1}_i -> MTP_k -> the shared lm_head."""
+    layer = mtp_layer(cfg, k)
+    p = sub_params(params, layer_prefix(layer))
+    if on("mtp.head_norm_is_model_norm"):
+        p = {**p, "shared_head.norm.weight": params[NORM]}
+    e, c_e = embedding_forward(ids, params[EMBED])  # SHARED embedding, (B, T', d)
+    n, y, aux_l, c_m = mtp_forward(e, h_prev, p, cfg, layer, positions, attend)
+    logits, c_h = linear_forward(n, params[LM_HEAD])  # SHARED lm_head, (B, T', V)
+    return DepthOut(logits=logits, n=n, y=y, aux=aux_l, block=c_m.block, emb=c_e, mtp=c_m,
+                    norm=None, head=c_h)
+
+
+def head_forward(params: dict, cfg, k: int, z, positions, attend=None) -> DepthOut:
+    """Parallel head k (Gloeckle et al.): Block_{L+k-1}(z) -> the shared model.norm -> lm_head."""
+    layer = mtp_layer(cfg, k)
+    y, aux_l, bc = block_forward(z, sub_params(params, layer_prefix(layer)), cfg, layer,
+                                 positions, attend)  # (B, T', d)
+    n, c_n = rmsnorm_forward(y, params[NORM], cfg.rms_norm_eps)  # SHARED model.norm
+    logits, c_h = linear_forward(n, params[LM_HEAD])  # SHARED lm_head, (B, T', V)
+    return DepthOut(logits=logits, n=n, y=y, aux=aux_l, block=bc, emb=None, mtp=None, norm=c_n,
+                    head=c_h)
+
+
+def chained_state(cfg, d: DepthOut):
+    """The state depth k passes to depth k+1: n (mtp_chain "post_norm") or y ("pre_norm")."""
+    if on("mtp.chain_pre_norm"):
+        return d.y
+    return d.n if cfg.refmtp.mtp_chain == "post_norm" else d.y
+
+
+# -------------------------------------------------------------------------------------------
 # forward
 # -------------------------------------------------------------------------------------------
 def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
@@ -175,78 +248,55 @@ def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
     tokens, B, T = _check_tokens(tokens, cfg)
     bk = backend_of(tokens, params[EMBED])
     xp = bk.xp
-    L, D, V, eps = cfg.num_hidden_layers, cfg.D, cfg.vocab_size, cfg.rms_norm_eps
+    D, V = cfg.D, cfg.vocab_size
     kind = cfg.refmtp.mtp_kind
     positions = xp.arange(T, dtype=xp.int64)  # main-model RoPE positions 0..T-1
     aux, load, routing = {}, {}, {}
 
-    def record(layer, aux_l, bc):
+    def record(aux_l, bc):
         if bc.moe:
-            aux[layer] = aux_l
-            routing[layer] = (bc.ffn.topk_idx, bc.ffn.topk_weight)  # (B, T', K) each
-            load[layer] = bc.ffn.load  # (E,) int64
+            aux[bc.layer] = aux_l
+            routing[bc.layer] = (bc.ffn.topk_idx, bc.ffn.topk_weight)  # (B, T', K) each
+            load[bc.layer] = bc.ffn.load  # (E,) int64
 
     # main model ---------------------------------------------------------------------------
-    x, c_emb = embedding_forward(tokens[:, :T], params[EMBED])  # (B, T, d)
-    blocks = []
-    for layer in range(L):
-        x, aux_l, bc = block_forward(x, sub_params(params, layer_prefix(layer)), cfg, layer,
-                                     positions)  # (B, T, d)
-        record(layer, aux_l, bc)
-        blocks.append(bc)
-    z = x  # trunk output, pre-norm (B, T, d)
-    h0, c_norm = rmsnorm_forward(z, params[NORM], eps)  # h^0 (B, T, d)
-    logits, c_head = linear_forward(h0, params[LM_HEAD])  # (B, T, V)
-    main_rows, c_xent = xent_forward(xp.reshape(logits, (B * T, V)),
+    tr = trunk_forward(params, cfg, tokens[:, :T], positions)
+    for aux_l, bc in tr.blocks:
+        record(aux_l, bc)
+    h0 = tr.h0
+    main_rows, c_xent = xent_forward(xp.reshape(tr.logits, (B * T, V)),
                                      xp.reshape(tokens[:, 1:], (B * T,)))  # (B*T,)
 
     # MTP depths / parallel heads --------------------------------------------------------
-    mtp_emb, mtp, mtp_norm, mtp_head, mtp_xent = [], [], [], [], []
-    mtp_logits, mtp_rows, mtp_hidden = [], [], []
-    h = z if on("mtp.hidden_before_final_norm") else h0  # h^0: the main model's output after model.norm (spec 4.4)
+    depths, mtp_rows = [], []
+    h = tr.z if on("mtp.hidden_before_final_norm") else h0  # h^0: the main model's output after model.norm
     for k in range(1, D + 1):
         Tk = T - k  # rows with a target t_{i+k+1}
-        layer = mtp_layer(cfg, k)
-        p = sub_params(params, layer_prefix(layer))
         if kind == "causal":
-            if on("mtp.head_norm_is_model_norm"):
-                p = {**p, "shared_head.norm.weight": params[NORM]}
             shift = k - 1 if on("mtp.token_offset") else k
-            e, c_e = embedding_forward(tokens[:, shift:shift + Tk], params[EMBED])  # Emb(t_{i+k}) (B, Tk, d)
-            n, y, aux_l, c_m = mtp_forward(e, h[:, :Tk], p, cfg, layer, positions[:Tk])
-            mtp_emb.append(c_e)
-            mtp.append(c_m)
-            bc = c_m.block
-            h = n if cfg.refmtp.mtp_chain == "post_norm" else y  # state chained to depth k+1
-            if on("mtp.chain_pre_norm"):
-                h = y
-            if on("mtp.chain_from_main"):
-                h = h0
-            mtp_hidden.append(h)
-        else:  # parallel head k on the shared trunk state z (spec section 6)
-            y, aux_l, bc = block_forward(z[:, :Tk], p, cfg, layer, positions[:Tk])  # (B, Tk, d)
-            n, c_n = rmsnorm_forward(y, params[NORM], eps)  # shared model.norm
-            mtp.append(bc)
-            mtp_norm.append(c_n)
-            mtp_hidden.append(n)
-        record(layer, aux_l, bc)
-        lk, c_h = linear_forward(n, params[LM_HEAD])  # shared lm_head, (B, Tk, V)
-        rows, c_x = xent_forward(xp.reshape(lk, (B * Tk, V)),
+            dk = depth_forward(params, cfg, k, tokens[:, shift:shift + Tk], h[:, :Tk], positions[:Tk])
+            h = h0 if on("mtp.chain_from_main") else chained_state(cfg, dk)  # state chained to depth k+1
+        else:  # parallel head k on the shared trunk state z
+            dk = head_forward(params, cfg, k, tr.z[:, :Tk], positions[:Tk])
+        record(dk.aux, dk.block)
+        rows, c_x = xent_forward(xp.reshape(dk.logits, (B * Tk, V)),
                                  xp.reshape(tokens[:, k + 1:], (B * Tk,)))  # targets t_{i+k+1}
-        mtp_head.append(c_h)
-        mtp_xent.append(c_x)
-        mtp_logits.append(lk)
+        depths.append((dk, c_x))
         mtp_rows.append(rows)
 
     losses, c_loss = loss_forward(main_rows, mtp_rows, aux, cfg, B, T)
-    out = ModelOutput(logits=logits, mtp_logits=mtp_logits, losses=losses, load=load,
-                      routing=routing, hidden=h0, mtp_hidden=mtp_hidden)
+    out = ModelOutput(logits=tr.logits, mtp_logits=[dk.logits for dk, _ in depths], losses=losses,
+                      load=load, routing=routing, hidden=h0,
+                      mtp_hidden=[chained_state(cfg, dk) if kind == "causal" else dk.n for dk, _ in depths])
     if not need_cache:
         return out, None
-    cache = ModelCache(cfg=cfg, B=B, T=T, emb=c_emb, blocks=blocks, norm=c_norm, head=c_head,
-                       xent=c_xent, mtp_emb=mtp_emb, mtp=mtp, mtp_norm=mtp_norm,
-                       mtp_head=mtp_head, mtp_xent=mtp_xent, loss=c_loss,
-                       aux_layers=tuple(sorted(aux)))
+    cache = ModelCache(cfg=cfg, B=B, T=T, emb=tr.emb, blocks=[bc for _, bc in tr.blocks], norm=tr.norm,
+                       head=tr.head, xent=c_xent,
+                       mtp_emb=[dk.emb for dk, _ in depths if dk.emb is not None],
+                       mtp=[dk.mtp if kind == "causal" else dk.block for dk, _ in depths],
+                       mtp_norm=[dk.norm for dk, _ in depths if dk.norm is not None],
+                       mtp_head=[dk.head for dk, _ in depths], mtp_xent=[c for _, c in depths],
+                       loss=c_loss, aux_layers=tuple(sorted(aux)))
     return out, cache
 
 
