@@ -27,7 +27,8 @@ from _machine import machine_info, write_result  # noqa: E402
 
 from refmtp.backends import get_backend, kernels_enabled, set_kernels_enabled  # noqa: E402
 from refmtp.config import preset  # noqa: E402
-from refmtp.model.moe import BIAS, moe_backward, moe_forward, moe_param_shapes  # noqa: E402
+from refmtp.model.moe import moe_backward, moe_forward  # noqa: E402
+from refmtp.params import BIAS, moe_param_shapes  # noqa: E402
 
 
 def _sync(bk):

@@ -36,7 +36,7 @@ import numpy as np
 
 from refmtp.backends import get_backend
 from refmtp.config import ModelConfig
-from refmtp.params import is_bias, layer_prefix, mtp_layer, param_shapes
+from refmtp.params import check_params, copy_names, is_bias, param_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -68,18 +68,6 @@ def _short(names, limit=5) -> str:
     names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
-
-
-def copy_names(cfg: ModelConfig) -> dict[str, str]:
-    """Checkpoint-only copies -> the shared tensor they duplicate (causal MTP modules only)."""
-    if cfg.refmtp.mtp_kind != "causal":
-        return {}
-    out = {}
-    for k in range(1, cfg.D + 1):
-        pre = layer_prefix(mtp_layer(cfg, k))
-        out[pre + "embed_tokens.weight"] = "model.embed_tokens.weight"
-        out[pre + "shared_head.head.weight"] = "lm_head.weight"
-    return out
 
 
 def hf_config(cfg: ModelConfig, dtype: str) -> ModelConfig:
@@ -128,10 +116,8 @@ def save_checkpoint(path, cfg: ModelConfig, params: dict) -> None:
     """Write ``config.json`` and ``model.safetensors`` (hub names, MTP copies) into ``path``."""
     from safetensors.numpy import save_file
 
-    from refmtp.model import check_params
-
+    dtype = _param_dtype(params)  # CheckpointError for a float64 bias or mixed dtypes
     check_params(params, cfg)
-    dtype = _param_dtype(params)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} is a file: save_checkpoint writes a directory")

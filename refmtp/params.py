@@ -1,49 +1,112 @@
-"""Parameter names, shapes and seeded initialisation of the whole model (spec sections 4.7, 5.2).
+"""The parameter schema: every checkpoint name, shape, layer prefix and parameter kind.
 
-    shapes = param_shapes(cfg)                 # {checkpoint name: shape}, each tensor once
-    params = init_params(cfg, seed=0, backend="numpy", dtype="float64")
+Every module that needs to know what a parameter is asks here: the model (refmtp.model), the
+seeded initialisation (refmtp.model.init), the optimizer (which names decay), the checkpoint
+files (the MTP modules' checkpoint-only copies), the golden files and the audit.
+
+    shapes = param_shapes(cfg)       # {checkpoint name: shape}, each tensor once
+    kind(name)                       # "matrix" | "norm" | "bias"
+    decays(name), has_gradient(name) # AdamW weight decay; the bias moves only by its update rule
+    copy_names(cfg)                  # checkpoint-only copies -> the shared tensor they duplicate
+    check_params(params, cfg)        # names, shapes and dtypes, once, at the model's entry points
 
 Names are the DeepSeek-V3 / HF checkpoint names. Main layer l lives at ``model.layers.{l}.``;
 MTP module k (1-based) at ``model.layers.{L+k-1}.`` with ``enorm``, ``hnorm``, ``eh_proj``,
 ``shared_head.norm`` and a full decoder block. With ``cfg.refmtp.mtp_kind == "parallel"`` the
 prefix ``model.layers.{L+k-1}.`` holds only the block of parallel head k. The checkpoint-only
-copies (``embed_tokens``, ``shared_head.head`` of each MTP module) are NOT parameters: they are
-written by :mod:`refmtp.checkpoint`.
+copies (``embed_tokens`` and ``shared_head.head`` of each causal MTP module) are NOT parameters:
+:mod:`refmtp.checkpoint` writes them from the shared tensors (:func:`copy_names`).
 
-Initialisation (identical on every backend: all draws are host PCG64 through ``bk.rng(seed)``):
-
-1. every 2-D matrix, in ``sorted(names)`` order (plain Python string order, so
-   ``model.layers.10`` sorts before ``model.layers.2``), gets ``normal(0, std)`` with
-   ``std = initializer_range`` (config ``extra["initializer_range"]``, default 0.02);
-2. every RMSNorm weight (the 1-D tensors whose name ends in ``norm.weight``) is ones;
-3. every ``mlp.gate.e_score_correction_bias`` is float32 zeros, or, when ``bias_std > 0``, a
-   float32 ``normal(0, bias_std)`` drawn from the same generator AFTER all matrices (again in
-   sorted order), so switching the bias on never changes a matrix.
+Kinds: every 2-D tensor is a ``matrix`` (projections, experts, the embedding and lm_head;
+weight-decayed); every 1-D ``...norm.weight`` an RMSNorm weight (``norm``; no decay); every
+``mlp.gate.e_score_correction_bias`` the balancing ``bias`` (float32 always, no gradient, no
+decay: it moves only by the aux-loss-free update).
 """
 from __future__ import annotations
 
-from refmtp.backends import get_backend
 from refmtp.config import ModelConfig
+from refmtp.mutation import on
 
-BIAS_NAME = "mlp.gate.e_score_correction_bias"  # float32 always, no gradient (spec 3.4)
-DEFAULT_INITIALIZER_RANGE = 0.02
+EMBED = "model.embed_tokens.weight"
+NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+BIAS = "gate.e_score_correction_bias"  # local name under a MoE layer's "mlp."
+BIAS_NAME = "mlp." + BIAS  # under a block's prefix; float32 always, no gradient
+KINDS = ("matrix", "norm", "bias")
 
 
+# -------------------------------------------------------------------------------------------
+# prefixes
+# -------------------------------------------------------------------------------------------
 def layer_prefix(layer: int) -> str:
     """Checkpoint prefix of layer ``layer`` (main layers 0..L-1, MTP module k at L+k-1)."""
     return f"model.layers.{layer}."
 
 
 def mtp_layer(cfg: ModelConfig, k: int) -> int:
-    """Layer index of MTP module / parallel head ``k`` (1-based): L + k - 1 (spec 4.7)."""
+    """Layer index of MTP module / parallel head ``k`` (1-based): L + k - 1."""
     return cfg.num_hidden_layers + k - 1
+
+
+def sub_params(p: dict, prefix: str) -> dict:
+    """The entries of ``p`` under ``prefix``, with the prefix stripped."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in p.items() if k.startswith(prefix)}
+
+
+# -------------------------------------------------------------------------------------------
+# shapes
+# -------------------------------------------------------------------------------------------
+def mla_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """MLA's local names (under ``self_attn.``) -> shape ``[out, in]``. V3: q_b_proj (24576, 1536)."""
+    d, H = cfg.hidden_size, cfg.num_attention_heads
+    Dn, Dr, Dv, Rkv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    shapes: dict[str, tuple[int, ...]] = {}
+    if cfg.q_lora_rank is None:
+        shapes["q_proj.weight"] = (H * (Dn + Dr), d)
+    else:
+        Rq = cfg.q_lora_rank
+        shapes["q_a_proj.weight"] = (Rq, d)
+        shapes["q_a_layernorm.weight"] = (Rq,)
+        shapes["q_b_proj.weight"] = (H * (Dn + Dr), Rq)
+    shapes["kv_a_proj_with_mqa.weight"] = (Rkv + Dr, d)
+    shapes["kv_a_layernorm.weight"] = (Rkv,)
+    shapes["kv_b_proj.weight"] = (H * (Dn + Dv), Rkv)
+    shapes["o_proj.weight"] = (d, H * Dv)
+    return shapes
+
+
+def moe_param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """A MoE layer's local names (under ``mlp.``) -> shape.
+
+    ``gate.e_score_correction_bias`` (float32, no gradient) exists only for
+    ``topk_method="noaux_tc"``: the V2 routers have no bias (as in vLLM). The shared experts are
+    one SwiGLU of width ``n_shared_experts * moe_intermediate_size`` (absent when 0).
+    """
+    d, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    shapes = {"gate.weight": (E, d)}
+    if cfg.topk_method == "noaux_tc":
+        shapes[BIAS] = (E,)
+    for e in range(E):
+        shapes[f"experts.{e}.gate_proj.weight"] = (I, d)
+        shapes[f"experts.{e}.up_proj.weight"] = (I, d)
+        shapes[f"experts.{e}.down_proj.weight"] = (d, I)
+    if cfg.n_shared_experts > 0:
+        Is = cfg.n_shared_experts * I
+        shapes["shared_experts.gate_proj.weight"] = (Is, d)
+        shapes["shared_experts.up_proj.weight"] = (Is, d)
+        shapes["shared_experts.down_proj.weight"] = (d, Is)
+    return shapes
+
+
+def dense_mlp_param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """A dense SwiGLU MLP's local names (layers < first_k_dense_replace) -> shape."""
+    d, I = cfg.hidden_size, cfg.intermediate_size
+    return {"gate_proj.weight": (I, d), "up_proj.weight": (I, d), "down_proj.weight": (d, I)}
 
 
 def block_param_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple]:
     """Local names (prefix stripped) and shapes of one decoder block at index ``layer``."""
-    from refmtp.model.mla import mla_param_shapes
-    from refmtp.model.moe import dense_mlp_param_shapes, moe_param_shapes
-
     d = cfg.hidden_size
     shapes = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
     shapes.update({f"self_attn.{k}": tuple(v) for k, v in mla_param_shapes(cfg).items()})
@@ -53,7 +116,7 @@ def block_param_shapes(cfg: ModelConfig, layer: int) -> dict[str, tuple]:
 
 
 def mtp_module_param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """The MTP-only tensors of one module (V3 eq. 21, spec 4.3); the block comes on top."""
+    """The MTP-only tensors of one module (V3 eq. 21); the block comes on top."""
     d = cfg.hidden_size
     return {
         "enorm.weight": (d,),  # RMSNorm of Emb(t_{i+k})
@@ -66,12 +129,12 @@ def mtp_module_param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     """Every parameter of the model (each tensor once), checkpoint name -> shape."""
     V, d, L = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers
-    shapes = {"model.embed_tokens.weight": (V, d)}
+    shapes = {EMBED: (V, d)}
     for layer in range(L):
         pre = layer_prefix(layer)
         shapes.update({pre + k: v for k, v in block_param_shapes(cfg, layer).items()})
-    shapes["model.norm.weight"] = (d,)
-    shapes["lm_head.weight"] = (V, d)  # untied (tie_word_embeddings = false)
+    shapes[NORM] = (d,)
+    shapes[LM_HEAD] = (V, d)  # untied (tie_word_embeddings = false)
     for k in range(1, cfg.D + 1):
         layer = mtp_layer(cfg, k)
         pre = layer_prefix(layer)
@@ -81,44 +144,76 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return dict(sorted(shapes.items()))
 
 
+def copy_names(cfg: ModelConfig) -> dict[str, str]:
+    """Checkpoint-only copies -> the shared tensor they duplicate (causal MTP modules only)."""
+    if cfg.refmtp.mtp_kind != "causal":
+        return {}
+    out = {}
+    for k in range(1, cfg.D + 1):
+        pre = layer_prefix(mtp_layer(cfg, k))
+        out[pre + "embed_tokens.weight"] = EMBED
+        out[pre + "shared_head.head.weight"] = LM_HEAD
+    return out
+
+
+# -------------------------------------------------------------------------------------------
+# kinds
+# -------------------------------------------------------------------------------------------
+def kind(name: str) -> str:
+    """``"bias"`` (e_score_correction_bias: any name ending in ``bias``), ``"norm"`` (an RMSNorm
+    weight) or ``"matrix"``."""
+    if name.endswith("bias"):
+        return "bias"
+    if name.endswith("norm.weight"):
+        return "norm"
+    return "matrix"
+
+
 def is_bias(name: str) -> bool:
-    return name.endswith(BIAS_NAME)
+    return kind(name) == "bias"
 
 
-def initializer_range(cfg: ModelConfig) -> float:
-    return float(cfg.extra.get("initializer_range", DEFAULT_INITIALIZER_RANGE))
+def has_gradient(name: str) -> bool:
+    """Every parameter but the balancing bias (it moves only by its update rule)."""
+    return kind(name) != "bias"
 
 
-def init_params(cfg: ModelConfig, seed: int = 0, backend="numpy", dtype: str = "float64", *,
-                std: float | None = None, bias_std: float = 0.0) -> dict:
-    """Seeded parameters ``{checkpoint name: array}``; see the module docstring for the order.
+def decays(name: str) -> bool:
+    """AdamW weight decay applies to matrices (embedding and lm_head included), not to RMSNorm
+    weights nor the balancing bias."""
+    return on("optim.decay_norms") or kind(name) == "matrix"
 
-    ``std`` overrides the config's initializer_range; ``bias_std > 0`` draws a non-zero float32
-    ``e_score_correction_bias`` (golden files and tests need one). Every matrix and norm is
-    ``dtype``; the bias is float32 whatever ``dtype`` is.
+
+# -------------------------------------------------------------------------------------------
+# validation, once at the model's entry points
+# -------------------------------------------------------------------------------------------
+def check_params(params: dict, cfg: ModelConfig) -> None:
+    """Names, shapes and dtypes of ``params`` against the config; one-line ValueError.
+
+    Every matrix and norm has one float dtype (float32 or float64); every bias is float32.
     """
-    bk = get_backend(backend) if isinstance(backend, (str, type(None))) else backend
-    bk.check_float_dtype(dtype)
-    std = initializer_range(cfg) if std is None else float(std)
-    if not std >= 0 or not bias_std >= 0:
-        raise ValueError(f"init_params: std={std} and bias_std={bias_std} must be >= 0")
-    rng = bk.rng(seed)
-    shapes = param_shapes(cfg)
-    params = {}
-    for name in sorted(shapes):  # 1. matrices, sorted order
-        shape = shapes[name]
-        if len(shape) == 2:
-            params[name] = rng.normal(shape, std=std, dtype=dtype)
-        elif is_bias(name):
-            continue
-        elif name.endswith("norm.weight") and len(shape) == 1:  # 2. RMSNorm weights
-            params[name] = bk.xp.ones(shape, dtype=bk.dtype(dtype))
-        else:
-            raise AssertionError(f"init_params: no rule for {name} {shape}")
-    for name in sorted(shapes):  # 3. balancing biases, float32, after every matrix
-        if is_bias(name):
-            if bias_std > 0:
-                params[name] = rng.normal(shapes[name], std=bias_std, dtype="float32")
-            else:
-                params[name] = bk.zeros(shapes[name], dtype="float32")
-    return dict(sorted(params.items()))
+    expected = param_shapes(cfg)
+    missing = sorted(set(expected) - set(params))
+    extra = sorted(set(params) - set(expected))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if extra:
+            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
+        raise ValueError(
+            "params do not match the config (" + "; ".join(parts) + "): build them with "
+            "init_params(cfg) or load_checkpoint for this config"
+        )
+    for name, shape in expected.items():
+        if tuple(params[name].shape) != tuple(shape):
+            raise ValueError(
+                f"params[{name!r}] has shape {tuple(params[name].shape)}, the config needs {tuple(shape)}"
+            )
+    dtype = params[EMBED].dtype
+    for name in expected:
+        want = "float32" if is_bias(name) else dtype
+        if str(params[name].dtype) != str(want):
+            why = ("the balancing bias is always float32" if is_bias(name)
+                   else f"every matrix and norm must have one dtype ({EMBED} is {dtype})")
+            raise ValueError(f"params[{name!r}] is {params[name].dtype}: {why}")

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from refmtp.checkpoint import CheckpointError, copy_names, load_checkpoint, save_checkpoint
+from refmtp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from refmtp.params import copy_names
 from refmtp.config import preset
-from refmtp.params import init_params, param_shapes
+from refmtp.model import init_params
+from refmtp.params import param_shapes
 from refmtp.model import forward
 
 

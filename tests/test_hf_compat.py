@@ -20,7 +20,7 @@ transformers = pytest.importorskip(
 
 from refmtp.checkpoint import save_checkpoint  # noqa: E402
 from refmtp.config import preset  # noqa: E402
-from refmtp.params import init_params  # noqa: E402
+from refmtp.model import init_params  # noqa: E402
 from refmtp.model import forward  # noqa: E402
 
 pytestmark = pytest.mark.torch

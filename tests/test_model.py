@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refmtp.model.block import block_backward, block_forward, sub_params
+from refmtp.model.block import block_backward, block_forward
+from refmtp.params import sub_params
 from refmtp.config import preset
 from refmtp.verification.gradcheck import check_grad
 from refmtp.params import is_bias, layer_prefix, param_shapes

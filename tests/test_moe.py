@@ -11,8 +11,8 @@ import pytest
 from refmtp.backends import set_kernels_enabled
 from refmtp.config import ConfigError, ModelConfig, preset
 from refmtp.verification.gradcheck import SelectionFlip, check_grad
-from refmtp.model.moe import (BIAS, dense_mlp_param_shapes, moe_backward, moe_forward, moe_param_shapes,
-                        routing_margin, routing_selection)
+from refmtp.model.moe import (moe_backward, moe_forward, routing_margin, routing_selection)
+from refmtp.params import BIAS, dense_mlp_param_shapes, moe_param_shapes
 from tests.test_moe_gate import _oracle as route_oracle
 
 CONFIGS = {

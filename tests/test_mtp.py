@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from refmtp.model.block import sub_params
+from refmtp.params import sub_params
 from refmtp.config import preset
 from refmtp.verification.gradcheck import check_grad
-from refmtp.params import init_params, is_bias, layer_prefix
+from refmtp.model import init_params
+from refmtp.params import is_bias, layer_prefix
 from refmtp.model import forward
 from refmtp.model.moe import routing_margin, routing_selection
 from refmtp.model.mtp import mtp_backward, mtp_forward

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, decays,
-                          first_nonfinite, global_grad_norm, load_optimizer, save_optimizer)
+from refmtp.params import decays
+from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, first_nonfinite, global_grad_norm, load_optimizer, save_optimizer)
 
 
 def _host(backend, d):

@@ -24,12 +24,7 @@ from refmtp.model.mla import mla_backward, mla_forward
 from refmtp.model.moe import moe_backward, moe_forward
 from refmtp.model.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
-
-
-def sub_params(p: dict, prefix: str) -> dict:
-    """The entries of ``p`` under ``prefix``, with the prefix stripped."""
-    n = len(prefix)
-    return {k[n:]: v for k, v in p.items() if k.startswith(prefix)}
+from refmtp.params import sub_params
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from typing import Any
 
 from refmtp.backends import backend_of
 from refmtp.mutation import on
+from refmtp.params import mla_param_shapes
 from refmtp.model.ops.attention import AttentionCache, attention_backward, attention_forward
 from refmtp.model.ops.linear import LinearCache, linear_backward, linear_forward
 from refmtp.model.ops.rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
@@ -45,25 +46,6 @@ from refmtp.model.ops.rope import RopeCache, rope_backward, rope_forward, rope_t
 # ------------------------------------------------------------------------------------------
 # parameters
 # ------------------------------------------------------------------------------------------
-def mla_param_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """Local parameter name -> shape ``[out, in]`` (spec 2.2, 5.2). V3: q_b_proj (24576, 1536)."""
-    d, H = cfg.hidden_size, cfg.num_attention_heads
-    Dn, Dr, Dv, Rkv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    shapes: dict[str, tuple[int, ...]] = {}
-    if cfg.q_lora_rank is None:
-        shapes["q_proj.weight"] = (H * (Dn + Dr), d)
-    else:
-        Rq = cfg.q_lora_rank
-        shapes["q_a_proj.weight"] = (Rq, d)
-        shapes["q_a_layernorm.weight"] = (Rq,)
-        shapes["q_b_proj.weight"] = (H * (Dn + Dr), Rq)
-    shapes["kv_a_proj_with_mqa.weight"] = (Rkv + Dr, d)
-    shapes["kv_a_layernorm.weight"] = (Rkv,)
-    shapes["kv_b_proj.weight"] = (H * (Dn + Dv), Rkv)
-    shapes["o_proj.weight"] = (d, H * Dv)
-    return shapes
-
-
 def _check_params(p, cfg, x):
     shapes = mla_param_shapes(cfg)
     missing = [k for k in shapes if k not in p]

@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from refmtp.backends import backend_of
-from refmtp.model.block import block_backward, block_forward, sub_params
-from refmtp.params import init_params, is_bias, layer_prefix, mtp_layer, param_shapes
+from refmtp.model.block import block_backward, block_forward
+from refmtp.model.init import init_params
+from refmtp.params import BIAS_NAME, EMBED, LM_HEAD, NORM, check_params, layer_prefix, mtp_layer, sub_params
 from refmtp.model.loss import loss_backward, loss_forward
 from refmtp.model.balance import update_bias
 from refmtp.model.moe import routing_margin as moe_routing_margin
@@ -52,11 +53,9 @@ from refmtp.model.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from refmtp.model.ops.xent import xent_backward, xent_forward
 
 __all__ = ["init_params", "forward", "backward", "update_expert_bias", "ModelOutput", "ModelCache",
-           "Model", "check_params", "routing_selection", "routing_margin"]
+           "check_params", "routing_selection", "routing_margin", "trunk_forward", "depth_forward",
+           "head_forward", "EMBED", "LM_HEAD", "NORM"]
 
-EMBED = "model.embed_tokens.weight"
-NORM = "model.norm.weight"
-LM_HEAD = "lm_head.weight"
 
 
 @dataclass
@@ -92,28 +91,6 @@ class ModelCache:
 # -------------------------------------------------------------------------------------------
 # validation
 # -------------------------------------------------------------------------------------------
-def check_params(params: dict, cfg) -> None:
-    """Names and shapes of ``params`` against the config; one-line ValueError on a mismatch."""
-    expected = param_shapes(cfg)
-    missing = sorted(set(expected) - set(params))
-    extra = sorted(set(params) - set(expected))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
-        if extra:
-            parts.append(f"unexpected {len(extra)}: {', '.join(extra[:4])}{' ...' if len(extra) > 4 else ''}")
-        raise ValueError(
-            "params do not match the config (" + "; ".join(parts) + "): build them with "
-            "init_params(cfg) or load_checkpoint for this config"
-        )
-    for name, shape in expected.items():
-        if tuple(params[name].shape) != tuple(shape):
-            raise ValueError(
-                f"params[{name!r}] has shape {tuple(params[name].shape)}, the config needs {tuple(shape)}"
-            )
-
-
 def _check_tokens(tokens, cfg):
     bk = backend_of(tokens)
     xp = bk.xp
@@ -408,51 +385,7 @@ def update_expert_bias(params: dict, load: dict, gamma: float) -> None:
     In place, float32; ``load`` is ``out.load`` of the step's forward.
     """
     for layer in sorted(load):
-        name = layer_prefix(layer) + "mlp.gate.e_score_correction_bias"
+        name = layer_prefix(layer) + BIAS_NAME
         if name not in params:
             raise ValueError(f"update_expert_bias: params has no {name} (layer {layer} is not MoE)")
         params[name] = update_bias(params[name], load[layer], gamma)
-
-
-# -------------------------------------------------------------------------------------------
-# convenience wrapper
-# -------------------------------------------------------------------------------------------
-class Model:
-    """``Model(cfg, params)`` bundles a config and its parameters; ``m(tokens)`` runs forward.
-
-        m = Model.init(preset("tiny"), seed=0)
-        out, cache = m(tokens); grads = m.backward(cache)
-        m.save("ckpt/"); m2 = Model.load("ckpt/")
-    """
-
-    def __init__(self, cfg, params: dict):
-        check_params(params, cfg)
-        self.cfg, self.params = cfg, params
-
-    @classmethod
-    def init(cls, cfg, seed: int = 0, backend="numpy", dtype: str = "float64", **kw) -> "Model":
-        return cls(cfg, init_params(cfg, seed=seed, backend=backend, dtype=dtype, **kw))
-
-    @classmethod
-    def load(cls, path, backend="numpy", dtype: str | None = None) -> "Model":
-        from refmtp.checkpoint import load_checkpoint
-
-        return cls(*load_checkpoint(path, backend=backend, dtype=dtype))
-
-    def save(self, path) -> None:
-        from refmtp.checkpoint import save_checkpoint
-
-        save_checkpoint(path, self.cfg, self.params)
-
-    def __call__(self, tokens, need_cache: bool = True):
-        return forward(self.params, self.cfg, tokens, need_cache=need_cache)
-
-    def backward(self, cache, dlosses: dict | None = None) -> dict:
-        return backward(cache, dlosses)
-
-    def update_expert_bias(self, load: dict, gamma: float | None = None) -> None:
-        g = self.cfg.refmtp.bias_update_gamma if gamma is None else gamma
-        update_expert_bias(self.params, load, g)
-
-    def n_params(self) -> int:
-        return sum(int(v.size) for k, v in self.params.items() if not is_bias(k))

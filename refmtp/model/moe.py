@@ -30,46 +30,17 @@ from typing import Any
 
 from refmtp.backends import backend_of
 from refmtp.mutation import on
+from refmtp.params import BIAS, moe_param_shapes
 from refmtp.model.balance import balance_loss_backward, balance_loss_forward
 from refmtp.model.router import RouterCache, router_backward, router_forward, router_margin
 from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
 
-BIAS = "gate.e_score_correction_bias"
 PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 # -------------------------------------------------------------------------------------------
 # Parameter names (local, under ``mlp.``)
 # -------------------------------------------------------------------------------------------
-def moe_param_shapes(cfg) -> dict[str, tuple]:
-    """Local name -> shape of a MoE layer's parameters (spec 3.1).
-
-    ``gate.e_score_correction_bias`` (float32, no gradient) exists only for
-    ``topk_method="noaux_tc"``: the V2 routers have no bias (as in vLLM). The shared experts are
-    one SwiGLU of width ``n_shared_experts * moe_intermediate_size`` (absent when 0).
-    """
-    d, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-    shapes = {"gate.weight": (E, d)}
-    if cfg.topk_method == "noaux_tc":
-        shapes[BIAS] = (E,)
-    for e in range(E):
-        shapes[f"experts.{e}.gate_proj.weight"] = (I, d)
-        shapes[f"experts.{e}.up_proj.weight"] = (I, d)
-        shapes[f"experts.{e}.down_proj.weight"] = (d, I)
-    if cfg.n_shared_experts > 0:
-        Is = cfg.n_shared_experts * I
-        shapes["shared_experts.gate_proj.weight"] = (Is, d)
-        shapes["shared_experts.up_proj.weight"] = (Is, d)
-        shapes["shared_experts.down_proj.weight"] = (d, Is)
-    return shapes
-
-
-def dense_mlp_param_shapes(cfg) -> dict[str, tuple]:
-    """Local name -> shape of a dense SwiGLU MLP (layers < first_k_dense_replace)."""
-    d, I = cfg.hidden_size, cfg.intermediate_size
-    return {"gate_proj.weight": (I, d), "up_proj.weight": (I, d), "down_proj.weight": (d, I)}
-
-
 # -------------------------------------------------------------------------------------------
 # Dispatch / combine: plain array references (kernels: bk.kernel(<name without _ref>))
 # -------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 from refmtp.backends import backend_of, get_backend
 from refmtp.mutation import on
+from refmtp.params import decays
 
 FORMAT = "refmtp-adamw"
 FORMAT_VERSION = 1
@@ -126,11 +127,6 @@ def first_nonfinite(grads: dict) -> str | None:
 # -------------------------------------------------------------------------------------------
 # AdamW
 # -------------------------------------------------------------------------------------------
-def decays(name: str) -> bool:
-    """Weight decay applies to matrices and embeddings, not to RMSNorm weights nor biases."""
-    return on("optim.decay_norms") or ("norm" not in name and not name.endswith("bias"))
-
-
 @dataclass(frozen=True)
 class AdamWSettings:
     beta1: float = 0.9
