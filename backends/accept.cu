@@ -20,6 +20,8 @@
 // verify_one<T, L> is __host__ __device__ so tests can run the exact same code on the CPU
 // (tests/test_accept_kernels.py compiles a host harness with nvcc).
 
+#include "refmtp_common.cuh"
+
 #define REFMTP_W_P 0         // w = p_j (bonus row or the residual fallback)
 #define REFMTP_W_RESIDUAL 1  // w = max(p_j - q_j, 0)
 #define REFMTP_W_ONEHOT 2    // w = p_j with w[d_j] = 0 (q = None)

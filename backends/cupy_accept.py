@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from refmtp.backends.cupy_kernels import LazyKernel
+from refmtp.backends.cupy_kernels import LazyKernel, cuda_type
 
-_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 NAME_EXPRESSIONS = [f"verify_drafts_batch<{t}, {l}>" for t in ("float", "double") for l in ("float", "double")]
 _KERNEL = LazyKernel("accept", NAME_EXPRESSIONS)
 THREADS = 128
@@ -19,7 +18,7 @@ THREADS = 128
 
 def _float_array(cp, a):
     a = cp.ascontiguousarray(a)
-    return a if a.dtype in _CTYPE else a.astype(cp.float64)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(cp.float64)
 
 
 def verify_drafts_batch(p, q, drafts, u_accept, u_sample, greedy, logits=None):
@@ -42,14 +41,12 @@ def verify_drafts_batch(p, q, drafts, u_accept, u_sample, greedy, logits=None):
     tokens = cp.full((N, K1), -1, dtype=cp.int64)
     residual_fallback = cp.zeros(N, dtype=cp.bool_)
     is_bonus = cp.zeros(N, dtype=cp.bool_)
-    if N == 0:
-        return num_accepted, tokens, residual_fallback, is_bonus
-    fn = _KERNEL.get(f"verify_drafts_batch<{_CTYPE[p.dtype]}, {_CTYPE[scores.dtype]}>")
-    blocks = min((N + THREADS - 1) // THREADS, 65535)  # grid-stride loop covers the rest
-    fn((blocks,), (THREADS,),
-       (p, q if q is not None else p, np.int32(q is not None), drafts, u_accept, u_sample, greedy,
-        scores, np.int32(N), np.int32(K), np.int32(V), num_accepted, tokens, residual_fallback,
-        is_bonus))
+    _KERNEL.launch(
+        f"verify_drafts_batch<{cuda_type(p.dtype, 'accept')}, {cuda_type(scores.dtype, 'accept')}>", N,
+        (p, q if q is not None else p, np.int32(q is not None), drafts, u_accept, u_sample, greedy,
+         scores, np.int32(N), np.int32(K), np.int32(V), num_accepted, tokens, residual_fallback,
+         is_bonus),
+        threads=THREADS)  # one thread per request
     return num_accepted, tokens, residual_fallback, is_bonus
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from refmtp.backends.contracts import (check_moe_combine, check_moe_combine_backward,
+                                       check_moe_dispatch_plan, check_moe_permute,
+                                       check_moe_permute_backward)
 from refmtp.backends.cupy_kernels import LazyKernel, cuda_type
 
 _TEMPLATED = ("moe_permute", "moe_permute_backward", "moe_combine", "moe_combine_backward_dys",
@@ -20,33 +23,13 @@ _MOD = LazyKernel(
     ["moe_plan_count", "moe_plan_place", "moe_inverse_permutation"]
     + [f"{k}<{t}>" for k in _TEMPLATED for t in ("float", "double")],
 )
-_THREADS = 256
-
-
-
-
-def _launch(name, n, args):
-    """Grid-stride launch of ``name`` over n work items (nothing to do when n == 0)."""
-    if n <= 0:
-        return
-    blocks = max(1, min((n + _THREADS - 1) // _THREADS, 65535))
-    _MOD.get(name)((blocks,), (_THREADS,), args)
-
-
-def _order(order, S):
-    import cupy
-
-    order = cupy.ascontiguousarray(order, dtype=cupy.int64)
-    if order.shape != (S,):
-        raise ValueError(f"moe kernel: order has shape {order.shape}, expected ({S},)")
-    return order
 
 
 def _inverse(order):
     import cupy
 
     pos = cupy.empty_like(order)
-    _launch("moe_inverse_permutation", order.shape[0], (order, np.int64(order.shape[0]), pos))
+    _MOD.launch("moe_inverse_permutation", order.shape[0], (order, np.int64(order.shape[0]), pos))
     return pos
 
 
@@ -56,15 +39,13 @@ def moe_dispatch_plan(topk_idx, n_experts):
 
     flat = cupy.ascontiguousarray(topk_idx.reshape(-1), dtype=cupy.int64)
     S, E = flat.shape[0], int(n_experts)
-    # two scalars device -> host: a bad index would make the kernels write out of bounds
-    if S and (int(flat.min()) < 0 or int(flat.max()) >= E):
-        raise ValueError(f"moe dispatch: expert indices must lie in [0, {E})")
+    check_moe_dispatch_plan(flat, E)  # a bad index would make the kernels write out of bounds
     counts = cupy.empty(E, dtype=cupy.int64)
-    _launch("moe_plan_count", E, (flat, np.int64(S), np.int32(E), counts))
+    _MOD.launch("moe_plan_count", E, (flat, np.int64(S), np.int32(E), counts))
     offsets = cupy.zeros(E + 1, dtype=cupy.int64)
     offsets[1:] = cupy.cumsum(counts)  # integer prefix sum: exact
     order = cupy.empty(S, dtype=cupy.int64)
-    _launch("moe_plan_place", E, (flat, np.int64(S), np.int32(E), offsets, order))
+    _MOD.launch("moe_plan_place", E, (flat, np.int64(S), np.int32(E), offsets, order))
     return order, offsets
 
 
@@ -74,10 +55,11 @@ def moe_permute(x, order, K):
 
     x = cupy.ascontiguousarray(x)
     order = cupy.ascontiguousarray(order, dtype=cupy.int64)
+    check_moe_permute(x, order, K)
     S, d = order.shape[0], x.shape[1]
     xs = cupy.empty((S, d), dtype=x.dtype)
-    _launch(f"moe_permute<{cuda_type(x.dtype, 'moe')}>", S * d,
-            (x, order, np.int64(S), np.int32(K), np.int32(d), xs))
+    _MOD.launch(f"moe_permute<{cuda_type(x.dtype, 'moe')}>", S * d,
+                (x, order, np.int64(S), np.int32(K), np.int32(d), xs))
     return xs
 
 
@@ -86,15 +68,14 @@ def moe_permute_backward(dxs, order, n_tokens):
     import cupy
 
     dxs = cupy.ascontiguousarray(dxs)
+    order = cupy.ascontiguousarray(order, dtype=cupy.int64)
+    check_moe_permute_backward(dxs, order, n_tokens)
     S, d = dxs.shape
     N = int(n_tokens)
     K = S // N
-    if K * N != S:
-        raise ValueError(f"moe permute_backward: {S} slots is not a multiple of {N} tokens")
-    order = _order(order, S)
     dx = cupy.empty((N, d), dtype=dxs.dtype)
-    _launch(f"moe_permute_backward<{cuda_type(dxs.dtype, 'moe')}>", N * d,
-            (dxs, _inverse(order), np.int64(N), np.int32(K), np.int32(d), dx))
+    _MOD.launch(f"moe_permute_backward<{cuda_type(dxs.dtype, 'moe')}>", N * d,
+                (dxs, _inverse(order), np.int64(N), np.int32(K), np.int32(d), dx))
     return dx
 
 
@@ -104,14 +85,13 @@ def moe_combine(ys, order, weight):
 
     ys = cupy.ascontiguousarray(ys)
     weight = cupy.ascontiguousarray(weight, dtype=ys.dtype)
+    order = cupy.ascontiguousarray(order, dtype=cupy.int64)
+    check_moe_combine(ys, order, weight)
     N, K = weight.shape
     S, d = ys.shape
-    if S != N * K:
-        raise ValueError(f"moe combine: ys has {S} rows, expected N*K = {N * K}")
-    order = _order(order, S)
     y = cupy.empty((N, d), dtype=ys.dtype)
-    _launch(f"moe_combine<{cuda_type(ys.dtype, 'moe')}>", N * d,
-            (ys, order, _inverse(order), weight, np.int64(N), np.int32(K), np.int32(d), y))
+    _MOD.launch(f"moe_combine<{cuda_type(ys.dtype, 'moe')}>", N * d,
+                (ys, order, _inverse(order), weight, np.int64(N), np.int32(K), np.int32(d), y))
     return y
 
 
@@ -122,20 +102,17 @@ def moe_combine_backward(dy, ys, order, weight):
     ys = cupy.ascontiguousarray(ys)
     dy = cupy.ascontiguousarray(dy, dtype=ys.dtype)
     weight = cupy.ascontiguousarray(weight, dtype=ys.dtype)
+    order = cupy.ascontiguousarray(order, dtype=cupy.int64)
+    check_moe_combine_backward(dy, ys, order, weight)
     N, K = weight.shape
     S, d = ys.shape
-    if S != N * K or dy.shape != (N, d):
-        raise ValueError(
-            f"moe combine_backward: dy {dy.shape} / ys {ys.shape} do not fit weight ({N}, {K})"
-        )
-    order = _order(order, S)
     t = cuda_type(ys.dtype, 'moe')
     dys = cupy.empty_like(ys)
     dweight = cupy.empty((N, K), dtype=ys.dtype)
-    _launch(f"moe_combine_backward_dys<{t}>", S * d,
-            (dy, order, weight, np.int64(S), np.int32(K), np.int32(d), dys))
-    _launch(f"moe_combine_backward_dweight<{t}>", S,
-            (dy, ys, order, np.int64(S), np.int32(K), np.int32(d), dweight))
+    _MOD.launch(f"moe_combine_backward_dys<{t}>", S * d,
+                (dy, order, weight, np.int64(S), np.int32(K), np.int32(d), dys))
+    _MOD.launch(f"moe_combine_backward_dweight<{t}>", S,
+                (dy, ys, order, np.int64(S), np.int32(K), np.int32(d), dweight))
     return dys, dweight
 
 

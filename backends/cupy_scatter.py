@@ -19,11 +19,9 @@ import math
 
 import numpy as np
 
-from refmtp.backends.cupy_kernels import LazyKernel
+from refmtp.backends.cupy_kernels import LazyKernel, cuda_type
 
 _MOD = LazyKernel("scatter_add", ["scatter_add_rows<float>", "scatter_add_rows<double>"])
-_THREADS = 256
-_MAX_BLOCKS = 65535  # the grid-stride loop covers the rest
 
 
 def scatter_plan(xp, flat_idx, n_rows: int):
@@ -80,9 +78,8 @@ def scatter_add(out, idx, vals):
     v = cupy.ascontiguousarray(v).reshape(n, C)  # (n, C)
     perm, start = scatter_plan(cp_xp, flat, M)  # (n,), (M+1,)
     work = out if out.flags.c_contiguous else cupy.ascontiguousarray(out)  # (M, ...) contiguous
-    name = "scatter_add_rows<float>" if out.dtype == np.float32 else "scatter_add_rows<double>"
-    blocks = max(1, min((M * C + _THREADS - 1) // _THREADS, _MAX_BLOCKS))
-    _MOD.get(name)((blocks,), (_THREADS,), (v, perm, start, np.int64(M), np.int64(C), work))
+    _MOD.launch(f"scatter_add_rows<{cuda_type(out.dtype, 'scatter_add')}>", M * C,
+                (v, perm, start, np.int64(M), np.int64(C), work))
     if work is not out:
         out[...] = work
     return out

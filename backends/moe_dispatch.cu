@@ -7,35 +7,21 @@
 //
 // Determinism: no atomics at all. Every output element is owned by one thread, which adds its
 // token's K slots in dispatch order p (the order of the reference's scatter-add, np.add.at),
-// with __fmul_rn/__fadd_rn (__dmul_rn/__dadd_rn): round-to-nearest intrinsics are never
-// contracted into fused multiply-adds, so the products and sums round exactly like NumPy's.
+// with refmtp_mul_rn / refmtp_add_rn (refmtp_common.cuh: the round-to-nearest intrinsics
+// __fmul_rn, __dadd_rn, ..., never contracted into fused multiply-adds), so the products and
+// sums round exactly like NumPy's.
 // Combine and the permute's backward are therefore bit-exact with the NumPy reference;
 // dweight is a sequential sum over d in double (like the Numba kernel), to rounding with
-// NumPy's pairwise sum. No includes (NVRTC), no fast-math; float and double instantiations.
+// NumPy's pairwise sum. No fast-math; float and double instantiations.
 //
 // Index arguments: long long (int64) arrays and slot counts, int K, d and E.
 
-template <typename T> struct RN;
-template <> struct RN<float> {
-    static __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-    static __device__ __forceinline__ float add(float a, float b) { return __fadd_rn(a, b); }
-};
-template <> struct RN<double> {
-    static __device__ __forceinline__ double mul(double a, double b) { return __dmul_rn(a, b); }
-    static __device__ __forceinline__ double add(double a, double b) { return __dadd_rn(a, b); }
-};
-
-__device__ __forceinline__ long long global_id() {
-    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
-}
-__device__ __forceinline__ long long global_stride() {
-    return (long long)gridDim.x * blockDim.x;
-}
+#include "refmtp_common.cuh"
 
 // ---- dispatch plan: a stable counting sort of the S slots by expert ---------------------
 // 1. counts[e] = #{j : flat_idx[j] == e}; one thread per expert scans every slot (no atomics).
 __global__ void moe_plan_count(const long long* flat_idx, long long S, int E, long long* counts) {
-    for (long long e = global_id(); e < E; e += global_stride()) {
+    for (long long e = refmtp_global_id(); e < E; e += refmtp_global_stride()) {
         long long c = 0;
         for (long long j = 0; j < S; ++j) c += (flat_idx[j] == e) ? 1 : 0;
         counts[e] = c;
@@ -45,7 +31,7 @@ __global__ void moe_plan_count(const long long* flat_idx, long long S, int E, lo
 // 2. order[offsets[e] + r] = the r-th slot (in slot order) that chose expert e: stable.
 __global__ void moe_plan_place(const long long* flat_idx, long long S, int E,
                                const long long* offsets, long long* order) {
-    for (long long e = global_id(); e < E; e += global_stride()) {
+    for (long long e = refmtp_global_id(); e < E; e += refmtp_global_stride()) {
         long long p = offsets[e];
         for (long long j = 0; j < S; ++j) {
             if (flat_idx[j] == e) order[p++] = j;
@@ -55,13 +41,13 @@ __global__ void moe_plan_place(const long long* flat_idx, long long S, int E,
 
 // pos[order[p]] = p (order is a permutation, so every write has its own address).
 __global__ void moe_inverse_permutation(const long long* order, long long S, long long* pos) {
-    for (long long p = global_id(); p < S; p += global_stride()) pos[order[p]] = p;
+    for (long long p = refmtp_global_id(); p < S; p += refmtp_global_stride()) pos[order[p]] = p;
 }
 
 // ---- permute: xs[p, c] = x[order[p] / K, c] ----------------------------------------------
 template <typename T>
 __global__ void moe_permute(const T* x, const long long* order, long long S, int K, int d, T* xs) {
-    for (long long i = global_id(); i < S * d; i += global_stride()) {
+    for (long long i = refmtp_global_id(); i < S * d; i += refmtp_global_stride()) {
         const long long p = i / d;
         const long long c = i - p * d;
         xs[i] = x[(order[p] / K) * d + c];
@@ -85,14 +71,14 @@ template <typename T>
 __global__ void moe_permute_backward(const T* dxs, const long long* pos, long long N, int K, int d,
                                      T* dx) {
     const long long S = N * K;
-    for (long long i = global_id(); i < N * d; i += global_stride()) {
+    for (long long i = refmtp_global_id(); i < N * d; i += refmtp_global_stride()) {
         const long long n = i / d;
         const long long c = i - n * d;
         T acc = T(0);
         long long last = -1;
         for (int r = 0; r < K; ++r) {
             const long long p = next_slot(pos, n, K, last, S);
-            acc = RN<T>::add(acc, dxs[p * d + c]);
+            acc = refmtp_add_rn(acc, dxs[p * d + c]);
             last = p;
         }
         dx[i] = acc;
@@ -104,14 +90,14 @@ template <typename T>
 __global__ void moe_combine(const T* ys, const long long* order, const long long* pos,
                             const T* weight, long long N, int K, int d, T* y) {
     const long long S = N * K;
-    for (long long i = global_id(); i < N * d; i += global_stride()) {
+    for (long long i = refmtp_global_id(); i < N * d; i += refmtp_global_stride()) {
         const long long n = i / d;
         const long long c = i - n * d;
         T acc = T(0);
         long long last = -1;
         for (int r = 0; r < K; ++r) {
             const long long p = next_slot(pos, n, K, last, S);
-            acc = RN<T>::add(acc, RN<T>::mul(ys[p * d + c], weight[order[p]]));
+            acc = refmtp_add_rn(acc, refmtp_mul_rn(ys[p * d + c], weight[order[p]]));
             last = p;
         }
         y[i] = acc;
@@ -122,11 +108,11 @@ __global__ void moe_combine(const T* ys, const long long* order, const long long
 template <typename T>
 __global__ void moe_combine_backward_dys(const T* dy, const long long* order, const T* weight,
                                          long long S, int K, int d, T* dys) {
-    for (long long i = global_id(); i < S * d; i += global_stride()) {
+    for (long long i = refmtp_global_id(); i < S * d; i += refmtp_global_stride()) {
         const long long p = i / d;
         const long long c = i - p * d;
         const long long j = order[p];
-        dys[i] = RN<T>::mul(dy[(j / K) * d + c], weight[j]);
+        dys[i] = refmtp_mul_rn(dy[(j / K) * d + c], weight[j]);
     }
 }
 
@@ -135,12 +121,12 @@ __global__ void moe_combine_backward_dys(const T* dy, const long long* order, co
 template <typename T>
 __global__ void moe_combine_backward_dweight(const T* dy, const T* ys, const long long* order,
                                              long long S, int K, int d, T* dweight) {
-    for (long long p = global_id(); p < S; p += global_stride()) {
+    for (long long p = refmtp_global_id(); p < S; p += refmtp_global_stride()) {
         const long long j = order[p];
         const T* dyn = dy + (j / K) * d;
         const T* ysp = ys + p * d;
         double acc = 0.0;
-        for (int c = 0; c < d; ++c) acc = __dadd_rn(acc, (double)RN<T>::mul(dyn[c], ysp[c]));
+        for (int c = 0; c < d; ++c) acc = refmtp_add_rn(acc, (double)refmtp_mul_rn(dyn[c], ysp[c]));
         dweight[j] = (T)acc;
     }
 }

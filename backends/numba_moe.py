@@ -21,6 +21,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from refmtp.backends.contracts import (check_moe_combine, check_moe_combine_backward,
+                                       check_moe_dispatch_plan, check_moe_permute,
+                                       check_moe_permute_backward)
+
 
 def _moe_dispatch_plan_loop(flat_idx, n_experts, order, offsets):
     """Stable counting sort: order (S,) slot ids by expert, offsets (E+1,) block starts."""
@@ -87,27 +91,12 @@ moe_combine_backward_numba = njit(cache=True)(_moe_combine_backward_loop)
 
 
 # -------------------------------------------------------------------------------------------
-# Wrappers with the reference signatures (check dtype, shape and index range)
+# Wrappers with the reference signatures (contracts: refmtp.backends.contracts)
 # -------------------------------------------------------------------------------------------
-def _float(a, name):
-    a = np.ascontiguousarray(a)
-    if a.dtype not in (np.float32, np.float64):
-        raise TypeError(f"moe kernel: {name} must be float32 or float64, got {a.dtype}")
-    return a
-
-
-def _order(order, S):
-    order = np.ascontiguousarray(order, dtype=np.int64)
-    if order.shape != (S,):
-        raise ValueError(f"moe kernel: order has shape {order.shape}, expected ({S},)")
-    return order
-
-
 def moe_dispatch_plan(topk_idx, n_experts):
     """Same contract as ``refmtp.model.moe.moe_dispatch_plan_ref``."""
     flat = np.ascontiguousarray(topk_idx, dtype=np.int64).reshape(-1)
-    if flat.size and (flat.min() < 0 or flat.max() >= n_experts):
-        raise ValueError(f"moe dispatch: expert indices must lie in [0, {n_experts})")
+    check_moe_dispatch_plan(flat, n_experts)
     order = np.empty(flat.size, dtype=np.int64)
     offsets = np.empty(n_experts + 1, dtype=np.int64)
     moe_dispatch_plan_numba(flat, np.int64(n_experts), order, offsets)
@@ -116,22 +105,20 @@ def moe_dispatch_plan(topk_idx, n_experts):
 
 def moe_permute(x, order, K):
     """Same contract as ``refmtp.model.moe.moe_permute_ref``."""
-    x = _float(x, "x")
+    x = np.ascontiguousarray(x)
     order = np.ascontiguousarray(order, dtype=np.int64)
+    check_moe_permute(x, order, K)
     xs = np.empty((order.shape[0], x.shape[1]), dtype=x.dtype)
-    if order.size and (order.min() < 0 or order.max() >= x.shape[0] * K):
-        raise ValueError(f"moe permute: slot ids must lie in [0, {x.shape[0] * K})")
     moe_permute_numba(x, order, np.int64(K), xs)
     return xs
 
 
 def moe_permute_backward(dxs, order, n_tokens):
     """Same contract as ``refmtp.model.moe.moe_permute_backward_ref``."""
-    dxs = _float(dxs, "dxs")
-    order = _order(order, dxs.shape[0])
+    dxs = np.ascontiguousarray(dxs)
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    check_moe_permute_backward(dxs, order, n_tokens)
     K = dxs.shape[0] // n_tokens
-    if K * n_tokens != dxs.shape[0]:
-        raise ValueError(f"moe permute_backward: {dxs.shape[0]} slots is not a multiple of {n_tokens} tokens")
     dx = np.empty((n_tokens, dxs.shape[1]), dtype=dxs.dtype)
     moe_permute_backward_numba(dxs, order, np.int64(K), dx)
     return dx
@@ -139,12 +126,11 @@ def moe_permute_backward(dxs, order, n_tokens):
 
 def moe_combine(ys, order, weight):
     """Same contract as ``refmtp.model.moe.moe_combine_ref``."""
-    ys = _float(ys, "ys")
+    ys = np.ascontiguousarray(ys)
     weight = np.ascontiguousarray(weight, dtype=ys.dtype)
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    check_moe_combine(ys, order, weight)
     N, K = weight.shape
-    order = _order(order, N * K)
-    if ys.shape[0] != N * K:
-        raise ValueError(f"moe combine: ys has {ys.shape[0]} rows, expected N*K = {N * K}")
     y = np.empty((N, ys.shape[1]), dtype=ys.dtype)
     moe_combine_numba(ys, order, weight.reshape(-1), np.int64(K), y)
     return y
@@ -152,15 +138,12 @@ def moe_combine(ys, order, weight):
 
 def moe_combine_backward(dy, ys, order, weight):
     """Same contract as ``refmtp.model.moe.moe_combine_backward_ref``."""
-    ys = _float(ys, "ys")
+    ys = np.ascontiguousarray(ys)
     dy = np.ascontiguousarray(dy, dtype=ys.dtype)
     weight = np.ascontiguousarray(weight, dtype=ys.dtype)
+    order = np.ascontiguousarray(order, dtype=np.int64)
+    check_moe_combine_backward(dy, ys, order, weight)
     N, K = weight.shape
-    order = _order(order, N * K)
-    if ys.shape[0] != N * K or dy.shape != (N, ys.shape[1]):
-        raise ValueError(
-            f"moe combine_backward: dy {dy.shape} / ys {ys.shape} do not fit weight ({N}, {K})"
-        )
     dys = np.empty_like(ys)
     dw = np.empty(N * K, dtype=ys.dtype)
     moe_combine_backward_numba(dy, ys, order, weight.reshape(-1), np.int64(K), dys, dw)

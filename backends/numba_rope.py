@@ -16,6 +16,8 @@ import math
 import numpy as np
 from numba import njit
 
+from refmtp.backends.contracts import check_rope_apply
+
 
 def _rope_apply_loop(x, cos, sin, y):
     """x, y (N, T, Dr) C-contiguous, cos/sin (T, Dr/2); writes y."""
@@ -35,24 +37,9 @@ def _rope_apply_loop(x, cos, sin, y):
 rope_apply_numba = njit(cache=True)(_rope_apply_loop)
 
 
-def check_rope_args(x, cos, sin):
-    """Shapes and dtypes every rope_apply kernel wrapper (Numba and CUDA) accepts."""
-    if x.ndim < 2 or x.shape[-1] % 2 or cos.shape != (x.shape[-2], x.shape[-1] // 2) \
-            or sin.shape != cos.shape:
-        raise ValueError(
-            f"rope_apply: expected x (..., T, Dr) with Dr even and cos/sin (T, Dr/2), got "
-            f"{tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}"
-        )
-    if x.dtype not in (np.float32, np.float64) or cos.dtype != x.dtype or sin.dtype != x.dtype:
-        raise ValueError(
-            f"rope_apply: x, cos, sin must share one float dtype (float32 or float64), got "
-            f"{x.dtype}, {cos.dtype}, {sin.dtype}"
-        )
-
-
 def rope_apply(x, cos, sin):
     """Numba twin of ``rope_apply_ref``: x (..., T, Dr), cos/sin (T, Dr/2) -> (..., T, Dr)."""
-    check_rope_args(x, cos, sin)
+    check_rope_apply(x, cos, sin)
     T, Dr = x.shape[-2], x.shape[-1]
     N = math.prod(x.shape[:-2])  # leading dims flattened
     x3 = np.ascontiguousarray(x).reshape(N, T, Dr)  # (N, T, Dr)

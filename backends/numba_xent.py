@@ -13,6 +13,8 @@ import math
 import numpy as np
 from numba import njit
 
+from refmtp.backends.contracts import check_xent_backward, check_xent_forward
+
 
 def _xent_forward_loop(logits, targets, ignore_index, losses, lse):
     N, V = logits.shape
@@ -54,6 +56,7 @@ def xent_forward(logits, targets, ignore_index=-100):
     """Same contract as ``xent_forward_ref``: returns (losses (N,), lse (N,))."""
     logits = np.ascontiguousarray(logits)
     targets = np.ascontiguousarray(targets, dtype=np.int64)
+    check_xent_forward(logits, targets)
     losses = np.empty(logits.shape[0], dtype=logits.dtype)
     lse = np.empty(logits.shape[0], dtype=logits.dtype)
     if logits.shape[0]:
@@ -64,11 +67,13 @@ def xent_forward(logits, targets, ignore_index=-100):
 def xent_backward(dlosses, logits, targets, lse, ignore_index=-100):
     """Same contract as ``xent_backward_ref``: returns dlogits (N, V)."""
     logits = np.ascontiguousarray(logits)
+    dlosses = np.ascontiguousarray(dlosses, dtype=logits.dtype)
+    targets = np.ascontiguousarray(targets, dtype=np.int64)
+    lse = np.ascontiguousarray(lse)
+    check_xent_backward(dlosses, logits, targets, lse)
     dlogits = np.empty_like(logits)
     if logits.shape[0]:
-        xent_backward_numba(np.ascontiguousarray(dlosses, dtype=logits.dtype), logits,
-                            np.ascontiguousarray(targets, dtype=np.int64), np.ascontiguousarray(lse),
-                            np.int64(ignore_index), dlogits)
+        xent_backward_numba(dlosses, logits, targets, lse, np.int64(ignore_index), dlogits)
     return dlogits
 
 

@@ -7,17 +7,13 @@
 //     y[2j+1] = x[2j] s + x[2j+1] c
 //   Backward is the same kernel with -sin (rotation by -m theta').
 //
-// One thread per pair, grid-stride loop. Every product and sum goes through the _rn intrinsics,
+// One thread per pair, grid-stride loop. Every product and sum goes through the _rn intrinsics
+// (refmtp_mul_rn / refmtp_add_rn / refmtp_sub_rn of refmtp_common.cuh),
 // which the compiler never contracts into an FMA, so results are IEEE round-to-nearest like the
 // NumPy/Numba reference (bit-exact parity), whatever --fmad is set to. No fast-math.
 // Instantiated for float and double (rope_apply<float>, rope_apply<double>).
 
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+#include "refmtp_common.cuh"
 
 template <typename scalar_t>
 __global__ void rope_apply(const scalar_t* __restrict__ x,
@@ -36,7 +32,7 @@ __global__ void rope_apply(const scalar_t* __restrict__ x,
         const scalar_t b = x[2 * p + 1];
         const scalar_t c = cos_t[t * half + j];
         const scalar_t s = sin_t[t * half + j];
-        y[2 * p] = sub_rn(mul_rn(a, c), mul_rn(b, s));
-        y[2 * p + 1] = add_rn(mul_rn(a, s), mul_rn(b, c));
+        y[2 * p] = refmtp_sub_rn(refmtp_mul_rn(a, c), refmtp_mul_rn(b, s));
+        y[2 * p + 1] = refmtp_add_rn(refmtp_mul_rn(a, s), refmtp_mul_rn(b, c));
     }
 }

@@ -10,28 +10,14 @@
 // scheduling-dependent order: two identical runs could differ in the last bit, which breaks
 // exact resume and golden replays.)
 //
-// No atomics, no fast-math, no includes (NVRTC). Sums use __fadd_rn / __dadd_rn on the device
-// (plain IEEE + on the host), so nothing is contracted. Float and double instantiations.
+// No atomics, no fast-math. Sums use refmtp_add_rn (refmtp_common.cuh: __fadd_rn / __dadd_rn on
+// the device, plain IEEE + on the host), so nothing is contracted. Float and double instantiations.
 // scatter_add_element is __host__ __device__ so tests/test_backends.py can run the exact same
 // code on the CPU (a host harness compiled with nvcc).
 //
 //   vals  (n, C) T contiguous      perm (n,) int64      start (M+1,) int64      out (M, C) T
 
-__host__ __device__ inline float scatter_add_rn(float a, float b) {
-#ifdef __CUDA_ARCH__
-    return __fadd_rn(a, b);
-#else
-    return a + b;
-#endif
-}
-
-__host__ __device__ inline double scatter_add_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-    return __dadd_rn(a, b);
-#else
-    return a + b;
-#endif
-}
+#include "refmtp_common.cuh"
 
 // out[i] (i = m*C + c) += vals[perm[r]*C + c] for r = start[m] .. start[m+1]-1, in that order.
 template <typename T>
@@ -47,7 +33,7 @@ __host__ __device__ inline void scatter_add_element(const T* vals, const long lo
     }
     T acc = out[i];
     for (long long r = first; r < last; ++r) {
-        acc = scatter_add_rn(acc, vals[perm[r] * C + c]);
+        acc = refmtp_add_rn(acc, vals[perm[r] * C + c]);
     }
     out[i] = acc;
 }

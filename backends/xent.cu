@@ -6,6 +6,8 @@
 //   forward:  lse_n = log(sum_v exp(z_nv - m_n)) + m_n,  loss_n = lse_n - z_n[y_n] (0 if ignored)
 //   backward: dz_nv = dloss_n * (exp(z_nv - lse_n) - [v == y_n])  (0 if ignored)
 
+#include "refmtp_common.cuh"
+
 template <typename T>
 __device__ T block_reduce_max(T v, T* smem) {
     int tid = threadIdx.x;

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from refmtp.backends import cupy_accept, get_backend, numba_accept, set_kernels_enabled
+from refmtp.backends.cupy_kernels import INCLUDE_OPTION
 from refmtp.inference.acceptance import BatchVerdict, verify_drafts, verify_drafts_batch, verify_drafts_batch_ref
 from refmtp.verification.acceptance_cases import dyadic_cases
 
@@ -324,7 +325,7 @@ def test_accept_cu_compiles_to_ptx(tmp_path):
                     f"const double*, const bool*, const {L}*, int, int, int, long long*, long long*, bool*, bool*);")
     src = tmp_path / "accept_ptx.cu"
     src.write_text(ACCEPT_CU.read_text() + "\n" + "\n".join(inst) + "\n")
-    build = subprocess.run([NVCC, "-std=c++17", "--ptx", "-o", str(tmp_path / "accept.ptx"), str(src)],
+    build = subprocess.run([NVCC, "-std=c++17", INCLUDE_OPTION, "--ptx", "-o", str(tmp_path / "accept.ptx"), str(src)],
                            capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     ptx = (tmp_path / "accept.ptx").read_text()

@@ -12,7 +12,7 @@ from array_api_compat import numpy as np_xp
 
 from refmtp.backends import (BackendUnavailable, backend_of, cupy_scatter, get_backend,
                              kernels_enabled, set_kernels_enabled)
-from refmtp.backends.cupy_kernels import CU_DIR
+from refmtp.backends.cupy_kernels import CU_DIR, INCLUDE_OPTION
 from tests.conftest import HAS_GPU
 
 
@@ -195,7 +195,8 @@ def test_scatter_add_cu_ptx_has_no_atomics_and_no_fma(tmp_path):
                    + "".join(f"template __global__ void scatter_add_rows<{t}>(const {t}*, const long long*, "
                              f"const long long*, long long, long long, {t}*);\n" for t in ("float", "double")))
     ptx = tmp_path / "scatter.ptx"
-    build = subprocess.run([NVCC, "-std=c++17", "--ptx", "-o", str(ptx), str(src)], capture_output=True, text=True)
+    build = subprocess.run([NVCC, "-std=c++17", INCLUDE_OPTION, "--ptx", "-o", str(ptx), str(src)],
+                           capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
     text = ptx.read_text()
     assert text.count(".entry") == 2

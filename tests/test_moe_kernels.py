@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from refmtp.backends import get_backend, numba_moe, set_kernels_enabled
-from refmtp.backends.cupy_kernels import CU_DIR, NVRTC_OPTIONS
+from refmtp.backends.cupy_kernels import CU_DIR, INCLUDE_OPTION, NVRTC_OPTIONS
 from refmtp.model.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
                         moe_permute_backward_ref, moe_permute_ref)
 from tests.conftest import HAS_GPU
@@ -162,7 +162,9 @@ def test_cuda_source_has_no_float_atomics_and_no_fast_math():
     src = CU.read_text()
     code = re.sub(r"//[^\n]*", "", src)  # comments may mention what the code avoids
     assert "atomic" not in code
-    assert "#include" not in code  # NVRTC compiles it without a header search path
+    # the one include is the shared header, found by NVRTC through -I<backends dir>
+    assert re.findall(r"#include\s+(\S+)", code) == ['"refmtp_common.cuh"']
+    assert INCLUDE_OPTION in NVRTC_OPTIONS
     assert not any("fast_math" in o or "fmad" in o for o in NVRTC_OPTIONS)
 
 
@@ -175,7 +177,7 @@ def test_cuda_source_compiles_with_nvcc(tmp_path):
     lines.append("}")
     wrapper = tmp_path / "moe_dispatch_all.cu"
     wrapper.write_text("\n".join(lines) + "\n")
-    res = subprocess.run([NVCC, "-std=c++17", "-arch=sm_80", "--ptx", str(wrapper),
+    res = subprocess.run([NVCC, "-std=c++17", INCLUDE_OPTION, "-arch=sm_80", "--ptx", str(wrapper),
                           "-o", str(tmp_path / "moe.ptx")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     ptx = (tmp_path / "moe.ptx").read_text()

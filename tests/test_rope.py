@@ -11,7 +11,7 @@ import pytest
 
 from refmtp.backends import get_backend, set_kernels_enabled
 from refmtp.backends import numba_rope
-from refmtp.backends.cupy_kernels import cu_source
+from refmtp.backends.cupy_kernels import INCLUDE_OPTION, cu_source
 from refmtp.config import preset
 from refmtp.verification.gradcheck import check_grad
 from refmtp.model.ops.rope import (
@@ -326,7 +326,7 @@ def test_rope_cu_compiles(tmp_path):
         " double*, long long, long long, long long);\n"
     )
     ptx = tmp_path / "rope.ptx"
-    res = subprocess.run(["nvcc", "-std=c++17", "--ptx", str(src), "-o", str(ptx)],
+    res = subprocess.run(["nvcc", "-std=c++17", INCLUDE_OPTION, "--ptx", str(src), "-o", str(ptx)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     text = ptx.read_text()
@@ -342,7 +342,7 @@ def test_rope_cu_compiles(tmp_path):
 def test_cupy_rope_parity(shape, dtype, max_blocks, monkeypatch):
     from refmtp.backends import cupy_kernels, cupy_rope
 
-    monkeypatch.setattr(cupy_rope, "_MAX_BLOCKS", max_blocks)
+    monkeypatch.setattr(cupy_kernels, "MAX_BLOCKS", max_blocks)
 
     bk = get_backend("cupy")
     x, cos, sin = _kernel_inputs(shape, dtype, seed=sum(shape))

@@ -54,9 +54,9 @@ def moe_dispatch_plan_ref(topk_idx, n_experts: int):
     bk = backend_of(topk_idx)
     xp = bk.xp
     flat = xp.reshape(topk_idx, (-1,))  # (S,)
-    if flat.shape[0] and (int(xp.min(flat)) < 0 or int(xp.max(flat)) >= n_experts):
-        # int() syncs device -> host on cupy: two scalars, once per layer call
-        raise ValueError(f"moe dispatch: expert indices must lie in [0, {n_experts})")
+    from refmtp.backends.contracts import check_moe_dispatch_plan  # the kernels' contract too
+
+    check_moe_dispatch_plan(flat, n_experts)  # int() syncs device -> host on cupy: two scalars
     order = xp.astype(xp.argsort(flat, stable=True), xp.int64)  # (S,)
     sorted_e = xp.take(flat, order)  # (S,) non-decreasing expert ids
     offsets = xp.searchsorted(sorted_e, xp.arange(n_experts + 1, dtype=flat.dtype), side="left")

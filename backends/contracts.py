@@ -1,0 +1,130 @@
+"""Argument contracts of the kernels: one check per kernel, called by every wrapper of it.
+
+A kernel name (``rope_apply``, ``xent_forward``, ``moe_combine``, ...) has a plain array
+reference in ``refmtp/`` and a wrapper on each backend (``numba_<op>.py``, ``cupy_<op>.py``) with
+the reference's signature. What those wrappers accept is checked here, once, on the raw inputs
+(numpy or cupy arrays: only ``.shape``, ``.ndim``, ``.dtype``, ``.size``, ``.min()``, ``.max()``
+are used), before any layout change. Errors are one line. The wrappers keep only their layout
+work (contiguity, index dtype) and the launch.
+
+Checks that need the values (index ranges) cost a device -> host copy of two scalars on cupy;
+they are kept where an out-of-range value would make a kernel read or write out of bounds.
+
+``verify_drafts_batch`` has no entry: its public function
+(``refmtp.inference.acceptance.verify_drafts_batch``) validates every input before it
+dispatches, and both wrappers rely on that (documented in numba_accept.py / cupy_accept.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+_FLOATS = (np.float32, np.float64)
+
+
+def _float(a, name: str, who: str) -> None:
+    if a.dtype not in _FLOATS:
+        raise TypeError(f"{who}: {name} must be float32 or float64, got {a.dtype}")
+
+
+# -------------------------------------------------------------------------------------------
+# rope_apply (reference: refmtp.model.ops.rope.rope_apply_ref)
+# -------------------------------------------------------------------------------------------
+def check_rope_apply(x, cos, sin) -> None:
+    """x (..., T, Dr) with Dr even, cos/sin (T, Dr/2), one float dtype for all three."""
+    if x.ndim < 2 or x.shape[-1] % 2 or tuple(cos.shape) != (x.shape[-2], x.shape[-1] // 2) \
+            or tuple(sin.shape) != tuple(cos.shape):
+        raise ValueError(
+            f"rope_apply: expected x (..., T, Dr) with Dr even and cos/sin (T, Dr/2), got "
+            f"{tuple(x.shape)}, {tuple(cos.shape)}, {tuple(sin.shape)}"
+        )
+    if x.dtype not in _FLOATS or cos.dtype != x.dtype or sin.dtype != x.dtype:
+        raise ValueError(
+            f"rope_apply: x, cos, sin must share one float dtype (float32 or float64), got "
+            f"{x.dtype}, {cos.dtype}, {sin.dtype}"
+        )
+
+
+# -------------------------------------------------------------------------------------------
+# xent_forward / xent_backward (references: refmtp.model.ops.xent.xent_*_ref). The target range
+# is the public op's check (xent_forward), made once per step, not repeated per kernel call.
+# -------------------------------------------------------------------------------------------
+def check_xent_forward(logits, targets) -> None:
+    """logits (N, V) float32/float64 with V >= 1 when N >= 1, targets (N,)."""
+    if logits.ndim != 2 or tuple(targets.shape) != (logits.shape[0],) \
+            or (logits.shape[0] and logits.shape[1] < 1):
+        raise ValueError(
+            f"xent kernel: expected logits (N, V) with V >= 1 and targets (N,), got "
+            f"{tuple(logits.shape)} and {tuple(targets.shape)}"
+        )
+    _float(logits, "logits", "xent kernel")
+
+
+def check_xent_backward(dlosses, logits, targets, lse) -> None:
+    """As :func:`check_xent_forward`, plus dlosses (N,) and lse (N,)."""
+    check_xent_forward(logits, targets)
+    N = logits.shape[0]
+    if tuple(dlosses.shape) != (N,) or tuple(lse.shape) != (N,):
+        raise ValueError(
+            f"xent kernel: dlosses and lse must be (N,) = ({N},), got {tuple(dlosses.shape)} "
+            f"and {tuple(lse.shape)}"
+        )
+
+
+# -------------------------------------------------------------------------------------------
+# MoE dispatch / combine (references: refmtp.model.moe.moe_*_ref). The reference of the plan
+# calls check_moe_dispatch_plan itself: the expert range is part of its contract too.
+# -------------------------------------------------------------------------------------------
+def check_moe_dispatch_plan(topk_idx, n_experts: int) -> None:
+    """Every expert index in [0, n_experts). int() syncs device -> host on cupy: two scalars,
+    once per layer call."""
+    if topk_idx.size and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= n_experts):
+        raise ValueError(f"moe dispatch: expert indices must lie in [0, {n_experts})")
+
+
+def _check_order(order, S: int) -> None:
+    if tuple(order.shape) != (S,):
+        raise ValueError(f"moe kernel: order has shape {tuple(order.shape)}, expected ({S},)")
+
+
+def check_moe_permute(x, order, K: int) -> None:
+    """x (N, d) float, order (S,) slot ids in [0, N*K)."""
+    _float(x, "x", "moe kernel")
+    if x.ndim != 2 or order.ndim != 1:
+        raise ValueError(f"moe permute: expected x (N, d) and order (S,), got {tuple(x.shape)} and {tuple(order.shape)}")
+    if order.size and (int(order.min()) < 0 or int(order.max()) >= x.shape[0] * K):
+        raise ValueError(f"moe permute: slot ids must lie in [0, {x.shape[0] * K})")
+
+
+def check_moe_permute_backward(dxs, order, n_tokens: int) -> None:
+    """dxs (S, d) float with S a multiple of n_tokens >= 1, order (S,)."""
+    _float(dxs, "dxs", "moe kernel")
+    if dxs.ndim != 2:
+        raise ValueError(f"moe permute_backward: dxs must be (S, d), got {tuple(dxs.shape)}")
+    S = dxs.shape[0]
+    if n_tokens < 1 or S % n_tokens:
+        raise ValueError(f"moe permute_backward: {S} slots is not a multiple of {n_tokens} tokens")
+    _check_order(order, S)
+
+
+def check_moe_combine(ys, order, weight) -> None:
+    """ys (N*K, d) float, order (N*K,), weight (N, K)."""
+    _float(ys, "ys", "moe kernel")
+    if ys.ndim != 2 or weight.ndim != 2:
+        raise ValueError(f"moe combine: expected ys (S, d) and weight (N, K), got {tuple(ys.shape)} and {tuple(weight.shape)}")
+    N, K = weight.shape
+    if ys.shape[0] != N * K:
+        raise ValueError(f"moe combine: ys has {ys.shape[0]} rows, expected N*K = {N * K}")
+    _check_order(order, N * K)
+
+
+def check_moe_combine_backward(dy, ys, order, weight) -> None:
+    """dy (N, d), ys (N*K, d) float, order (N*K,), weight (N, K)."""
+    _float(ys, "ys", "moe kernel")
+    if ys.ndim != 2 or weight.ndim != 2:
+        raise ValueError(f"moe combine_backward: expected ys (S, d) and weight (N, K), got {tuple(ys.shape)} and {tuple(weight.shape)}")
+    N, K = weight.shape
+    if ys.shape[0] != N * K or tuple(dy.shape) != (N, ys.shape[1]):
+        raise ValueError(
+            f"moe combine_backward: dy {tuple(dy.shape)} / ys {tuple(ys.shape)} do not fit weight ({N}, {K})"
+        )
+    _check_order(order, N * K)

@@ -1,0 +1,303 @@
+"""One parity harness for every kernel of every backend against its plain array reference.
+
+``TABLE`` maps each registered kernel name (``Backend.kernel(name)``) to its reference in
+``refmtp/`` (same signature), a generator of inputs (random data plus edge shapes: empty,
+a single element, odd sizes, experts with no tokens, every token on one expert, ...) and the
+comparison rule: outputs listed in ``exact`` must be bit-identical to the reference (the kernel
+does the same IEEE operations in the same order); the others must agree to the stated rounding
+bound (a reduction summed in another order). Every case runs on the Numba kernels (numpy
+backend) and, under the gpu marker, on the CuPy RawKernels (skipped with the reason when cupy or
+a GPU is missing). ``test_table_covers_every_registered_kernel`` fails when a kernel is
+registered without a parity entry.
+
+``BAD`` lists inputs that the kernel's argument contract (refmtp.backends.contracts) rejects:
+every backend's wrapper must raise the same one-line error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from refmtp.backends import cupy_kernels, get_backend, numba_kernels
+from refmtp.inference.acceptance import verify_drafts_batch_ref
+from refmtp.model.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
+                              moe_permute_backward_ref, moe_permute_ref)
+from refmtp.model.ops.rope import rope_apply_ref
+from refmtp.model.ops.xent import xent_backward_ref, xent_forward_ref
+from tests.conftest import BACKEND_PARAMS
+from tests.test_accept_kernels import random_batch
+
+DTYPES = (np.float32, np.float64)
+# rounding bounds of the outputs that are not bit-exact (reductions in another order)
+XENT_TOL = {np.float32: 2e-5, np.float64: 1e-13}
+DWEIGHT_TOL = {np.float32: 2e-6, np.float64: 1e-13}
+
+
+@dataclass(frozen=True)
+class Entry:
+    ref: Callable
+    cases: Callable[[], list]  # -> [(case id, args tuple of host arrays / scalars / None)]
+    exact: tuple  # indices of the outputs that must be bit-identical
+    tol: dict = field(default_factory=dict)  # {output index: {dtype: bound}} for the others
+    why: str = ""  # why an output is not bit-exact
+
+
+def _outputs(out) -> tuple:
+    return tuple(out) if isinstance(out, tuple) or hasattr(out, "_fields") else (out,)
+
+
+# ------------------------------------------------------------------------------------------
+# input generators
+# ------------------------------------------------------------------------------------------
+ROPE_SHAPES = [(1, 2), (1, 1, 2), (3, 7, 6), (2, 3, 5, 8), (4, 1, 64), (2, 0, 4), (0, 3, 4), (5, 1, 2)]
+
+
+def rope_cases():
+    out = []
+    for shape in ROPE_SHAPES:
+        for dt in DTYPES:
+            rng = np.random.default_rng(sum(shape) + 7)
+            x = rng.standard_normal(shape).astype(dt)
+            T, half = shape[-2], shape[-1] // 2
+            ang = rng.uniform(-50, 50, size=(T, half))
+            cos, sin = np.cos(ang).astype(dt), np.sin(ang).astype(dt)
+            tag = f"{'x'.join(map(str, shape))}-{np.dtype(dt).name}"
+            out.append((tag, (x, cos, sin)))
+            out.append((tag + "-backward", (x, cos, -sin)))  # the backward passes -sin
+    return out
+
+
+XENT_SHAPES = [(0, 5), (1, 1), (1, 7), (5, 3), (33, 257), (4, 2)]
+
+
+def _xent_data(N, V, dt, seed):
+    rng = np.random.default_rng(seed)
+    z = (rng.standard_normal((N, V)) * 4).astype(dt)
+    t = rng.integers(0, V, size=N).astype(np.int64)
+    if N > 2:
+        t[1] = -100  # an ignored row
+    if (N, V) == (4, 2):
+        t[:] = -100  # every row ignored
+    d = rng.standard_normal(N).astype(dt)
+    return z, t, d
+
+
+def xent_forward_cases():
+    return [(f"{N}x{V}-{np.dtype(dt).name}", _xent_data(N, V, dt, N + V)[:2] + (-100,))
+            for N, V in XENT_SHAPES for dt in DTYPES]
+
+
+def xent_backward_cases():
+    out = []
+    for N, V in XENT_SHAPES:
+        for dt in DTYPES:
+            z, t, d = _xent_data(N, V, dt, 3 * N + V)
+            _, lse = xent_forward_ref(z, t)
+            out.append((f"{N}x{V}-{np.dtype(dt).name}", (d, z, t, lse, -100)))
+    return out
+
+
+# (N, K, E, d, kind): "random" | "unused" (expert E-1 never chosen) | "one" (every token's first
+# choice on expert 0; with K = 1 all tokens on one expert)
+MOE_CASES = [
+    (0, 2, 4, 3, "random"),  # no tokens at all
+    (1, 1, 4, 3, "random"),  # a single token, top-1
+    (1, 3, 5, 2, "random"),  # a single token, several experts
+    (7, 2, 5, 3, "unused"),  # an expert with no tokens
+    (13, 1, 6, 5, "one"),  # every token on one expert
+    (9, 3, 4, 7, "one"),
+    (257, 2, 8, 33, "random"),  # not a multiple of a 256-thread block
+    (64, 4, 16, 8, "unused"),
+    (5, 2, 3, 1, "random"),  # d = 1
+]
+
+
+def _moe_data(N, K, E, d, kind, dt, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "random":
+        idx = [rng.permutation(E)[:K] for _ in range(N)]
+    elif kind == "unused":
+        idx = [rng.permutation(E - 1)[:K] for _ in range(N)]
+    else:
+        idx = [np.concatenate([[0], 1 + rng.permutation(E - 1)[:K - 1]]) for _ in range(N)]
+    idx = np.array(idx, dtype=np.int64).reshape(N, K)
+    order, _ = moe_dispatch_plan_ref(idx, E)
+    S = N * K
+    return dict(idx=idx, order=order, x=rng.standard_normal((N, d)).astype(dt),
+                w=rng.standard_normal((N, K)).astype(dt), ys=rng.standard_normal((S, d)).astype(dt),
+                dy=rng.standard_normal((N, d)).astype(dt))
+
+
+def _moe_cases(build, min_tokens=0):
+    out = []
+    for i, (N, K, E, d, kind) in enumerate(MOE_CASES):
+        if N < min_tokens:
+            continue
+        for dt in DTYPES:
+            c = _moe_data(N, K, E, d, kind, dt, seed=i)
+            out.append((f"N{N}-K{K}-E{E}-d{d}-{kind}-{np.dtype(dt).name}", build(c, N, K, E)))
+    return out
+
+
+def accept_cases():
+    specs = [  # (id, N, K, V, one_hot, dtype, q_dtype, logits)
+        ("empty", 0, 2, 3, False, np.float64, None, True),
+        ("k0-bonus-only", 8, 0, 5, False, np.float64, None, True),
+        ("v1", 16, 1, 1, False, np.float64, None, True),
+        ("single", 1, 3, 7, False, np.float64, None, True),
+        ("one-hot", 40, 3, 7, True, np.float32, None, False),
+        ("f32", 40, 2, 9, False, np.float32, None, True),
+        ("f32-p-f64-q", 24, 2, 6, False, np.float32, np.float64, True),
+        ("odd", 129, 4, 33, False, np.float64, None, False),
+    ]
+    out = []
+    for i, (tag, N, K, V, one_hot, dt, qdt, logits) in enumerate(specs):
+        args = random_batch(500 + i, N, K, V, one_hot=one_hot, dtype=dt, q_dtype=qdt, logits=logits)
+        out.append((tag, args))
+    return out
+
+
+TABLE: dict[str, Entry] = {
+    "rope_apply": Entry(rope_apply_ref, rope_cases, exact=(0,)),
+    "xent_forward": Entry(xent_forward_ref, xent_forward_cases, exact=(),
+                          tol={0: XENT_TOL, 1: XENT_TOL},
+                          why="one pass per row vs numpy's pairwise sum of exp"),
+    "xent_backward": Entry(xent_backward_ref, xent_backward_cases, exact=(), tol={0: XENT_TOL},
+                           why="exp(z - lse) rounded by a different libm / device exp"),
+    "moe_dispatch_plan": Entry(moe_dispatch_plan_ref, lambda: _moe_cases(lambda c, N, K, E: (c["idx"], E)),
+                               exact=(0, 1)),
+    "moe_permute": Entry(moe_permute_ref, lambda: _moe_cases(lambda c, N, K, E: (c["x"], c["order"], K)),
+                         exact=(0,)),
+    # n_tokens = 0 has no K (S // N): the reference and the kernels both refuse it
+    "moe_permute_backward": Entry(moe_permute_backward_ref,
+                                  lambda: _moe_cases(lambda c, N, K, E: (c["ys"], c["order"], N), min_tokens=1),
+                                  exact=(0,)),
+    "moe_combine": Entry(moe_combine_ref, lambda: _moe_cases(lambda c, N, K, E: (c["ys"], c["order"], c["w"])),
+                         exact=(0,)),
+    "moe_combine_backward": Entry(moe_combine_backward_ref,
+                                  lambda: _moe_cases(lambda c, N, K, E: (c["dy"], c["ys"], c["order"], c["w"])),
+                                  exact=(0,), tol={1: DWEIGHT_TOL},
+                                  why="dweight = <dy, ys>: sequential float64 sum vs numpy's pairwise sum"),
+    "verify_drafts_batch": Entry(verify_drafts_batch_ref, accept_cases, exact=(0, 1, 2, 3)),
+}
+
+CASES = [pytest.param(name, tag, args, id=f"{name}-{tag}")
+         for name, entry in TABLE.items() for tag, args in entry.cases()]
+
+
+def _to(bk, args):
+    return tuple(bk.asarray(a) if isinstance(a, np.ndarray) else a for a in args)
+
+
+def _compare(name, got, want, to_host):
+    entry = TABLE[name]
+    got, want = _outputs(got), _outputs(want)
+    assert len(got) == len(want), f"{name}: {len(got)} outputs, reference has {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = to_host(g), np.asarray(to_host(w))
+        assert g.shape == w.shape, f"{name} output {i}: shape {g.shape} vs {w.shape}"
+        assert g.dtype == w.dtype, f"{name} output {i}: dtype {g.dtype} vs {w.dtype}"
+        if i in entry.exact:
+            np.testing.assert_array_equal(g, w, err_msg=f"{name} output {i} (bit-exact)")
+        else:
+            bound = entry.tol[i][w.dtype.type]
+            np.testing.assert_allclose(g, w, rtol=bound, atol=bound,
+                                       err_msg=f"{name} output {i} ({entry.why})")
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@pytest.mark.parametrize("name,tag,args", CASES)
+def test_kernel_matches_reference(backend_name, name, tag, args):
+    bk = get_backend(backend_name)
+    kernel = bk.kernel_table()[name]
+    want = TABLE[name].ref(*args)  # the numpy reference, on the host
+    dev = _to(bk, args)
+    got = kernel(*dev)
+    _compare(name, got, want, bk.to_numpy)
+    if bk.name != "numpy":  # and the plain array path on the same device
+        _compare(name, got, TABLE[name].ref(*dev), bk.to_numpy)
+
+
+def test_table_covers_every_registered_kernel():
+    numba_names = set(numba_kernels.KERNELS)
+    cupy_names = set(cupy_kernels.collect())  # importing the wrappers never imports cupy
+    assert numba_names == cupy_names, f"numba {sorted(numba_names)} vs cupy {sorted(cupy_names)}"
+    missing = sorted((numba_names | cupy_names) - set(TABLE))
+    assert not missing, f"kernels without a parity entry in TABLE: {missing}"
+    assert not set(TABLE) - numba_names, "TABLE names a kernel that is not registered"
+    for name, entry in TABLE.items():
+        cases = entry.cases()
+        assert len(cases) >= 4, f"{name}: too few parity cases"
+        assert set(entry.tol) | set(entry.exact) >= set(range(len(_outputs(entry.ref(*cases[-1][1]))))), \
+            f"{name}: an output has neither a bit-exact rule nor a rounding bound"
+
+
+def test_edge_shapes_are_in_the_table():
+    """The generators really produce the edge cases the harness promises."""
+    tags = {name: [t for t, _ in e.cases()] for name, e in TABLE.items()}
+    assert any(t.startswith("2x0x4") for t in tags["rope_apply"]) and any(t.startswith("1x2") for t in tags["rope_apply"])
+    assert any(t.startswith("0x") for t in tags["xent_forward"]) and any(t.startswith("1x1") for t in tags["xent_forward"])
+    for name in ("moe_dispatch_plan", "moe_permute", "moe_combine", "moe_combine_backward"):
+        assert any(t.startswith("N0-") for t in tags[name]), name  # no tokens
+    for name in ("moe_dispatch_plan", "moe_permute_backward", "moe_combine"):
+        assert any("-unused-" in t for t in tags[name]) and any("-K1-E6-d5-one-" in t for t in tags[name])
+    assert {"empty", "k0-bonus-only", "v1", "single"} <= set(tags["verify_drafts_batch"])
+    # an expert with no tokens / every token on one expert, as generated
+    c = _moe_data(7, 2, 5, 3, "unused", np.float64, 0)
+    assert 4 not in c["idx"]
+    c = _moe_data(13, 1, 6, 5, "one", np.float64, 0)
+    assert (c["idx"] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------
+# the argument contracts: each checked once (refmtp.backends.contracts), the same on every backend
+# ------------------------------------------------------------------------------------------
+def _bad_cases():
+    z = np.zeros((3, 4))
+    x = np.zeros((2, 3, 8))
+    cs = np.zeros((3, 4))
+    idx = np.array([[0, 1], [2, 3]], dtype=np.int64)
+    order = np.arange(4, dtype=np.int64)
+    ys, w, dy = np.zeros((4, 3)), np.zeros((2, 2)), np.zeros((2, 3))
+    return [
+        ("rope_apply", (x, cs[:2], cs[:2]), ValueError, r"cos/sin \(T, Dr/2\)"),
+        ("rope_apply", (x[..., :7], cs, cs), ValueError, r"Dr even"),
+        ("rope_apply", (x, cs.astype(np.float32), cs), ValueError, "share one float dtype"),
+        ("xent_forward", (z, np.zeros(2, np.int64), -100), ValueError, r"targets \(N,\)"),
+        ("xent_forward", (z.astype(np.int64), np.zeros(3, np.int64), -100), TypeError, "float32 or float64"),
+        ("xent_backward", (np.zeros(2), z, np.zeros(3, np.int64), np.zeros(3), -100), ValueError,
+         r"dlosses and lse must be \(N,\)"),
+        ("moe_dispatch_plan", (idx, 3), ValueError, r"expert indices must lie in \[0, 3\)"),
+        ("moe_dispatch_plan", (idx - 1, 4), ValueError, r"expert indices must lie in \[0, 4\)"),
+        ("moe_permute", (np.zeros((2, 3)), order + 1, 2), ValueError, r"slot ids must lie in \[0, 4\)"),
+        ("moe_permute", (np.zeros((2, 3), np.int64), order, 2), TypeError, "x must be float32 or float64"),
+        ("moe_permute_backward", (ys[:3], order[:3], 2), ValueError, "3 slots is not a multiple of 2 tokens"),
+        ("moe_permute_backward", (ys, order[:3], 2), ValueError, r"order has shape \(3,\), expected \(4,\)"),
+        ("moe_combine", (ys[:3], order[:3], w), ValueError, "ys has 3 rows, expected N\\*K = 4"),
+        ("moe_combine", (ys, order[:3], w), ValueError, r"order has shape \(3,\), expected \(4,\)"),
+        ("moe_combine_backward", (dy[:1], ys, order, w), ValueError, "do not fit weight"),
+    ]
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("backend_name", BACKEND_PARAMS)
+@pytest.mark.parametrize("i", range(len(BAD)), ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_kernel_contract_rejects_bad_input(backend_name, i):
+    name, args, exc, pattern = BAD[i]
+    bk = get_backend(backend_name)
+    with pytest.raises(exc, match=pattern) as info:
+        bk.kernel_table()[name](*_to(bk, args))
+    assert "\n" not in str(info.value), "contract errors are one line"
+
+
+def test_every_kernel_with_a_contract_has_a_bad_input_case():
+    from refmtp.backends import contracts
+
+    checked = {n[len("check_"):] for n in dir(contracts) if n.startswith("check_")}
+    assert checked == set(TABLE) - {"verify_drafts_batch"}  # validated by its public function
+    assert checked <= {b[0] for b in BAD}
