@@ -11,10 +11,9 @@ import pytest
 from refmtp.backends import set_kernels_enabled
 from refmtp.config import preset
 from refmtp.verification.gradcheck import check_grad
-from refmtp.model.mla import (
-    mla_backward, mla_forward, mla_kv_b_heads, mla_kv_up, mla_latent_kv, mla_param_shapes,
-    mla_query,
-)
+from refmtp.model.mla import (check_mla, mla_backward, mla_forward, mla_kv_b_heads, mla_kv_up,
+                              mla_latent_kv, mla_query)
+from refmtp.params import mla_param_shapes
 
 
 def _cfg(variant):
@@ -280,22 +279,23 @@ def test_mla_backward_is_pure(backend):
 
 
 def test_mla_rejects_bad_input(backend):
+    """check_mla is the layer's contract, checked once at an entry point (not inside mla_forward)."""
     cfg = _cfg("tiny")
     p = _params(backend, cfg, seed=16)
     x = backend.zeros((1, 3, cfg.hidden_size))
     pos = _positions(backend, cfg, 3)
     with pytest.raises(ValueError, match="'kv_b_proj.weight' is missing"):
-        mla_forward(x, {k: w for k, w in p.items() if k != "kv_b_proj.weight"}, cfg, pos)
+        check_mla(x, {k: w for k, w in p.items() if k != "kv_b_proj.weight"}, cfg, pos)
     with pytest.raises(ValueError, match="unexpected parameter 'q_proj.weight'"):
-        mla_forward(x, {**p, "q_proj.weight": p["q_b_proj.weight"]}, cfg, pos)
+        check_mla(x, {**p, "q_proj.weight": p["q_b_proj.weight"]}, cfg, pos)
     with pytest.raises(ValueError, match=r"o_proj.weight has shape \(8, 16\)"):
-        mla_forward(x, {**p, "o_proj.weight": p["o_proj.weight"].T}, cfg, pos)
+        check_mla(x, {**p, "o_proj.weight": p["o_proj.weight"].T}, cfg, pos)
     with pytest.raises(ValueError, match=r"positions must be \(T,\)"):
-        mla_forward(x, p, cfg, _positions(backend, cfg, 2))
+        check_mla(x, p, cfg, _positions(backend, cfg, 2))
     with pytest.raises(ValueError, match="hidden_size=16"):
-        mla_forward(backend.zeros((1, 3, 15)), p, cfg, pos)
+        check_mla(backend.zeros((1, 3, 15)), p, cfg, pos)
     with pytest.raises(ValueError, match="float32 but x is float64"):
-        mla_forward(x, {**p, "o_proj.weight": backend.asarray(p["o_proj.weight"], dtype="float32")},
+        check_mla(x, {**p, "o_proj.weight": backend.asarray(p["o_proj.weight"], dtype="float32")},
                     cfg, pos)
 
 

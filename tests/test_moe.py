@@ -11,7 +11,7 @@ import pytest
 from refmtp.backends import set_kernels_enabled
 from refmtp.config import ConfigError, ModelConfig, preset
 from refmtp.verification.gradcheck import SelectionFlip, check_grad
-from refmtp.model.moe import (moe_backward, moe_forward, routing_margin, routing_selection)
+from refmtp.model.moe import (check_moe, moe_backward, moe_forward, routing_margin, routing_selection)
 from refmtp.params import BIAS, dense_mlp_param_shapes, moe_param_shapes
 from tests.test_moe_gate import _oracle as route_oracle
 
@@ -283,26 +283,26 @@ def test_input_errors(backend):
     p = make_params(backend, cfg, 0)
     x = backend.zeros((2, 3, 7))
     with pytest.raises(ValueError, match=r"expected \(B, T, 7\)") as e:
-        moe_forward(backend.zeros((6, 7)), p, cfg)
+        check_moe(backend.zeros((6, 7)), p, cfg)
     _one_line(e)
     with pytest.raises(ValueError, match=r"expected \(B, T, 7\)"):
-        moe_forward(backend.zeros((2, 3, 6)), p, cfg)
+        check_moe(backend.zeros((2, 3, 6)), p, cfg)
     with pytest.raises(ValueError, match=r"expected \(B, T, 7\)"):
-        moe_forward(backend.zeros((0, 3, 7)), p, cfg)
+        check_moe(backend.zeros((0, 3, 7)), p, cfg)
     q = dict(p)
     del q["experts.3.up_proj.weight"]
     with pytest.raises(ValueError, match="missing parameter 'experts.3.up_proj.weight'") as e:
-        moe_forward(x, q, cfg)
+        check_moe(x, q, cfg)
     _one_line(e)
     with pytest.raises(ValueError, match="unexpected parameter 'experts.8.up_proj.weight'"):
-        moe_forward(x, {**p, "experts.8.up_proj.weight": p["experts.0.up_proj.weight"]}, cfg)
+        check_moe(x, {**p, "experts.8.up_proj.weight": p["experts.0.up_proj.weight"]}, cfg)
     with pytest.raises(ValueError, match=r"experts.2.down_proj.weight has shape \(5, 7\)"):
-        moe_forward(x, {**p, "experts.2.down_proj.weight": p["experts.2.up_proj.weight"]}, cfg)
+        check_moe(x, {**p, "experts.2.down_proj.weight": p["experts.2.up_proj.weight"]}, cfg)
     with pytest.raises(ValueError, match="always float32") as e:
-        moe_forward(x, {**p, BIAS: backend.zeros((8,), dtype="float64")}, cfg)
+        check_moe(x, {**p, BIAS: backend.zeros((8,), dtype="float64")}, cfg)
     _one_line(e)
     with pytest.raises(ValueError, match="expected float64"):
-        moe_forward(x, {**p, "gate.weight": backend.zeros((8, 7), dtype="float32")}, cfg)
+        check_moe(x, {**p, "gate.weight": backend.zeros((8, 7), dtype="float32")}, cfg)
     _, _, c = moe_forward(x, p, cfg)
     with pytest.raises(ValueError, match="dout has shape"):
         moe_backward(backend.zeros((2, 3, 6)), 0.0, c)
@@ -315,7 +315,7 @@ def test_input_errors(backend):
     (dict(num_experts_per_tok=5), r"topk_group\*experts_per_group = 2\*2 = 4 must be >= num_experts_per_tok=5"),
 ])
 def test_config_errors(backend, change, msg):
-    """Rejected by the config, and by the layer when a config was changed after validation."""
+    """Rejected by the config, and by the layer's check when a config was changed after validation."""
     cfg = make_cfg("v3")
     with pytest.raises(ConfigError, match=msg) as e:
         cfg.replace(**change)
@@ -324,7 +324,7 @@ def test_config_errors(backend, change, msg):
     for k, v in change.items():
         setattr(cfg, k, v)
     with pytest.raises(ValueError, match=msg):
-        moe_forward(backend.zeros((1, 2, 7)), p, cfg)
+        check_moe(backend.zeros((1, 2, 7)), p, cfg)
 
 
 @pytest.mark.gpu

@@ -9,9 +9,8 @@ import pytest
 
 from refmtp.config import ModelConfig, preset
 from refmtp.verification.gradcheck import check_grad
-from refmtp.model.router import (
-    RouterGrads, gate_scale, router_backward, router_forward, router_margin,
-)
+from refmtp.model.router import (RouterGrads, check_router, gate_scale, router_backward, router_forward,
+                                 router_margin)
 
 # (scoring_func, topk_method, norm_topk_prob, E, K, G, TG)
 ROUTERS = [
@@ -203,15 +202,15 @@ def test_router_errors(backend):
     cfg = _cfg(*ROUTERS[0])
     x, W, b = _inputs(backend, cfg, 2, seed=0)
     with pytest.raises(ValueError, match="float32"):
-        router_forward(x, W, backend.asarray(backend.to_numpy(b), dtype="float64"), cfg)
+        check_router(x, W, backend.asarray(backend.to_numpy(b), dtype="float64"), cfg)
     with pytest.raises(ValueError, match="float32"):
-        router_forward(x, W, None, cfg)
+        check_router(x, W, None, cfg)
     with pytest.raises(ValueError, match=r"expected \(8, 6\)"):
-        router_forward(x, W[:7], b, cfg)
+        check_router(x, W[:7], b, cfg)
     v2 = _cfg(*ROUTERS[3])
     x2, W2, _ = _inputs(backend, v2, 2, seed=0)
     with pytest.raises(ValueError, match="uses no e_score_correction_bias"):
-        router_forward(x2, W2, backend.zeros((7,), dtype="float32"), v2)
+        check_router(x2, W2, backend.zeros((7,), dtype="float32"), v2)
 
 
 def test_sigmoid_does_not_overflow(backend):

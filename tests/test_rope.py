@@ -15,8 +15,8 @@ from refmtp.backends.cupy_kernels import INCLUDE_OPTION, cu_source
 from refmtp.config import preset
 from refmtp.verification.gradcheck import check_grad
 from refmtp.model.ops.rope import (
-    rope_apply_ref, rope_attention_factor, rope_backward, rope_forward, rope_freqs, rope_tables,
-    softmax_scale, yarn_correction_range,
+    check_positions, check_rope_args, rope_apply_ref, rope_attention_factor, rope_backward, rope_forward,
+    rope_freqs, rope_tables, softmax_scale, yarn_correction_range,
 )
 
 
@@ -165,11 +165,11 @@ def test_rope_tables_values_dtype_and_errors(backend):
         np.testing.assert_allclose(backend.to_numpy(sin), a * np.sin(ang), rtol=0, atol=tol)
     like = backend.zeros((1,))
     with pytest.raises(ValueError, match="integer"):
-        rope_tables(cfg, backend.asarray(np.arange(3.0)), like)
+        check_positions(backend.asarray(np.arange(3.0)), like)
     with pytest.raises(ValueError, match=">= 0"):
-        rope_tables(cfg, backend.asarray(np.array([0, -1]), dtype="int64"), like)
+        check_positions(backend.asarray(np.array([0, -1]), dtype="int64"), like)
     with pytest.raises(ValueError, match="1-D"):
-        rope_tables(cfg, backend.asarray(np.zeros((2, 2)), dtype="int64"), like)
+        check_positions(backend.asarray(np.zeros((2, 2)), dtype="int64"), like)
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,11 +228,11 @@ def test_rope_rejects_bad_input(backend):
     x = backend.zeros((2, 3, 4))
     cos, sin = rope_tables(preset("tiny"), _pos(backend, 3), x)
     with pytest.raises(ValueError, match=r"cos/sin must be \(T, Dr/2\)"):
-        rope_forward(x, cos[:2], sin[:2])
+        check_rope_args(x, cos[:2], sin[:2])
     with pytest.raises(ValueError, match="Dr even"):
-        rope_forward(backend.zeros((3, 5)), cos, sin)
+        check_rope_args(backend.zeros((3, 5)), cos, sin)
     with pytest.raises(ValueError, match="dtype"):
-        rope_forward(backend.zeros((2, 3, 4), dtype="float32"), cos, sin)
+        check_rope_args(backend.zeros((2, 3, 4), dtype="float32"), cos, sin)
 
 
 # ------------------------------------------------------------------------------------------

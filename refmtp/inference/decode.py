@@ -148,7 +148,8 @@ class Decoder:
     model's own wiring (trunk_forward / depth_forward / head_forward) with :class:`CachedMLA`."""
 
     def __init__(self, params: dict, cfg):
-        check_params(params, cfg)
+        cfg.validate()
+        check_params(params, cfg)  # once: the per-token calls do not re-validate
         self.params, self.cfg = params, cfg
         self.bk = backend_of(params[EMBED])
         self.kind = cfg.refmtp.mtp_kind

@@ -40,7 +40,8 @@ from refmtp.params import mla_param_shapes
 from refmtp.model.ops.attention import AttentionCache, attention_backward, attention_forward
 from refmtp.model.ops.linear import LinearCache, linear_backward, linear_forward
 from refmtp.model.ops.rmsnorm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
-from refmtp.model.ops.rope import RopeCache, rope_backward, rope_forward, rope_tables, softmax_scale
+from refmtp.model.ops.rope import (RopeCache, check_positions, rope_backward, rope_forward, rope_tables,
+                                   softmax_scale)
 
 
 # ------------------------------------------------------------------------------------------
@@ -64,6 +65,16 @@ def _check_params(p, cfg, x):
             raise ValueError(f"mla: {k} has shape {tuple(p[k].shape)}, the config needs {shape}")
         if p[k].dtype != x.dtype:
             raise ValueError(f"mla: {k} is {p[k].dtype} but x is {x.dtype}; use one float dtype")
+
+
+def check_mla(x, p, cfg, positions) -> None:
+    """The MLA layer's contract (one-line ValueErrors): x (B, T, hidden_size), positions (T,),
+    the local parameter names, shapes and dtype. Called once at an entry point (tests, the
+    audit); :func:`mla_forward` and the decoding helpers assume it holds (the model validates
+    every parameter once per call with refmtp.params.check_params)."""
+    _check_inputs(x, cfg, positions)
+    _check_params(p, cfg, x)
+    check_positions(positions, x)
 
 
 def _check_inputs(x, cfg, positions):
@@ -159,10 +170,8 @@ def mla_forward(x, p, cfg, positions):
     Returns ``(out (B,T,d), MLACache)``; ``out`` excludes the residual. Keys are the same T
     tokens (no cache), so the causal mask has ``start = 0``; ``positions`` only feed RoPE.
     """
-    bk = backend_of(x, positions, *p.values())
+    bk = backend_of(x)
     xp = bk.xp
-    _check_inputs(x, cfg, positions)
-    _check_params(p, cfg, x)
     B, T, _ = x.shape
     H, Dv, Dr = cfg.num_attention_heads, cfg.v_head_dim, cfg.qk_rope_head_dim
     cos, sin = rope_tables(cfg, positions, x)  # (T, Dr/2) each
@@ -253,8 +262,6 @@ def mla_latent_kv(x, p, cfg, positions):
 
     ``c_kv`` is taken AFTER kv_a_layernorm, ``k_pe`` AFTER RoPE at ``positions`` (T,).
     """
-    _check_inputs(x, cfg, positions)
-    _check_params(p, cfg, x)
     cos, sin = rope_tables(cfg, positions, x)
     c_kv, k_pe, _ = _latent_forward(x, p, cfg, cos, sin)
     return c_kv, k_pe
@@ -262,8 +269,6 @@ def mla_latent_kv(x, p, cfg, positions):
 
 def mla_query(x, p, cfg, positions):
     """The query parts ``(q_nope (B,H,T,Dn), q_pe (B,H,T,Dr))``, q_pe rotated at ``positions``."""
-    _check_inputs(x, cfg, positions)
-    _check_params(p, cfg, x)
     cos, sin = rope_tables(cfg, positions, x)
     q_nope, q_pe, _ = _query_forward(x, p, cfg, cos, sin)
     return q_nope, q_pe

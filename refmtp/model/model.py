@@ -220,7 +220,12 @@ def chained_state(cfg, d: DepthOut):
 # forward
 # -------------------------------------------------------------------------------------------
 def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
-    """tokens (B, T+1) int64 -> (ModelOutput, ModelCache or None).  See the module docstring."""
+    """tokens (B, T+1) int64 -> (ModelOutput, ModelCache or None).  See the module docstring.
+
+    The entry point validates once (config, every parameter's name, shape and dtype, the
+    tokens); the layers it calls do not re-validate.
+    """
+    cfg.validate()
     check_params(params, cfg)
     tokens, B, T = _check_tokens(tokens, cfg)
     bk = backend_of(tokens, params[EMBED])

@@ -141,9 +141,12 @@ class MoECache:
     expert_width: int  # moe_intermediate_size (zero gradients of experts with no token)
 
 
-def _check_inputs(x, p: dict, cfg, bk):
-    """One-line ValueErrors for wrong shapes, names or dtypes of the layer's inputs."""
-    xp = bk.xp
+def check_moe(x, p: dict, cfg) -> None:
+    """The MoE layer's contract (one-line ValueErrors): the config's MoE fields, x (B, T, d),
+    the local parameter names, shapes and dtypes. Called once at an entry point (tests, the
+    audit); :func:`moe_forward` assumes it holds (the model validates its config once, and every
+    parameter once per call with refmtp.params.check_params)."""
+    xp = backend_of(x, *p.values()).xp
     cfg.validate()  # ConfigError (a ValueError) for K > E, G not dividing E, ... (spec 3.2)
     if cfg.n_routed_experts < 1:
         raise ValueError("moe_forward: n_routed_experts=0 means a dense layer; call the dense MLP")
@@ -179,9 +182,8 @@ def moe_forward(x, p: dict, cfg):
     ``out`` = shared + routed experts (no residual), V3 eq. 12. ``aux`` is the layer's balance
     loss WITHOUT alpha (cfg.refmtp.balance_loss: "seq" V3 eqs. 17-20, "expert" V2, "none" -> 0).
     """
-    bk = backend_of(x, *p.values())
+    bk = backend_of(x)
     xp = bk.xp
-    _check_inputs(x, p, cfg, bk)
     B, T, d = x.shape
     N, E, K = B * T, cfg.n_routed_experts, cfg.num_experts_per_tok
     x2 = xp.reshape(x, (N, d))  # (B, T, d) -> (N, d)

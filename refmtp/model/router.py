@@ -117,17 +117,13 @@ def _group_limit(sc, cfg, bk, group_sc=None):
     return xp.reshape(masked, (N, E)), group_scores
 
 
-def router_forward(x, weight, bias, cfg):
-    """Route N tokens: x (N, d), gate.weight (E, d), bias (E,) float32 or None.
-
-    Returns ``(topk_idx (N, K) int64, topk_weight (N, K), RouterCache)``. ``bias`` must be the
-    float32 ``e_score_correction_bias`` for ``noaux_tc`` and None for the V2 methods (V2 has no
-    bias). V3 eqs. 13-16; spec sections 3.2-3.3.
-    """
-    bk = backend_of(x, weight, bias)
-    xp = bk.xp
+def check_router(x, weight, bias, cfg) -> None:
+    """The router's contract (one-line ValueErrors): gate.weight (E, d); the float32 bias for
+    noaux_tc and none for the V2 methods. Called once at an entry point (tests; the MoE layer's
+    check_moe covers it); :func:`router_forward` assumes it holds."""
+    xp = backend_of(x, weight, bias).xp
     N, d = x.shape
-    E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+    E = cfg.n_routed_experts
     if weight.shape != (E, d):
         raise ValueError(
             f"router: gate.weight has shape {tuple(weight.shape)}, expected ({E}, {d}) = "
@@ -145,6 +141,18 @@ def router_forward(x, weight, bias, cfg):
             f"router: topk_method={cfg.topk_method!r} (V2) uses no e_score_correction_bias: "
             "drop it or use noaux_tc"
         )
+
+
+def router_forward(x, weight, bias, cfg):
+    """Route N tokens: x (N, d), gate.weight (E, d), bias (E,) float32 or None.
+
+    Returns ``(topk_idx (N, K) int64, topk_weight (N, K), RouterCache)``. ``bias`` must be the
+    float32 ``e_score_correction_bias`` for ``noaux_tc`` and None for the V2 methods (V2 has no
+    bias). V3 eqs. 13-16; spec sections 3.2-3.3.
+    """
+    bk = backend_of(x, weight, bias)
+    xp = bk.xp
+    K = cfg.num_experts_per_tok
     z = x @ weight.T  # (N, E) router logits
     if cfg.scoring_func == "sigmoid" and not on("router.softmax_scores"):
         s = sigmoid(z, xp)  # (N, E) eq. 15

@@ -158,16 +158,11 @@ def softmax_scale(cfg) -> float:
     return scale
 
 
-def rope_tables(cfg, positions, like):
-    """cos/sin tables for ``positions``: ``cos[t, j] = a cos(positions[t] th'_j)``, same for sin.
-
-    positions (T,) integer array (token index m, plus any cache offset); ``like`` is any array
-    whose backend and float dtype the tables take. ``a`` = :func:`rope_attention_factor`.
-    The angle ``m th'_j`` is formed in float64 and only the cos/sin are rounded to ``like``'s
-    dtype (HF forms it in float32; identical in float64). Returns ``(cos, sin)``, each (T, Dr/2).
-    """
-    bk = backend_of(positions, like)
-    xp = bk.xp
+def check_positions(positions, like) -> None:
+    """The contract of :func:`rope_tables` (one-line ValueErrors): positions (T,) integers >= 0,
+    ``like`` a float array. Checked once at an entry point (check_mla); the hot path assumes it
+    (the >= 0 test reads the device)."""
+    xp = backend_of(positions, like).xp
     if positions.ndim != 1:
         raise ValueError(
             f"rope_tables: positions must be 1-D (T,), got shape {tuple(positions.shape)}"
@@ -180,6 +175,18 @@ def rope_tables(cfg, positions, like):
         raise ValueError("rope_tables: positions must be >= 0 (token index plus cache offset)")
     if not xp.isdtype(like.dtype, "real floating"):
         raise ValueError(f"rope_tables: like must be a float array, got {like.dtype}")
+
+
+def rope_tables(cfg, positions, like):
+    """cos/sin tables for ``positions``: ``cos[t, j] = a cos(positions[t] th'_j)``, same for sin.
+
+    positions (T,) integer array (token index m, plus any cache offset); ``like`` is any array
+    whose backend and float dtype the tables take. ``a`` = :func:`rope_attention_factor`.
+    The angle ``m th'_j`` is formed in float64 and only the cos/sin are rounded to ``like``'s
+    dtype (HF forms it in float32; identical in float64). Returns ``(cos, sin)``, each (T, Dr/2).
+    """
+    bk = backend_of(positions, like)
+    xp = bk.xp
     inv = bk.asarray(list(rope_freqs(cfg)), dtype="float64")  # (Dr/2,)
     ang = xp.astype(positions, xp.float64)[:, None] * inv[None, :]  # (T, Dr/2)  m * th'_j
     a = rope_attention_factor(cfg)
@@ -209,7 +216,9 @@ def rope_apply_ref(x, cos, sin):
     return xp.reshape(xp.stack([y0, y1], axis=-1), x.shape)  # (..., T, Dr/2, 2) -> (..., T, Dr)
 
 
-def _check_rope_args(x, cos, sin, who):
+def check_rope_args(x, cos, sin, who="rope_forward"):
+    """The contract of rope_forward / rope_backward (x (..., T, Dr), tables (T, Dr/2) of x's dtype),
+    checked once at an entry point; the kernels check theirs (backends/contracts.py)."""
     if x.ndim < 2 or x.shape[-1] % 2:
         raise ValueError(
             f"{who}: x must be (..., T, Dr) with Dr even, got shape {tuple(x.shape)}"
@@ -244,7 +253,6 @@ def rope_forward(x, cos, sin):
     Runs the ``rope_apply`` kernel of x's backend when there is one, else :func:`rope_apply_ref`.
     """
     bk = backend_of(x, cos, sin)
-    _check_rope_args(x, cos, sin, "rope_forward")
     fast = bk.kernel("rope_apply")
     y = (fast or rope_apply_ref)(x, cos, sin)  # (..., T, Dr)
     return y, RopeCache(cos=cos, sin=sin)
@@ -259,7 +267,6 @@ def rope_backward(dout, cache: RopeCache) -> RopeGrads:
         dx[2j+1] = -dout[2j] s + dout[2j+1] c
     """
     bk = backend_of(dout, cache.cos)
-    _check_rope_args(dout, cache.cos, cache.sin, "rope_backward")
     fast = bk.kernel("rope_apply")
     dx = (fast or rope_apply_ref)(dout, cache.cos, -cache.sin)  # (..., T, Dr)
     return RopeGrads(dx=dx)
