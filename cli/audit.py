@@ -1,6 +1,6 @@
 """``refmtp audit``: walk the model's math step by step, each step checked independently.
 
-Thin wrapper around :func:`refmtp.verification.audit.run_audit` (docs/audit.md). Exit codes: 0 every check
+Thin wrapper around :func:`refmtp.verification.audit.run.run_audit` (docs/audit.md). Exit codes: 0 every check
 passes, 1 a check FAILs (the report is still printed in full), 2 bad input (unknown preset,
 unreadable config or checkpoint, position out of range, a model too large to audit).
 """
@@ -10,7 +10,8 @@ import sys
 
 import click
 
-from refmtp.verification.audit import COMPONENTS, CORRUPTIONS, FORMATS
+from refmtp.verification.audit.corruptions import CORRUPTIONS
+from refmtp.verification.audit.report import COMPONENTS, FORMATS
 
 
 class InputError(click.ClickException):
@@ -49,7 +50,7 @@ def audit(preset_name, ckpt, config_file, component, position, batch_row, backwa
           backend, corrupt):
     """Print every step of the forward (and with --backward the gradients) with its equation,
     formula, shapes, values at (b, i) and an independent check; exit 1 if any check fails."""
-    from refmtp.verification.audit import run_audit
+    from refmtp.verification.audit.run import run_audit  # here: the model loads only for this command
     from refmtp.backends import BackendUnavailable
     from refmtp.config import ConfigError
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import refmtp.verification.audit as audit
-from refmtp.verification.audit import COMPONENTS, run_audit
+from refmtp.verification.audit.context import AUDIT_B
+from refmtp.verification.audit.report import COMPONENTS
+from refmtp.verification.audit.run import run_audit
 from refmtp.cli.main import cli
 from refmtp.config import preset
 from refmtp.params import is_bias, param_shapes
@@ -263,7 +264,7 @@ def test_reference_is_taken_before_the_hook():
     r = run_audit(component="mla", corrupt=hook)
     step = r.steps[0]
     assert step.checks[0].name == "h equals the checkpoint rows E[t]" and not step.checks[0].passed
-    assert audit.AUDIT_B == 2 and seen["before"].shape == (64, 16)
+    assert AUDIT_B == 2 and seen["before"].shape == (64, 16)
 
 
 # -------------------------------------------------------------------------------------------
