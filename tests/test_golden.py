@@ -432,6 +432,23 @@ def test_export_refuses_routing_near_ties(tmp_path, monkeypatch):
     assert not (tmp_path / "x").exists()
 
 
+def test_export_margins_are_the_models_per_layer_margins():
+    """The margins an export checks are refmtp.model's (router plus the eq. 18 top-K), one per
+    MoE layer under its layer index (MTP modules and parallel heads at L + k - 1)."""
+    from refmtp.checkpoint import load_checkpoint
+    from refmtp.model import forward, routing_margin
+    from refmtp.model.model import routing_margins
+
+    for name in ("tiny_d2", "parallel_heads"):
+        m = read_manifest(ROOT / name)
+        cfg, params = load_checkpoint(ROOT / name, backend="numpy", dtype=m["dtype"])
+        out, cache = forward(params, cfg, read_tensors(ROOT / name / "inputs.safetensors")["tokens"])
+        margins = routing_margins(cache)
+        assert sorted(margins) == sorted(out.routing)
+        assert min(margins.values()) == routing_margin(cache)
+        assert min(margins.values()) == pytest.approx(m["min_routing_margin"], rel=1e-6)
+
+
 def test_tolerances_derive_from_dtype():
     exp = {"logits": np.zeros(2), "routing.3.topk_idx": np.zeros(2, np.int64),
            "bias_after_update.3": np.zeros(2, np.float32), "bias_after_update.4": np.zeros(2, np.float32)}
