@@ -14,9 +14,10 @@ import click
 
 
 def _lib():
-    from refmtp.verification import golden_files
+    """The golden package, imported on first use (it loads the model: CLI start-up cost)."""
+    from refmtp.verification import golden
 
-    return golden_files
+    return golden
 
 
 @click.group()

@@ -17,7 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from refmtp.verification import conformance as conf
-from refmtp.verification import golden_files as gf
+from refmtp.verification.golden.files import read_tensors, save_tensors
+from refmtp.verification.golden.manifest import read_manifest
+from refmtp.verification.golden.recipe import shipped_dir
+from refmtp.verification.golden.verify import recompute
 from refmtp.backends import kernels_enabled
 from refmtp.cli.main import cli as main
 from refmtp.mutation import CATALOG, IDS, active, mutation, on
@@ -166,7 +169,7 @@ def test_dataflow_order():
 def test_verify_against_a_mutated_implementation(tmp_path, case, mutant):
     """A file of outputs with one bug fails verify and gets that bug as its first likely cause."""
     out = tmp_path / "theirs.safetensors"
-    gf.save_tensors(out, conf.mutant_outputs(gf.shipped_dir() / case, mutant))
+    save_tensors(out, conf.mutant_outputs(shipped_dir() / case, mutant))
     res = CliRunner().invoke(main, ["golden", "verify", case, "--against", str(out)])
     assert res.exit_code == 1, res.output
     lines = res.output.splitlines()
@@ -178,9 +181,9 @@ def test_verify_against_a_mutated_implementation(tmp_path, case, mutant):
 
 
 def test_passing_outputs_get_no_diagnosis(tmp_path):
-    case = gf.shipped_dir() / "tiny_d1"
+    case = shipped_dir() / "tiny_d1"
     out = tmp_path / "ours.safetensors"
-    gf.save_tensors(out, gf._recompute(case, gf.read_manifest(case), "numpy"))
+    save_tensors(out, recompute(case, read_manifest(case), "numpy"))
     res = CliRunner().invoke(main, ["golden", "verify", "tiny_d1", "--against", str(out)])
     assert res.exit_code == 0, res.output
     assert "diagnosis" not in res.output
@@ -207,10 +210,10 @@ def test_off_switch_costs_a_set_lookup():
 
 
 def test_float32_outputs_blame_the_precision_not_a_mutant(tmp_path):
-    case = gf.shipped_dir() / "tiny_d1"
-    exp = gf.read_tensors(case / "expected.safetensors")
+    case = shipped_dir() / "tiny_d1"
+    exp = read_tensors(case / "expected.safetensors")
     out = tmp_path / "f32.safetensors"
-    gf.save_tensors(out, {k: v.astype("float32") if v.dtype == "float64" else v for k, v in exp.items()})
+    save_tensors(out, {k: v.astype("float32") if v.dtype == "float64" else v for k, v in exp.items()})
     res = CliRunner().invoke(main, ["golden", "verify", "tiny_d1", "--against", str(out)])
     assert res.exit_code == 1
     assert "likely cause: the outputs' precision" in res.output

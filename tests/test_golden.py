@@ -13,11 +13,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from refmtp.verification import golden_files as gf
+from refmtp.verification.golden.acceptance import (dyadic_str, parse_dyadic, read_records,
+                                                   record_inputs, result_dict)
+from refmtp.verification.golden.cases import MIN_ROUTING_MARGIN, compute_case, export_model_case
+from refmtp.verification.golden.compare import (TOLERANCES, compare_tensor, compare_tensors,
+                                                tolerance_for, tolerance_table)
+from refmtp.verification.golden.files import (ACCEPTANCE_FILE, FORMAT_VERSION, MANIFEST,
+                                              RECIPE as RECIPE_FILE, GoldenError, read_tensors,
+                                              save_tensors, write_json)
+from refmtp.verification.golden.manifest import file_entries, read_manifest
+from refmtp.verification.golden.recipe import config_from_recipe, generate, load_recipe, shipped_dir
+from refmtp.verification.golden.report import format_report
+from refmtp.verification.golden.verify import verify_case
 from refmtp.cli.main import cli
 
-ROOT = gf.shipped_dir()
-RECIPE = gf.load_recipe(ROOT / gf.RECIPE)
+ROOT = shipped_dir()
+RECIPE = load_recipe(ROOT / RECIPE_FILE)
 CASES = list(RECIPE["cases"])
 MODEL_CASES = [n for n, e in RECIPE["cases"].items() if e.get("kind", "model") == "model"]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "golden-format.md"
@@ -37,9 +48,9 @@ def copy_case(tmp_path, name="tiny_d1") -> Path:
 
 def rehash(case_dir: Path) -> None:
     """Rewrite the manifest's sha256s (to test what the hash check alone would not catch)."""
-    m = json.loads((case_dir / gf.MANIFEST).read_text())
-    m["files"] = gf.file_entries(case_dir, m["files"])
-    gf.write_json(case_dir / gf.MANIFEST, m)
+    m = json.loads((case_dir / MANIFEST).read_text())
+    m["files"] = file_entries(case_dir, m["files"])
+    write_json(case_dir / MANIFEST, m)
 
 
 def one_error_line(out: str) -> str:
@@ -54,9 +65,9 @@ def one_error_line(out: str) -> str:
 # -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", CASES)
 def test_shipped_case_verifies(name, backend):
-    report = gf.verify_case(ROOT / name, backend=backend.name)
-    assert report.status == "pass", gf.format_report(report, verbose=False)
-    n = len(gf.read_manifest(ROOT / name).get("tensors", {})) or gf.read_manifest(ROOT / name)["records"]
+    report = verify_case(ROOT / name, backend=backend.name)
+    assert report.status == "pass", format_report(report, verbose=False)
+    n = len(read_manifest(ROOT / name).get("tensors", {})) or read_manifest(ROOT / name)["records"]
     assert sum(r.status == "pass" for r in report.rows) == n
 
 
@@ -69,7 +80,7 @@ def test_cli_verify_all_shipped():
 
 
 def test_shipped_set_covers_the_required_variants():
-    cfgs = {n: gf.config_from_recipe(e) for n, e in RECIPE["cases"].items() if e.get("kind", "model") != "acceptance"}
+    cfgs = {n: config_from_recipe(e) for n, e in RECIPE["cases"].items() if e.get("kind", "model") != "acceptance"}
     dtypes = {n: RECIPE["cases"][n]["dtype"] for n in cfgs}
     f64 = [n for n in cfgs if dtypes[n] == "float64"]
     assert any(cfgs[n].D == 1 and cfgs[n].refmtp.mtp_kind == "causal" for n in f64)
@@ -80,7 +91,7 @@ def test_shipped_set_covers_the_required_variants():
     assert any(cfgs[n].refmtp.mtp_kind == "parallel" for n in f64)
     assert any(d == "float32" for d in dtypes.values())
     acc = [n for n, e in RECIPE["cases"].items() if e.get("kind") == "acceptance"]
-    assert len(acc) == 1 and len(gf.read_records(ROOT / acc[0])) >= 40
+    assert len(acc) == 1 and len(read_records(ROOT / acc[0])) >= 40
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert total < 5_000_000, f"golden/ holds {total} bytes"
 
@@ -91,7 +102,7 @@ def test_every_parameter_has_a_gradient_and_routing_is_recorded():
 
     for name in MODEL_CASES:
         cfg, params = load_checkpoint(ROOT / name, backend="numpy")
-        exp = gf.read_tensors(ROOT / name / "expected.safetensors")
+        exp = read_tensors(ROOT / name / "expected.safetensors")
         grads = {k[5:] for k in exp if k.startswith("grad.")}
         assert grads == {k for k in params if not is_bias(k)}, name
         moe = [layer for layer in range(cfg.num_hidden_layers + cfg.D) if cfg.is_moe_layer(layer)]
@@ -106,13 +117,13 @@ def _recompute(name, **changes):
     from refmtp.checkpoint import load_checkpoint
 
     cfg, params = load_checkpoint(ROOT / name, backend="numpy")
-    tokens = gf.read_tensors(ROOT / name / "inputs.safetensors")["tokens"]
+    tokens = read_tensors(ROOT / name / "inputs.safetensors")["tokens"]
     zero_bias = changes.pop("zero_bias", False)
     if zero_bias:
         params = {k: (np.zeros_like(v) if k.endswith("e_score_correction_bias") else v) for k, v in params.items()}
     if changes:
         cfg = cfg.replace(**changes)
-    return gf.compute_case(cfg, params, tokens)
+    return compute_case(cfg, params, tokens)
 
 
 def _routing_differs(a, b):
@@ -122,15 +133,15 @@ def _routing_differs(a, b):
 def test_cases_pin_what_they_claim():
     """The bias, the group limit and YaRN each change the numbers of their case."""
     for name in MODEL_CASES:
-        exp = gf.read_tensors(ROOT / name / "expected.safetensors")
+        exp = read_tensors(ROOT / name / "expected.safetensors")
         assert _routing_differs(exp, _recompute(name, zero_bias=True)) > 0, f"{name}: bias changes no routing"
-    gl = next(n for n in MODEL_CASES if 1 < gf.config_from_recipe(RECIPE["cases"][n]).topk_group
-              < gf.config_from_recipe(RECIPE["cases"][n]).n_group)
-    cfg = gf.config_from_recipe(RECIPE["cases"][gl])
-    exp = gf.read_tensors(ROOT / gl / "expected.safetensors")
+    gl = next(n for n in MODEL_CASES if 1 < config_from_recipe(RECIPE["cases"][n]).topk_group
+              < config_from_recipe(RECIPE["cases"][n]).n_group)
+    cfg = config_from_recipe(RECIPE["cases"][gl])
+    exp = read_tensors(ROOT / gl / "expected.safetensors")
     assert _routing_differs(exp, _recompute(gl, topk_group=cfg.n_group)) > 0
-    yarn = next(n for n in MODEL_CASES if gf.config_from_recipe(RECIPE["cases"][n]).rope_scaling)
-    exp = gf.read_tensors(ROOT / yarn / "expected.safetensors")
+    yarn = next(n for n in MODEL_CASES if config_from_recipe(RECIPE["cases"][n]).rope_scaling)
+    exp = read_tensors(ROOT / yarn / "expected.safetensors")
     assert np.max(np.abs(exp["logits"] - _recompute(yarn, rope_scaling=None)["logits"])) > 1e-3
 
 
@@ -140,10 +151,10 @@ def test_float32_tolerance_admits_an_exact_implementation():
 
     name = next(n for n in MODEL_CASES if RECIPE["cases"][n]["dtype"] == "float32")
     cfg, params = load_checkpoint(ROOT / name, backend="numpy", dtype="float64")
-    tokens = gf.read_tensors(ROOT / name / "inputs.safetensors")["tokens"]
-    exact = gf.compute_case(cfg, params, tokens)
-    exp = gf.read_tensors(ROOT / name / "expected.safetensors")
-    rows = gf.compare_tensors(exp, exact, gf.read_manifest(ROOT / name)["tolerances"])
+    tokens = read_tensors(ROOT / name / "inputs.safetensors")["tokens"]
+    exact = compute_case(cfg, params, tokens)
+    exp = read_tensors(ROOT / name / "expected.safetensors")
+    rows = compare_tensors(exp, exact, read_manifest(ROOT / name)["tolerances"])
     assert all(r.status == "pass" for r in rows), [r for r in rows if r.status != "pass"][:3]
 
 
@@ -203,12 +214,12 @@ def test_missing_and_unlisted_files_exit_2(tmp_path):
 
 def test_bad_manifest_exits_2(tmp_path):
     d = copy_case(tmp_path)
-    (d / gf.MANIFEST).write_text("{not json")
+    (d / MANIFEST).write_text("{not json")
     code, out = run("verify", d)
     assert code == 2 and "JSON" in one_error_line(out)
-    m = json.loads((ROOT / "tiny_d1" / gf.MANIFEST).read_text())
-    m["format_version"] = gf.FORMAT_VERSION + 1
-    gf.write_json(d / gf.MANIFEST, m)
+    m = json.loads((ROOT / "tiny_d1" / MANIFEST).read_text())
+    m["format_version"] = FORMAT_VERSION + 1
+    write_json(d / MANIFEST, m)
     code, out = run("verify", d)
     assert code == 2 and "HINT" in one_error_line(out)
     code, out = run("verify", tmp_path / "nowhere")
@@ -219,9 +230,9 @@ def test_bad_manifest_exits_2(tmp_path):
 def test_consistent_but_wrong_case_is_a_mismatch(tmp_path):
     """A re-hashed case whose expected value was edited fails the recomputation (exit 1)."""
     d = copy_case(tmp_path)
-    exp = gf.read_tensors(d / "expected.safetensors")
+    exp = read_tensors(d / "expected.safetensors")
     exp["grad.model.norm.weight"] = exp["grad.model.norm.weight"] * (1 + 1e-6)
-    gf.save_tensors(d / "expected.safetensors", exp)
+    save_tensors(d / "expected.safetensors", exp)
     rehash(d)
     code, out = run("verify", d)
     assert code == 1
@@ -233,24 +244,24 @@ def test_consistent_but_wrong_case_is_a_mismatch(tmp_path):
 # --against: another implementation's outputs
 # -------------------------------------------------------------------------------------------
 def test_against_identical_outputs_pass(tmp_path):
-    exp = gf.read_tensors(ROOT / "tiny_d2" / "expected.safetensors")
+    exp = read_tensors(ROOT / "tiny_d2" / "expected.safetensors")
     # another implementation: float64 values, top-K in a different order per token
     out = dict(exp)
     for k in [k for k in exp if k.endswith("topk_idx")]:
         w = k.replace("topk_idx", "topk_weight")
         out[k], out[w] = exp[k][..., ::-1].copy(), exp[w][..., ::-1].copy()
-    gf.save_tensors(tmp_path / "out.safetensors", out)
+    save_tensors(tmp_path / "out.safetensors", out)
     code, text = run("verify", ROOT / "tiny_d2", "--against", tmp_path / "out.safetensors")
     assert code == 0, text
     assert "max abs err" in text and "PASS" in text
 
 
 def test_against_perturbed_output_exits_1_with_table(tmp_path):
-    exp = gf.read_tensors(ROOT / "tiny_d2" / "expected.safetensors")
+    exp = read_tensors(ROOT / "tiny_d2" / "expected.safetensors")
     out = dict(exp)
     out["logits"] = exp["logits"] + 1e-6 * np.abs(exp["logits"]).max()
     out["extra.thing"] = np.zeros(3)
-    gf.save_tensors(tmp_path / "out.safetensors", out)
+    save_tensors(tmp_path / "out.safetensors", out)
     code, text = run("verify", ROOT / "tiny_d2", "--against", tmp_path / "out.safetensors")
     assert code == 1
     row = next(ln for ln in text.splitlines() if ln.split()[:1] == ["logits"])
@@ -260,14 +271,14 @@ def test_against_perturbed_output_exits_1_with_table(tmp_path):
 
 
 def test_against_missing_keys_listed(tmp_path):
-    exp = gf.read_tensors(ROOT / "tiny_d1" / "expected.safetensors")
+    exp = read_tensors(ROOT / "tiny_d1" / "expected.safetensors")
     keep = {k: v for k, v in exp.items() if k.startswith(("logits", "mtp_logits", "loss."))}
-    gf.save_tensors(tmp_path / "out.safetensors", keep)
+    save_tensors(tmp_path / "out.safetensors", keep)
     code, text = run("verify", ROOT / "tiny_d1", "--against", tmp_path / "out.safetensors")
     assert code == 1 and "missing (" in text and "grad.lm_head.weight" in text
     code, text = run("verify", ROOT / "tiny_d1", "--against", tmp_path / "out.safetensors", "--allow-missing")
     assert code == 0 and "not checked" in text
-    gf.save_tensors(tmp_path / "none.safetensors", {"my_logits": exp["logits"]})
+    save_tensors(tmp_path / "none.safetensors", {"my_logits": exp["logits"]})
     code, text = run("verify", ROOT / "tiny_d1", "--against", tmp_path / "none.safetensors", "--allow-missing")
     assert code == 1 and "share no name" in text  # nothing compared is never a pass
     bad = tmp_path / "trunc.safetensors"
@@ -279,10 +290,10 @@ def test_against_missing_keys_listed(tmp_path):
 
 def test_against_shape_and_nan_fail():
     e = np.ones((2, 3))
-    assert gf.compare_tensor("x", e, np.ones((3, 2)), 0.0, 0.0).status == "shape"
+    assert compare_tensor("x", e, np.ones((3, 2)), 0.0, 0.0).status == "shape"
     a = e.copy()
     a[1, 2] = np.nan
-    row = gf.compare_tensor("x", e, a, 1.0, 1.0)
+    row = compare_tensor("x", e, a, 1.0, 1.0)
     assert row.status == "FAIL" and "(1, 2)" in row.note
 
 
@@ -296,21 +307,21 @@ def _acceptance_dir():
 def test_acceptance_records_replay_exactly(backend):
     from refmtp.inference.acceptance import verify_drafts
 
-    records = gf.read_records(_acceptance_dir())
+    records = read_records(_acceptance_dir())
     assert len(records) >= 40
     for rec in records:
-        x = gf.record_inputs(rec, rec["case"])
+        x = record_inputs(rec, rec["case"])
 
         def arr(rows):
             return None if rows is None else backend.asarray(np.asarray(rows, dtype=np.float64), dtype="float64")
 
         got = verify_drafts(arr(x["p"]), arr(x["q"]), x["drafts"], x["u_accept"], x["u_sample"],
                             greedy=x["greedy"], logits=arr(x["logits"]))
-        assert gf._result_dict(got) == rec["expected"], rec["case"]
+        assert result_dict(got) == rec["expected"], rec["case"]
 
 
 def test_acceptance_records_are_exact_dyadic_strings():
-    records = gf.read_records(_acceptance_dir())
+    records = read_records(_acceptance_dir())
     names = [r["case"] for r in records]
     assert len(set(names)) == len(names)
     assert {"A", "B", "C", "C'", "D", "E1", "E2", "F", "G"} <= set(names)  # spec 2.4 worked cases
@@ -324,36 +335,36 @@ def test_acceptance_records_are_exact_dyadic_strings():
             for row in r[key] or []:
                 for s in row:
                     if s not in ("inf", "-inf"):
-                        assert s == gf.dyadic_str(gf.parse_dyadic(s, key)), (r["case"], s)
+                        assert s == dyadic_str(parse_dyadic(s, key)), (r["case"], s)
 
 
 def test_acceptance_wrong_expectation_is_a_mismatch(tmp_path):
     d = tmp_path / "acc"
     shutil.copytree(_acceptance_dir(), d)
-    body = json.loads((d / gf.ACCEPTANCE_FILE).read_text())
+    body = json.loads((d / ACCEPTANCE_FILE).read_text())
     body["records"][0]["expected"]["tokens"] = [t + 1 for t in body["records"][0]["expected"]["tokens"]]
-    gf.write_json(d / gf.ACCEPTANCE_FILE, body)
+    write_json(d / ACCEPTANCE_FILE, body)
     code, out = run("verify", d)
     assert code == 2 and "sha256" in one_error_line(out)
     rehash(d)
     code, out = run("verify", d)
     assert code == 1 and f"{body['records'][0]['case']}" in out and "FAIL" in out
     # --against: another implementation's decisions as JSON
-    other = {r["case"]: r["expected"] for r in gf.read_records(_acceptance_dir())}
+    other = {r["case"]: r["expected"] for r in read_records(_acceptance_dir())}
     (tmp_path / "other.json").write_text(json.dumps(other))
     code, out = run("verify", _acceptance_dir(), "--against", tmp_path / "other.json")
     assert code == 0, out
 
 
 def test_dyadic_strings():
-    assert gf.dyadic_str(0.125) == "0.125" and gf.dyadic_str(-3) == "-3" and gf.dyadic_str(0.0) == "0"
-    assert gf.dyadic_str(1 - 2.0 ** -21) == "0.999999523162841796875"
-    assert gf.dyadic_str(float("-inf")) == "-inf"
+    assert dyadic_str(0.125) == "0.125" and dyadic_str(-3) == "-3" and dyadic_str(0.0) == "0"
+    assert dyadic_str(1 - 2.0 ** -21) == "0.999999523162841796875"
+    assert dyadic_str(float("-inf")) == "-inf"
     with pytest.raises(ValueError, match="float32"):
-        gf.dyadic_str(0.1)
-    assert gf.parse_dyadic(gf.dyadic_str(0.1, float32=False), "u") == 0.1
-    with pytest.raises(gf.GoldenError, match="not exactly"):
-        gf.parse_dyadic("0.1", "u")
+        dyadic_str(0.1)
+    assert parse_dyadic(dyadic_str(0.1, float32=False), "u") == 0.1
+    with pytest.raises(GoldenError, match="not exactly"):
+        parse_dyadic("0.1", "u")
 
 
 # -------------------------------------------------------------------------------------------
@@ -363,7 +374,7 @@ def test_generate_is_byte_identical(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     code, out = run("generate", "--out", a)
     assert code == 0, out
-    gf.generate(b)
+    generate(b)
     files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
     assert files_a == files_b and len(files_a) >= 5 * len(MODEL_CASES)
@@ -373,8 +384,8 @@ def test_generate_is_byte_identical(tmp_path):
     code, out = run("verify", a)
     assert code == 0, out
     for name in CASES:
-        shipped = json.loads((ROOT / name / gf.MANIFEST).read_text())
-        fresh = json.loads((a / name / gf.MANIFEST).read_text())
+        shipped = json.loads((ROOT / name / MANIFEST).read_text())
+        fresh = json.loads((a / name / MANIFEST).read_text())
         assert shipped["recipe"] == fresh["recipe"] and shipped["command"] == fresh["command"]
 
 
@@ -382,9 +393,9 @@ def test_export_cli_preset_and_config(tmp_path):
     code, out = run("export", "--preset", "tiny", "--seed", 11, "--batch", 1, "--seq-len", 4,
                     "--dtype", "float32", "--out", tmp_path / "p")
     assert code == 0, out
-    m = gf.read_manifest(tmp_path / "p")
+    m = read_manifest(tmp_path / "p")
     assert m["dtype"] == "float32" and m["command"].startswith("refmtp golden export --preset tiny")
-    assert gf.verify_case(tmp_path / "p").status == "pass"
+    assert verify_case(tmp_path / "p").status == "pass"
     from refmtp.config import preset
 
     cfg = preset("tiny").replace(num_nextn_predict_layers=1, q_lora_rank=None)
@@ -392,7 +403,7 @@ def test_export_cli_preset_and_config(tmp_path):
     code, out = run("export", "--config", tmp_path / "cfg.json", "--seed", 12, "--out", tmp_path / "c")
     assert code == 0, out
     assert json.loads((tmp_path / "c" / "config.json").read_text())["q_lora_rank"] is None
-    assert gf.verify_case(tmp_path / "c").status == "pass"
+    assert verify_case(tmp_path / "c").status == "pass"
 
 
 def test_export_cli_errors(tmp_path):
@@ -415,22 +426,39 @@ def test_export_never_replaces_a_foreign_directory(tmp_path):
 def test_export_refuses_routing_near_ties(tmp_path, monkeypatch):
     from refmtp.config import preset
 
-    monkeypatch.setitem(gf.MIN_ROUTING_MARGIN, "float64", 10.0)
+    monkeypatch.setitem(MIN_ROUTING_MARGIN, "float64", 10.0)
     with pytest.raises(ValueError, match="near-tie"):
-        gf.export_model_case(tmp_path / "x", preset("tiny"), seed=0, batch=1, seq_len=4)
+        export_model_case(tmp_path / "x", preset("tiny"), seed=0, batch=1, seq_len=4)
     assert not (tmp_path / "x").exists()
+
+
+def test_export_margins_are_the_models_per_layer_margins():
+    """The margins an export checks are refmtp.model's (router plus the eq. 18 top-K), one per
+    MoE layer under its layer index (MTP modules and parallel heads at L + k - 1)."""
+    from refmtp.checkpoint import load_checkpoint
+    from refmtp.model import forward, routing_margin
+    from refmtp.model.model import routing_margins
+
+    for name in ("tiny_d2", "parallel_heads"):
+        m = read_manifest(ROOT / name)
+        cfg, params = load_checkpoint(ROOT / name, backend="numpy", dtype=m["dtype"])
+        out, cache = forward(params, cfg, read_tensors(ROOT / name / "inputs.safetensors")["tokens"])
+        margins = routing_margins(cache)
+        assert sorted(margins) == sorted(out.routing)
+        assert min(margins.values()) == routing_margin(cache)
+        assert min(margins.values()) == pytest.approx(m["min_routing_margin"], rel=1e-6)
 
 
 def test_tolerances_derive_from_dtype():
     exp = {"logits": np.zeros(2), "routing.3.topk_idx": np.zeros(2, np.int64),
            "bias_after_update.3": np.zeros(2, np.float32), "bias_after_update.4": np.zeros(2, np.float32)}
-    table = gf.tolerance_table(exp, "float64")
+    table = tolerance_table(exp, "float64")
     assert [t["pattern"] for t in table] == ["bias_after_update.*", "routing.*.topk_idx", "*"]
     assert table[-1]["dtype"] == "float64"
-    assert [t["pattern"] for t in gf.tolerance_table(exp, "float32")] == ["logits", "routing.*.topk_idx", "*"]
-    assert gf.tolerance_for("logits", table) == (gf.TOLERANCES["float64"]["atol"], gf.TOLERANCES["float64"]["rtol"])
-    assert gf.tolerance_for("routing.7.topk_idx", table) == (0.0, 0.0)
-    assert gf.tolerance_for("bias_after_update.3", table)[1] == gf.TOLERANCES["float32"]["rtol"]
+    assert [t["pattern"] for t in tolerance_table(exp, "float32")] == ["logits", "routing.*.topk_idx", "*"]
+    assert tolerance_for("logits", table) == (TOLERANCES["float64"]["atol"], TOLERANCES["float64"]["rtol"])
+    assert tolerance_for("routing.7.topk_idx", table) == (0.0, 0.0)
+    assert tolerance_for("bias_after_update.3", table)[1] == TOLERANCES["float32"]["rtol"]
 
 
 def test_docs_example_runs(tmp_path, monkeypatch):

@@ -12,11 +12,17 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from refmtp.verification import golden_files as gf
+from refmtp.verification.golden.acceptance import read_records
+from refmtp.verification.golden.compare import NOT_CHECKED, json_equal
+from refmtp.verification.golden.files import RECIPE as RECIPE_FILE, read_tensors, save_tensors
+from refmtp.verification.golden.manifest import read_manifest
+from refmtp.verification.golden.recipe import load_recipe, shipped_dir
+from refmtp.verification.golden.report import format_report
+from refmtp.verification.golden.verify import verify_case
 from refmtp.cli.main import cli
 
-ROOT = gf.shipped_dir()
-RECIPE = gf.load_recipe(ROOT / gf.RECIPE)
+ROOT = shipped_dir()
+RECIPE = load_recipe(ROOT / RECIPE_FILE)
 CASES = list(RECIPE["cases"])
 ACC = next(n for n, e in RECIPE["cases"].items() if e.get("kind") == "acceptance")
 F32 = next(n for n, e in RECIPE["cases"].items() if e.get("kind", "model") == "model" and e["dtype"] == "float32")
@@ -44,11 +50,11 @@ def summary(text: str) -> dict:
 
 
 def expected(name):
-    return gf.read_tensors(ROOT / name / "expected.safetensors")
+    return read_tensors(ROOT / name / "expected.safetensors")
 
 
 def save(tmp_path, tensors, fname="out.safetensors"):
-    gf.save_tensors(tmp_path / fname, tensors)
+    save_tensors(tmp_path / fname, tensors)
     return tmp_path / fname
 
 
@@ -61,7 +67,7 @@ def test_list_one_line_per_shipped_case():
     lines = out.strip().splitlines()
     assert len(lines) == len(CASES)
     for name in CASES:
-        m = gf.read_manifest(ROOT / name)
+        m = read_manifest(ROOT / name)
         line = next(ln for ln in lines if ln.split()[0] == name)
         n = m["records"] if m["kind"] == "acceptance" else len(m["tensors"])
         assert line.split()[1:5] == [m["kind"], m["dtype"], str(n),
@@ -126,16 +132,16 @@ def test_allow_missing_says_not_checked(tmp_path):
                              "not checked": n_grad, "of": len(exp)}
     row = next(ln for ln in text.splitlines() if ln.split()[:1] == ["grad.lm_head.weight"])
     assert "not checked" in row and "skipped" not in text
-    report = gf.verify_case(ROOT / "tiny_d1", against=tmp_path / "out.safetensors", allow_missing=True)
-    assert sum(r.status == gf.NOT_CHECKED for r in report.rows) == n_grad
+    report = verify_case(ROOT / "tiny_d1", against=tmp_path / "out.safetensors", allow_missing=True)
+    assert sum(r.status == NOT_CHECKED for r in report.rows) == n_grad
     c = report.counts()
     assert c["passed"] + c["failed"] + c["missing"] + c["not checked"] == len(exp) and c["extra"] == 0
 
 
 def test_recompute_summary_counts_every_tensor():
-    report = gf.verify_case(ROOT / "tiny_d1")
-    s = summary(gf.format_report(report))
-    n = len(gf.read_manifest(ROOT / "tiny_d1")["tensors"])
+    report = verify_case(ROOT / "tiny_d1")
+    s = summary(format_report(report))
+    n = len(read_manifest(ROOT / "tiny_d1")["tensors"])
     assert s == {"status": "PASS", "passed": n, "failed": 0, "missing": 0, "not checked": 0, "of": n}
 
 
@@ -181,11 +187,11 @@ def test_integer_tensors_print_as_integers(tmp_path):
 # acceptance --against: strict JSON types, extra records, JSON expected
 # -------------------------------------------------------------------------------------------
 def _decisions():
-    return {r["case"]: dict(r["expected"]) for r in gf.read_records(ROOT / ACC)}
+    return {r["case"]: dict(r["expected"]) for r in read_records(ROOT / ACC)}
 
 
 def test_json_equal_distinguishes_types():
-    eq = gf.json_equal
+    eq = json_equal
     assert eq(True, True) and eq(3, 3) and eq(3.0, 3.0) and eq([1, [2]], [1, [2]]) and eq(None, None)
     assert not eq(True, 1) and not eq(1, True) and not eq(False, 0)
     assert not eq(3.0, 3) and not eq(3, 3.0)

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from refmtp.verification import golden_files as gf
+from refmtp.verification.golden.files import RECIPE as RECIPE_FILE, read_tensors
+from refmtp.verification.golden.manifest import read_manifest
+from refmtp.verification.golden.recipe import load_recipe, shipped_dir
 from refmtp.cli.main import cli
 
 torch = pytest.importorskip("torch", reason="needs torch (optional extra: pip install 'refmtp[torch]')")
@@ -24,8 +26,8 @@ from tests.torch_deepseek_v3 import MyDeepseekV3  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-ROOT = gf.shipped_dir()
-RECIPE = gf.load_recipe(ROOT / gf.RECIPE)
+ROOT = shipped_dir()
+RECIPE = load_recipe(ROOT / RECIPE_FILE)
 MODEL_CASES = [n for n, e in RECIPE["cases"].items() if e.get("kind", "model") == "model"]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "golden-format.md"
 DOC_CASE = 'case = "golden/tiny_d2"'
@@ -60,14 +62,14 @@ def test_docs_torch_example_passes(name, tmp_path, monkeypatch):
     out = run_example(docs_torch_example(), ROOT / name, tmp_path, monkeypatch)
     code, text = verify(name, out)
     assert code == 0, text
-    n = len(gf.read_manifest(ROOT / name)["tensors"])
+    n = len(read_manifest(ROOT / name)["tensors"])
     assert f"PASS: {n} passed, 0 failed, 0 missing (of {n} expected tensors)" in text, text
 
 
 def test_dropping_unrouted_expert_gradients_fails(tmp_path, monkeypatch):
     """What the example guards against: without the zeros the unrouted experts are missing."""
     name = next(n for n in MODEL_CASES
-                if any((v == 0).any() for k, v in gf.read_tensors(ROOT / n / "expected.safetensors").items()
+                if any((v == 0).any() for k, v in read_tensors(ROOT / n / "expected.safetensors").items()
                        if k.endswith(".load")))
     block = docs_torch_example()
     old = "p.grad if p.grad is not None else torch.zeros_like(p)\n             for n, p in model.named_parameters()}"

@@ -137,6 +137,12 @@ def routing_margin(cache: "ModelCache") -> float:
     return min([moe_routing_margin(bc.ffn) for bc in _all_blocks(cache) if bc.moe] or [float("inf")])
 
 
+def routing_margins(cache: "ModelCache") -> dict:
+    """{layer index: smallest score gap behind its routing decisions} of every MoE block, main
+    and MTP (MTP module / parallel head k is layer L + k - 1); :func:`routing_margin` per layer."""
+    return {layer: moe_routing_margin(bc.ffn) for layer, bc in enumerate(_all_blocks(cache)) if bc.moe}
+
+
 def _all_blocks(cache: "ModelCache") -> list:
     if cache.cfg.refmtp.mtp_kind == "causal":
         return list(cache.blocks) + [c.block for c in cache.mtp]

@@ -4,7 +4,7 @@
     result.losses, result.grad_norm, result.out.load
 
 Every caller takes its steps through :func:`train_step`: the trainer (refmtp.training.trainer),
-the golden trajectory case (refmtp.verification.golden_files) and the training benchmarks. In
+the golden trajectory case (refmtp.verification.golden.cases) and the training benchmarks. In
 order (docs/training.md)::
 
     out, cache = forward(params, cfg, tokens)        # losses: main, mtp.k, balance, total

@@ -21,7 +21,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from refmtp.verification import golden_files as gf
+from refmtp.verification.golden.acceptance import read_records
+from refmtp.verification.golden.files import ACCEPTANCE_FILE, GoldenError, read_json, read_tensors
+from refmtp.verification.golden.manifest import read_manifest
+from refmtp.verification.golden.recipe import case_dirs, shipped_dir
+from refmtp.verification.golden.verify import recompute, verify_case
 from refmtp.mutation import CATALOG, mutation
 
 FINGERPRINTS = "conformance.json"
@@ -101,30 +105,30 @@ class CatalogResult:
 
 
 def _case_digest(case_dir: Path, m: dict) -> str:
-    main = gf.ACCEPTANCE_FILE if m["kind"] == "acceptance" else "expected.safetensors"
+    main = ACCEPTANCE_FILE if m["kind"] == "acceptance" else "expected.safetensors"
     return m["files"][main]["sha256"]
 
 
 def n_layers(case_dir: Path) -> int:
     try:
-        cfg = gf.read_json(case_dir / "config.json", "config")
+        cfg = read_json(case_dir / "config.json", "config")
         return int(cfg.get("num_hidden_layers", 0))
-    except gf.GoldenError:
+    except GoldenError:
         return 0
 
 
 def run_catalog(root=None, mutants=None, cases=None, log=None) -> CatalogResult:
     """Verify every case under ``root`` (default: the shipped cases) with each mutant on."""
-    root = Path(root) if root else gf.shipped_dir()
-    dirs = gf.case_dirs(root)
+    root = Path(root) if root else shipped_dir()
+    dirs = case_dirs(root)
     if cases:
         dirs = [d for d in dirs if d.name in set(cases)]
     info = {}
     for d in dirs:
-        m = gf.read_manifest(d)
-        base = gf.verify_case(d)
+        m = read_manifest(d)
+        base = verify_case(d)
         if base.status != "pass":
-            raise gf.GoldenError(f"case {d.name} fails without any mutant: fix refmtp or the case first")
+            raise GoldenError(f"case {d.name} fails without any mutant: fix refmtp or the case first")
         info[d.name] = {"kind": m["kind"], "sha256": _case_digest(d, m), "n": len(base.rows),
                         "layers": n_layers(d)}
     result = CatalogResult(cases={k: {x: v[x] for x in ("kind", "sha256", "n")} for k, v in info.items()},
@@ -135,7 +139,7 @@ def run_catalog(root=None, mutants=None, cases=None, log=None) -> CatalogResult:
         for d in dirs:
             try:
                 with mutation(mu.id):
-                    report = gf.verify_case(d)
+                    report = verify_case(d)
             except Exception as exc:  # a mutant must produce outputs, never crash
                 errors[d.name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 continue
@@ -163,14 +167,14 @@ def catalog_digest() -> str:
 def _names(case_dir: Path, kind: str) -> list[str]:
     """The names a case compares, sorted: expected tensors, or record names."""
     if kind == "acceptance":
-        return sorted(str(r.get("case")) for r in gf.read_records(case_dir))
-    return sorted(gf.read_tensors(case_dir / "expected.safetensors", "golden file"))
+        return sorted(str(r.get("case")) for r in read_records(case_dir))
+    return sorted(read_tensors(case_dir / "expected.safetensors", "golden file"))
 
 
 def fingerprints_dict(result: CatalogResult, root=None) -> dict:
     """The stored form: per case its sorted names; per mutant and case ``"i:m i:m ..."`` with i
     the index of a failing name and m its magnitude (compact: the file ships with the cases)."""
-    root = Path(root) if root else gf.shipped_dir()
+    root = Path(root) if root else shipped_dir()
     names = {c: _names(root / c, info["kind"]) for c, info in result.cases.items()}
     index = {c: {n: i for i, n in enumerate(ns)} for c, ns in names.items()}
     mutants = {}
@@ -194,12 +198,12 @@ def write_fingerprints(result: CatalogResult, path, root=None) -> None:
 def load_fingerprints(path=None) -> dict | None:
     """The stored fingerprints (default: the shipped golden/conformance.json) decoded to
     ``{"cases": ..., "mutants": {id: {case: {name: magnitude}}}}``, or None if absent."""
-    path = Path(path) if path else gf.shipped_dir() / FINGERPRINTS
+    path = Path(path) if path else shipped_dir() / FINGERPRINTS
     if not path.is_file():
         return None
-    data = gf.read_json(path, "conformance fingerprints")
+    data = read_json(path, "conformance fingerprints")
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise gf.GoldenError(f"{path} is not a {FORMAT} file")
+        raise GoldenError(f"{path} is not a {FORMAT} file")
     try:
         mutants = {}
         for mid, per_case in data["mutants"].items():
@@ -212,7 +216,7 @@ def load_fingerprints(path=None) -> dict | None:
                     fp[names[int(i)]] = mag if mag in ("missing", "shape") else float(mag)
                 mutants[mid][case] = fp
     except (KeyError, ValueError, IndexError, AttributeError, TypeError) as exc:
-        raise gf.GoldenError(f"{path} is malformed ({type(exc).__name__}): regenerate it with "
+        raise GoldenError(f"{path} is malformed ({type(exc).__name__}): regenerate it with "
                              "`refmtp golden conformance --write`") from None
     return {"cases": data["cases"], "mutants": mutants, "catalog_sha256": data.get("catalog_sha256")}
 
@@ -350,8 +354,8 @@ def mutant_outputs(case_dir, mutant_id: str, backend: str = "numpy") -> dict:
     """What refmtp computes for a tensor case with one mutant on: the outputs file an
     implementation carrying that bug would hand to ``verify --against`` (tests, examples)."""
     case_dir = Path(case_dir)
-    m = gf.read_manifest(case_dir)
+    m = read_manifest(case_dir)
     if m["kind"] == "acceptance":
         raise ValueError("mutant_outputs: acceptance cases compare JSON records, not tensors")
     with mutation(mutant_id):
-        return gf._recompute(case_dir, m, backend)
+        return recompute(case_dir, m, backend)

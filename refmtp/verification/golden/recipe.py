@@ -1,0 +1,180 @@
+"""The shipped cases and the recipe (golden/recipe.json) that regenerates them byte-identically."""
+from __future__ import annotations
+
+import copy
+import importlib
+import re
+from importlib.resources import files as resource_files
+from pathlib import Path
+
+from refmtp.config import ConfigError, ModelConfig, preset
+from refmtp.verification.golden.acceptance import acceptance_record, export_acceptance_case
+from refmtp.verification.golden.cases import (DEFAULT_BIAS_STD, DEFAULT_INIT_STD, export_decode_case,
+                                              export_model_case, export_trajectory_case)
+from refmtp.verification.golden.files import MANIFEST, RECIPE, GoldenError, read_json
+from refmtp.verification.golden.manifest import KINDS, read_manifest
+
+
+def config_from_recipe(entry: dict):
+    """A validated ModelConfig from a recipe entry: ``preset`` + ``overrides`` or ``config``."""
+    if "config" in entry:
+        data = copy.deepcopy(entry["config"])
+    elif "preset" in entry:
+        data = preset(entry["preset"]).to_dict()
+    else:
+        raise ConfigError("a recipe case needs 'preset' (with optional 'overrides') or 'config'")
+    for key, value in (entry.get("overrides") or {}).items():
+        if key == "refmtp" and isinstance(value, dict):
+            data["refmtp"] = {**data.get("refmtp", {}), **value}
+        else:
+            data[key] = copy.deepcopy(value)
+    return ModelConfig.from_dict(data)
+
+
+def _perturbations(entry: dict) -> dict:
+    """The optional parameter perturbations of a recipe entry (see golden_params)."""
+    return {k: float(entry[k]) for k in ("norm_std", "bias_mean") if entry.get(k)}
+
+
+def shipped_dir() -> Path:
+    """The directory of the installed package ``refmtp.golden`` (the repository's golden/)."""
+    root = resource_files("refmtp.golden")
+    path = Path(str(root))
+    if not path.is_dir():
+        raise GoldenError(f"the shipped golden cases are not a directory on disk ({root!s}): "
+                          "install refmtp unzipped")
+    return path
+
+
+def case_dirs(root) -> list[Path]:
+    """Every case directory under a golden root: the recipe's cases (which must exist) plus
+    any other sub-directory holding a manifest."""
+    root = Path(root)
+    found = {p.parent for p in root.glob(f"*/{MANIFEST}")}
+    recipe = root / RECIPE
+    if recipe.is_file():
+        for name in load_recipe(recipe)["cases"]:
+            d = root / name
+            if not (d / MANIFEST).is_file():
+                raise GoldenError(f"{recipe} lists case {name} but {d / MANIFEST} is not there "
+                                  "(HINT: `refmtp golden generate`)")
+            found.add(d)
+    if not found:
+        raise GoldenError(f"{root} holds no golden case (no */{MANIFEST})")
+    return sorted(found)
+
+
+def shipped_case(name: str) -> Path | None:
+    """The shipped case directory called ``name``, or None when no shipped case has that name."""
+    if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(name)):
+        return None
+    d = shipped_dir() / str(name)
+    return d if (d / MANIFEST).is_file() else None
+
+
+def list_cases(root=None) -> list[dict]:
+    """One entry per case under ``root`` (default: the shipped cases), from its manifest:
+    ``{name, kind, dtype, count, unit, description, path}``; ``count`` is the number of expected
+    tensors (model, trajectory) or records (acceptance)."""
+    out = []
+    for d in case_dirs(shipped_dir() if root is None else root):
+        m = read_manifest(d)
+        acc = m["kind"] == "acceptance"
+        count = m.get("records") if acc else len(m.get("tensors", {}))
+        out.append({"name": d.name, "kind": m["kind"], "dtype": m["dtype"], "count": count,
+                    "unit": "records" if acc else "tensors", "description": m.get("description", ""),
+                    "path": str(d)})
+    return out
+
+
+def load_recipe(path) -> dict:
+    recipe = read_json(path, "recipe")
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("cases"), dict) or not recipe["cases"]:
+        raise GoldenError(f"{path}: a recipe is an object with a non-empty 'cases' object")
+    for name, entry in recipe["cases"].items():
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", name):
+            raise GoldenError(f"{path}: case name {name!r} must be letters, digits, _ or -")
+        if not isinstance(entry, dict) or entry.get("kind", "model") not in KINDS:
+            raise GoldenError(f"{path}: case {name} must be an object with kind {' or '.join(KINDS)}")
+        if entry.get("kind", "model") != "acceptance":
+            need = ("seed", "batch", "dtype", "description", "reason")
+            if entry.get("kind") == "decode":
+                need += ("schedule",)
+            else:
+                need += ("seq_len",)
+            if entry.get("kind") == "trajectory":
+                need += ("steps", "train")
+            for key in need:
+                if key not in entry:
+                    raise GoldenError(f"{path}: case {name} lacks {key!r}")
+        elif "builder" not in entry:
+            raise GoldenError(f"{path}: acceptance case {name} lacks 'builder' (module:function)")
+    return recipe
+
+
+def builder(spec: str):
+    """The function a recipe's ``builder`` names (``refmtp.<module>:<function>``)."""
+    module, _, attr = spec.partition(":")
+    if not module.startswith("refmtp.") or not attr:
+        raise ValueError(f"builder {spec!r} must be 'refmtp.<module>:<function>'")
+    return getattr(importlib.import_module(module), attr)
+
+
+def generate_case(out_root, name: str, entry: dict) -> dict:
+    """(Re)make one recipe case under ``out_root/name``; returns its manifest."""
+    command = f"refmtp golden generate --case {name}"
+    common = {"reason": entry.get("reason", ""), "recipe": entry}
+    if entry.get("kind", "model") == "acceptance":
+        records = [acceptance_record(c) for c in builder(entry["builder"])()]
+        return export_acceptance_case(Path(out_root) / name, records, name=name,
+                                      description=entry.get("description", ""), command=command,
+                                      extra=common)
+    cfg = config_from_recipe(entry)
+    if entry.get("kind") == "trajectory":
+        return export_trajectory_case(
+            Path(out_root) / name, cfg, seed=entry["seed"], steps=entry["steps"],
+            train=entry["train"], batch=entry["batch"], seq_len=entry["seq_len"],
+            dtype=entry["dtype"], name=name, description=entry["description"], command=command,
+            init_std=entry.get("init_std", DEFAULT_INIT_STD),
+            bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), extra=common)
+    if entry.get("kind") == "decode":
+        return export_decode_case(
+            Path(out_root) / name, cfg, seed=entry["seed"], schedule=entry["schedule"],
+            batch=entry["batch"], dtype=entry["dtype"], name=name,
+            description=entry["description"], command=command,
+            init_std=entry.get("init_std", DEFAULT_INIT_STD),
+            bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), perturb=_perturbations(entry),
+            extra=common)
+    return export_model_case(
+        Path(out_root) / name, cfg, seed=entry["seed"], batch=entry["batch"],
+        seq_len=entry["seq_len"], dtype=entry["dtype"], name=name,
+        description=entry["description"], command=command,
+        init_std=entry.get("init_std", DEFAULT_INIT_STD),
+        bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), perturb=_perturbations(entry),
+        extra=common)
+
+
+def generate(out_root=None, recipe_path=None, only=None, log=None) -> list[str]:
+    """Regenerate the recipe's cases (all, or the names in ``only``) under ``out_root``.
+
+    Defaults: the shipped recipe and the shipped directory. A recipe copy is written next to
+    the cases when ``out_root`` is elsewhere, so the tree is self-describing.
+    """
+    recipe_path = Path(recipe_path) if recipe_path else shipped_dir() / RECIPE
+    out_root = Path(out_root) if out_root else recipe_path.parent
+    recipe = load_recipe(recipe_path)
+    names = list(recipe["cases"]) if not only else list(only)
+    for name in names:
+        if name not in recipe["cases"]:
+            raise ValueError(f"case {name!r} is not in {recipe_path} (known: {', '.join(recipe['cases'])})")
+    out_root.mkdir(parents=True, exist_ok=True)
+    if (out_root / RECIPE).resolve() != recipe_path.resolve():
+        (out_root / RECIPE).write_bytes(recipe_path.read_bytes())
+    for name in names:
+        generate_case(out_root, name, recipe["cases"][name])
+        if log:
+            log(f"  generated {name}")
+    stale = sorted(p.parent.name for p in out_root.glob(f"*/{MANIFEST}") if p.parent.name not in recipe["cases"])
+    if stale and log:
+        log(f"  warning: {', '.join(stale)} not in the recipe (left as they are; delete them if obsolete)")
+    return names
