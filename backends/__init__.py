@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 
-from refmtp.backends.base import Backend, BackendUnavailable, HostRNG
+from refmtp.backends.base import Backend, BackendUnavailable, HostRNG, kernels_enabled, set_kernels_enabled
 from refmtp.backends.numpy_backend import NumpyBackend
 
 __all__ = [
@@ -37,23 +37,6 @@ __all__ = [
 BACKEND_NAMES = ("numpy", "cupy")
 
 _cache: dict[str, Backend] = {}
-
-# Kernels (Numba on numpy, RawKernels on cupy) are on by default; the plain array path is the
-# reference. REFMTP_KERNELS=0 or set_kernels_enabled(False) turns them off everywhere.
-_KERNELS_ENABLED = os.environ.get("REFMTP_KERNELS", "1") not in ("0", "false", "False", "no")
-
-
-def set_kernels_enabled(flag: bool) -> bool:
-    """Switch the kernel table on or off globally; returns the previous setting."""
-    global _KERNELS_ENABLED
-    previous = _KERNELS_ENABLED
-    _KERNELS_ENABLED = bool(flag)
-    return previous
-
-
-def kernels_enabled() -> bool:
-    return _KERNELS_ENABLED
-
 
 def get_backend(name: str | None = None) -> Backend:
     """Return the backend object for ``name`` ("numpy" or "cupy").

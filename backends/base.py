@@ -1,9 +1,27 @@
 """The Backend object shared by numpy and cupy, and the host-side random generator."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 DTYPES = ("float32", "float64")
+
+# Kernels (Numba on numpy, RawKernels on cupy) are on by default; the plain array path is the
+# reference. REFMTP_KERNELS=0 or set_kernels_enabled(False) turns them off everywhere.
+_KERNELS_ENABLED = os.environ.get("REFMTP_KERNELS", "1") not in ("0", "false", "False", "no")
+
+
+def set_kernels_enabled(flag: bool) -> bool:
+    """Switch the kernel table on or off globally; returns the previous setting."""
+    global _KERNELS_ENABLED
+    previous = _KERNELS_ENABLED
+    _KERNELS_ENABLED = bool(flag)
+    return previous
+
+
+def kernels_enabled() -> bool:
+    return _KERNELS_ENABLED
 
 
 class BackendUnavailable(RuntimeError):
@@ -131,8 +149,6 @@ class Backend:
         None when kernels are switched off (REFMTP_KERNELS=0 / set_kernels_enabled(False)) or
         when this backend has no kernel of that name.
         """
-        from refmtp.backends import kernels_enabled
-
         if not kernels_enabled():
             return None
         return self.kernel_table().get(name)

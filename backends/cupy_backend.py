@@ -65,9 +65,9 @@ class CupyBackend(Backend):
         return scatter_add(out, idx, vals)
 
     def _load_kernels(self) -> dict:
-        from refmtp.backends import cupy_kernels
+        from refmtp.backends import cupy_table  # the wrappers, deferred until a GPU is used
 
-        return cupy_kernels.collect()
+        return cupy_table.collect()
 
     def describe(self) -> dict:
         cupy = self._raw

@@ -109,14 +109,3 @@ class LazyKernel:
         """:func:`launch` of ``name_expression`` (compiled only when there is work)."""
         if n_items > 0:
             launch(self.get(name_expression), n_items, args, **kw)
-
-
-def collect() -> dict:
-    """The kernel table, built on first use (not at import, so wrapper modules may import
-    LazyKernel from here in any order)."""
-    from refmtp.backends import cupy_accept, cupy_moe, cupy_rope, cupy_xent
-
-    table: dict = {}
-    for mod in (cupy_rope, cupy_xent, cupy_moe, cupy_accept):
-        table.update(mod.KERNELS)
-    return table

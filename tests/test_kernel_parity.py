@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from refmtp.backends import cupy_kernels, get_backend, numba_kernels
+from refmtp.backends import cupy_table, get_backend, numba_kernels
 from refmtp.inference.acceptance import verify_drafts_batch_ref
 from refmtp.model.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
                               moe_permute_backward_ref, moe_permute_ref)
@@ -223,7 +223,7 @@ def test_kernel_matches_reference(backend_name, name, tag, args):
 
 def test_table_covers_every_registered_kernel():
     numba_names = set(numba_kernels.KERNELS)
-    cupy_names = set(cupy_kernels.collect())  # importing the wrappers never imports cupy
+    cupy_names = set(cupy_table.collect())  # importing the wrappers never imports cupy
     assert numba_names == cupy_names, f"numba {sorted(numba_names)} vs cupy {sorted(cupy_names)}"
     missing = sorted((numba_names | cupy_names) - set(TABLE))
     assert not missing, f"kernels without a parity entry in TABLE: {missing}"

@@ -307,9 +307,9 @@ def test_rope_kernel_is_registered_and_dispatched(backend):
 
 
 def test_cupy_rope_registered():
-    from refmtp.backends import cupy_kernels, cupy_rope
+    from refmtp.backends import cupy_rope, cupy_table
 
-    assert cupy_kernels.collect()["rope_apply"] is cupy_rope.rope_apply
+    assert cupy_table.collect()["rope_apply"] is cupy_rope.rope_apply
     assert "template <typename scalar_t>" in cu_source("rope")
 
 
@@ -340,14 +340,14 @@ def test_rope_cu_compiles(tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("max_blocks", [65535, 2])  # 2 blocks: the grid-stride loop must wrap
 def test_cupy_rope_parity(shape, dtype, max_blocks, monkeypatch):
-    from refmtp.backends import cupy_kernels, cupy_rope
+    from refmtp.backends import cupy_kernels, cupy_rope, cupy_table
 
     monkeypatch.setattr(cupy_kernels, "MAX_BLOCKS", max_blocks)
 
     bk = get_backend("cupy")
     x, cos, sin = _kernel_inputs(shape, dtype, seed=sum(shape))
     xd, cd, sd = (bk.asarray(a) for a in (x, cos, sin))
-    kern = cupy_kernels.collect()["rope_apply"]
+    kern = cupy_table.collect()["rope_apply"]
     y = kern(xd, cd, sd)
     assert y.shape == xd.shape and y.dtype == xd.dtype
     # _rn intrinsics: IEEE products and sums, identical to the host reference

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from refmtp.backends import backend_of
+from refmtp.backends.contracts import check_moe_dispatch_plan
 from refmtp.mutation import on
 from refmtp.params import BIAS, moe_param_shapes
 from refmtp.model.balance import balance_loss_backward, balance_loss_forward
@@ -54,9 +55,7 @@ def moe_dispatch_plan_ref(topk_idx, n_experts: int):
     bk = backend_of(topk_idx)
     xp = bk.xp
     flat = xp.reshape(topk_idx, (-1,))  # (S,)
-    from refmtp.backends.contracts import check_moe_dispatch_plan  # the kernels' contract too
-
-    check_moe_dispatch_plan(flat, n_experts)  # int() syncs device -> host on cupy: two scalars
+    check_moe_dispatch_plan(flat, n_experts)  # the kernels' contract too  # int() syncs device -> host on cupy: two scalars
     order = xp.astype(xp.argsort(flat, stable=True), xp.int64)  # (S,)
     sorted_e = xp.take(flat, order)  # (S,) non-decreasing expert ids
     offsets = xp.searchsorted(sorted_e, xp.arange(n_experts + 1, dtype=flat.dtype), side="left")

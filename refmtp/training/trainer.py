@@ -43,7 +43,9 @@ from pathlib import Path
 
 from refmtp import __version__
 from refmtp.backends import get_backend, kernels_enabled
+from refmtp.checkpoint import load_checkpoint, save_checkpoint
 from refmtp.config import PASSTHROUGH_FIELDS, ModelConfig
+from refmtp.model import forward, init_params
 from refmtp.training.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
 from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule, load_optimizer, save_optimizer
 from refmtp.training.step import NonFinite, train_step
@@ -239,7 +241,6 @@ class Trainer:
 
         Validates settings, config, backend and data BEFORE creating anything on disk.
         """
-        from refmtp.model import init_params
 
         settings = dataclasses.replace(settings)
         if settings.decay_steps is None:
@@ -285,7 +286,6 @@ class Trainer:
         stored value, or a ``cfg`` that differs from the run's model config, raises RunError
         and nothing is written.
         """
-        from refmtp.checkpoint import load_checkpoint
 
         run_dir = Path(run_dir)
         run_file = run_dir / "run.json"
@@ -498,7 +498,6 @@ class Trainer:
         Main logits at position t predict token t+1; MTP depth k at position t predicts token
         t+k+1 (V3 sec. 2.2), so its targets are ``tokens[:, k+1 : T+1]``.
         """
-        from refmtp.model import forward
 
         s, bk = self.settings, self.backend
         xp = bk.xp
@@ -547,7 +546,6 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a checkpoint of the current step (via ``ckpt.tmp`` + os.replace); return it."""
-        from refmtp.checkpoint import save_checkpoint
 
         final = self.out_dir / f"checkpoint-{self.step:07d}"
         if final.is_dir() and (final / "trainer_state.json").is_file():
