@@ -17,7 +17,7 @@ from refmtp.checkpoint import save_checkpoint
 from refmtp.inference.decode import Decoder
 from refmtp.model import backward, forward, init_params, update_expert_bias
 from refmtp.model.model import routing_margins
-from refmtp.params import is_bias, layer_prefix
+from refmtp.params import BIAS_NAME, EMBED, is_bias, kind, layer_prefix
 from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule
 from refmtp.training.step import train_step
 from refmtp.verification.golden.compare import tolerance_table
@@ -50,7 +50,7 @@ def compute_case(cfg, params: dict, tokens, *, gamma: float | None = None, with_
     ``params`` and ``tokens`` live on one backend; ``params`` is not modified. Returns the dict
     (and the routing margins, :func:`refmtp.model.model.routing_margins`, when ``with_margins``).
     """
-    bk = backend_of(tokens, params["model.embed_tokens.weight"])
+    bk = backend_of(tokens, params[EMBED])
     gamma = cfg.refmtp.bias_update_gamma if gamma is None else float(gamma)
     out, cache = forward(params, cfg, tokens)
     grads = backward(cache)
@@ -75,7 +75,7 @@ def compute_case(cfg, params: dict, tokens, *, gamma: float | None = None, with_
         updated = dict(biases)
         update_expert_bias(updated, out.load, gamma)  # in place on the copy of the dict
         for layer in sorted(out.load):
-            exp[f"bias_after_update.{layer}"] = h(updated[layer_prefix(layer) + "mlp.gate.e_score_correction_bias"])
+            exp[f"bias_after_update.{layer}"] = h(updated[layer_prefix(layer) + BIAS_NAME])
     bad = [n for n, a in exp.items() if not np.all(np.isfinite(a))]
     if bad:
         raise ValueError(f"the case produces non-finite values in {', '.join(bad[:4])}: "
@@ -116,7 +116,7 @@ def golden_params(cfg, seed, dtype, init_std, bias_std, norm_std=0.0, bias_mean=
     if norm_std or bias_mean:
         gen = np.random.Generator(np.random.PCG64(np.random.SeedSequence([int(seed), 2])))
         for name in sorted(params):
-            if norm_std and name.endswith("norm.weight"):
+            if norm_std and kind(name) == "norm":
                 noise = gen.normal(0.0, float(norm_std), size=params[name].shape)
                 params[name] = (params[name] * (1.0 + noise)).astype(params[name].dtype)
             elif bias_mean and is_bias(name):
@@ -219,8 +219,8 @@ def compute_trajectory(cfg, params: dict, tokens, train: dict, *, with_margins=F
             losses.setdefault(key, []).append(val)
         norms.append(r.grad_norm)
         lrs.append(lr)
-    h = backend_of(params["model.embed_tokens.weight"]).to_numpy
-    dt = np.float64 if str(params["model.embed_tokens.weight"].dtype) == "float64" else np.float32
+    h = backend_of(params[EMBED]).to_numpy
+    dt = np.float64 if str(params[EMBED].dtype) == "float64" else np.float32
     exp = {f"trajectory.loss.{k}": np.asarray(v, dtype=dt) for k, v in losses.items()}
     exp["trajectory.grad_norm"] = np.asarray(norms, dtype=np.float64).astype(dt)
     exp["trajectory.lr"] = np.asarray(lrs, dtype=np.float64).astype(dt)
@@ -269,7 +269,7 @@ def compute_decode(cfg, params: dict, schedule: list[dict], inputs: dict) -> dic
     (B, n, kv_lora_rank + qk_rope_head_dim) = the cache rows it wrote, ``[c_KV | k_pe]`` (c_KV
     after kv_a_layernorm, k_pe after RoPE at the token's position). Truncate steps roll back.
     """
-    bk = backend_of(params["model.embed_tokens.weight"])
+    bk = backend_of(params[EMBED])
     h = bk.to_numpy
     dec = Decoder(params, cfg)
     first = inputs["step.0.tokens"]
