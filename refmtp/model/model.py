@@ -213,7 +213,7 @@ def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
                 p = {**p, "shared_head.norm.weight": params[NORM]}
             shift = k - 1 if on("mtp.token_offset") else k
             e, c_e = embedding_forward(tokens[:, shift:shift + Tk], params[EMBED])  # Emb(t_{i+k}) (B, Tk, d)
-            n, y, aux_l, c_m = mtp_forward(e, h[:, :Tk], p, cfg, layer, positions[:Tk])
+            n, y, aux_l, c_m = mtp_forward(e, h[:, :Tk, :], p, cfg, layer, positions[:Tk])
             mtp_emb.append(c_e)
             mtp.append(c_m)
             bc = c_m.block
@@ -224,7 +224,7 @@ def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
                 h = h0
             mtp_hidden.append(h)
         else:  # parallel head k on the shared trunk state z (spec section 6)
-            y, aux_l, bc = block_forward(z[:, :Tk], p, cfg, layer, positions[:Tk])  # (B, Tk, d)
+            y, aux_l, bc = block_forward(z[:, :Tk, :], p, cfg, layer, positions[:Tk])  # (B, Tk, d)
             n, c_n = rmsnorm_forward(y, params[NORM], eps)  # shared model.norm
             mtp.append(bc)
             mtp_norm.append(c_n)
