@@ -39,20 +39,25 @@ BACKEND_NAMES = ("numpy", "cupy")
 _cache: dict[str, Backend] = {}
 
 def get_backend(name: str | None = None) -> Backend:
-    """Return the backend object for ``name`` ("numpy" or "cupy").
+    """Return the backend object for ``name`` ("numpy" or "cupy"; "strict" for the tests).
 
     ``None`` reads ``REFMTP_BACKEND`` (default "numpy"). Raises ValueError for an unknown
-    name and BackendUnavailable when cupy or a GPU is missing.
+    name and BackendUnavailable when cupy or a GPU is missing. "strict" is array_api_strict
+    (backends/strict_backend.py), the tests' check that refmtp/ uses only the standard.
     """
     if name is None:
         name = os.environ.get("REFMTP_BACKEND", "numpy")
-    if name not in BACKEND_NAMES:
+    if name not in BACKEND_NAMES and name != "strict":
         raise ValueError(
             f"unknown backend {name!r}: choose one of {', '.join(BACKEND_NAMES)}"
         )
     if name not in _cache:
         if name == "numpy":
             _cache[name] = NumpyBackend()
+        elif name == "strict":  # array_api_strict, for the tests' strict lane only
+            from refmtp.backends.strict_backend import StrictBackend
+
+            _cache[name] = StrictBackend()
         else:
             from refmtp.backends.cupy_backend import CupyBackend
 
@@ -86,6 +91,8 @@ def backend_of(*arrays) -> Backend:
             kinds.add("numpy")
         elif mod == "cupy":
             kinds.add("cupy")
+        elif mod == "array_api_strict":
+            kinds.add("strict")
         else:
             raise TypeError(
                 f"refmtp got an array of type {type(a).__name__} ({type(a).__module__}); "
@@ -93,8 +100,8 @@ def backend_of(*arrays) -> Backend:
             )
     if len(kinds) > 1:
         raise TypeError(
-            "refmtp got numpy and cupy arrays in one call: move every input to one backend "
-            "with backend.asarray(...) first"
+            f"refmtp got {' and '.join(sorted(kinds))} arrays in one call: move every input to "
+            "one backend with backend.asarray(...) first"
         )
     return get_backend(kinds.pop() if kinds else "numpy")
 

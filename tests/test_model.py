@@ -83,6 +83,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow  # ~10-15 s each on 2 cores; the fast lane keeps test_model_gradcheck_no_mtp
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_model_gradcheck(backend, variant):
     cfg = preset("tiny").replace(refmtp=VARIANTS[variant])
@@ -92,6 +93,7 @@ def test_model_gradcheck(backend, variant):
     assert len(reports) == len([k for k in param_shapes(cfg) if not is_bias(k)])
 
 
+@pytest.mark.slow  # ~7-11 s on 2 cores
 def test_model_gradcheck_group_limited_one_token_per_depth(backend):
     # topk_group < n_group (groups really dropped), q_proj without LoRA, T = D+1 (depth D has
     # ONE row), and first_k_dense_replace = 2 (both main layers dense, only the MTP blocks MoE)

@@ -172,19 +172,19 @@ def verify_drafts(p, q, drafts, u_accept, u_sample, greedy: bool = False, logits
             continue
         # R3: first rejection at position k -> residual r_k = max(p_k - q_k, 0)
         if q is None:
-            w = xp.where(xp.arange(p.shape[1]) == d, 0.0, p[k])  # (V,) one-hot q: p_k with d zeroed
+            w = xp.where(xp.arange(p.shape[1]) == d, 0.0, p[k, :])  # (V,) one-hot q: p_k with d zeroed
             if on("acceptance.one_hot_keeps_draft"):
                 w = p[k]
         else:
-            w = xp.maximum(p[k] - q[k], 0.0)  # (V,)
+            w = xp.maximum(p[k, :] - q[k, :], 0.0)  # (V,)
         if on("acceptance.residual_is_p"):
             w = p[k]
         if on("acceptance.residual_softmax"):
             w = xp.exp(w - xp.max(w)) / xp.sum(xp.exp(w - xp.max(w)))
         fallback = not bool(xp.any(w > 0))  # the residual is all zero only through rounding
-        y = draw(p[k] if fallback else w)
+        y = draw(p[k, :] if fallback else w)
         return Verdict(k, tuple(drafts[:k]) + (int(y),), fallback, False)
-    y = draw(p[K - 1 if on("acceptance.bonus_from_last_draft_row") and K > 0 else K])  # R4: bonus from the target row after the last draft
+    y = draw(p[K - 1 if on("acceptance.bonus_from_last_draft_row") and K > 0 else K, :])  # R4: bonus from the target row after the last draft
     return Verdict(K, tuple(drafts) + (int(y),), False, True)
 
 

@@ -84,7 +84,7 @@ class KVCache:
             new = self._alloc(cap)
             for old, buf in zip(self.buffers.get(layer, ()), new):
                 seq_axis = buf.ndim - 2
-                idx = (slice(None),) * seq_axis + (slice(0, self.length),)
+                idx = (slice(None),) * seq_axis + (slice(0, self.length), ...)
                 buf[idx] = old[idx]
             self.buffers[layer] = new
         self.capacity = cap
@@ -97,8 +97,8 @@ class KVCache:
         out = []
         for buf, r in zip(self.buffers[layer], rows):
             pre = (slice(None),) * (buf.ndim - 2)
-            buf[pre + (slice(start, start + T),)] = r
-            out.append(buf[pre + (slice(0, start + T),)])
+            buf[pre + (slice(start, start + T), ...)] = r
+            out.append(buf[pre + (slice(0, start + T), ...)])
         return out
 
     def truncate(self, length: int) -> None:
@@ -145,16 +145,16 @@ class RowStore:
         if self.length + T > self.buf.shape[1]:
             new = self.bk.xp.zeros((self.batch, max(self.length + T, 2 * self.buf.shape[1]), self.width),
                                    dtype=self.dtype)
-            new[:, : self.length] = self.buf[:, : self.length]
+            new[:, : self.length, :] = self.buf[:, : self.length, :]
             self.buf = new
-        self.buf[:, self.length: self.length + T] = rows
+        self.buf[:, self.length: self.length + T, :] = rows
         self.length += T
 
     def view(self, lo: int, hi: int):
         """Rows ``[lo, hi)`` (B, hi-lo, width); ``hi <= length``."""
         if not 0 <= lo <= hi <= self.length:
             raise ValueError(f"RowStore.view: [{lo}, {hi}) is outside the {self.length} stored rows")
-        return self.buf[:, lo:hi]
+        return self.buf[:, lo:hi, :]
 
     def truncate(self, length: int) -> None:
         if not 0 <= length <= self.length:

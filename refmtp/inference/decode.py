@@ -94,17 +94,17 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
             scale = (Rkv + Dr) ** -0.5
         if on("decode.values_from_w_uk"):
             W_UV = W_UK
-        q_lat = q_nope @ W_UK[None]  # (B,H,T,Dn) @ (1,H,Dn,Rkv) -> (B,H,T,Rkv)  q~ = W_UK^T q_nope
+        q_lat = q_nope @ W_UK[None, ...]  # (B,H,T,Dn) @ (1,H,Dn,Rkv) -> (B,H,T,Rkv)  q~ = W_UK^T q_nope
         q = xp.concat([q_lat, q_pe], axis=-1)  # (B,H,T,Rkv+Dr)
         k = xp.broadcast_to(lat[:, None, :, :], (B, H, S, Rkv + Dr))  # (B,H,S,Rkv+Dr) one key for all heads
         v = xp.broadcast_to(lat[:, None, :, :Rkv], (B, H, S, Rkv))  # (B,H,S,Rkv) values = c_KV
         if on("decode.cache_not_read"):
             k, v, start = k[:, :, start:], v[:, :, start:], 0
         x_lat, _ = attention_forward(q, k, v, scale, start=start)  # (B,H,T,Rkv)  sum_j p_j c_KV_j
-        o = x_lat @ xp.matrix_transpose(W_UV)[None]  # (B,H,T,Rkv) @ (1,H,Rkv,Dv) -> (B,H,T,Dv)  o = W_UV x
+        o = x_lat @ xp.matrix_transpose(W_UV)[None, ...]  # (B,H,T,Rkv) @ (1,H,Rkv,Dv) -> (B,H,T,Dv)  o = W_UV x
     else:
         k_nope, v_new = mla_kv_up(c_kv, p, cfg)  # (B,H,T,Dn), (B,H,T,Dv)  eqs. 2, 5
-        k_new = xp.concat([k_nope, xp.broadcast_to(k_pe[:, None], (B, H, T, Dr))], axis=-1)  # (B,H,T,Dn+Dr)
+        k_new = xp.concat([k_nope, xp.broadcast_to(k_pe[:, None, :, :], (B, H, T, Dr))], axis=-1)  # (B,H,T,Dn+Dr)
         k, v = cache.write(layer, start, k_new, v_new)  # (B,H,S,Dn+Dr), (B,H,S,Dv)
         q = xp.concat([q_nope, q_pe], axis=-1)  # (B,H,T,Dn+Dr)  eq. 9
         if on("decode.cache_not_read"):

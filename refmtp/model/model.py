@@ -262,10 +262,10 @@ def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
         Tk = T - k  # rows with a target t_{i+k+1}
         if kind == "causal":
             shift = k - 1 if on("mtp.token_offset") else k
-            dk = depth_forward(params, cfg, k, tokens[:, shift:shift + Tk], h[:, :Tk], positions[:Tk])
+            dk = depth_forward(params, cfg, k, tokens[:, shift:shift + Tk], h[:, :Tk, :], positions[:Tk])
             h = h0 if on("mtp.chain_from_main") else chained_state(cfg, dk)  # state chained to depth k+1
         else:  # parallel head k on the shared trunk state z
-            dk = head_forward(params, cfg, k, tr.z[:, :Tk], positions[:Tk])
+            dk = head_forward(params, cfg, k, tr.z[:, :Tk, :], positions[:Tk])
         record(dk.aux, dk.block)
         rows, c_x = xent_forward(xp.reshape(dk.logits, (B * Tk, V)),
                                  xp.reshape(tokens[:, k + 1:], (B * Tk,)))  # targets t_{i+k+1}

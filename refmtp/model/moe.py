@@ -204,7 +204,7 @@ def moe_forward(x, p: dict, cfg):
         if hi == lo:  # an expert no token chose: nothing to run
             caches.append(None)
             continue
-        y_e, c_e = swiglu_forward(xs[lo:hi], *(p[f"experts.{e}.{w}.weight"] for w in PROJ))  # (n_e, d)
+        y_e, c_e = swiglu_forward(xs[lo:hi, :], *(p[f"experts.{e}.{w}.weight"] for w in PROJ))  # (n_e, d)
         blocks.append(y_e)
         caches.append(c_e)
     ys = xp.concat(blocks, axis=0)  # (S, d) in dispatch order
@@ -268,7 +268,7 @@ def moe_backward(dout, daux, cache: MoECache):
             grads[names[2]] = xp.zeros((d, I), dtype=dt)
             continue
         lo, hi = c.offsets[e], c.offsets[e + 1]
-        g = swiglu_backward(dys[lo:hi], ce)
+        g = swiglu_backward(dys[lo:hi, :], ce)
         dblocks.append(g.dx)  # (n_e, d)
         grads[names[0]], grads[names[1]], grads[names[2]] = g.dgate_proj, g.dup_proj, g.ddown_proj
     dxs = xp.concat(dblocks, axis=0)  # (S, d)

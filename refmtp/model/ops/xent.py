@@ -43,7 +43,7 @@ def xent_backward_ref(dlosses, logits, targets, lse, ignore_index: int = IGNORE_
     valid = targets != ignore_index
     p = xp.exp(logits - lse[:, None])  # softmax
     V = logits.shape[-1]
-    onehot = (xp.arange(V)[None, :] == targets[:, None]).astype(logits.dtype)
+    onehot = xp.astype(xp.arange(V)[None, :] == targets[:, None], logits.dtype)
     w = xp.where(valid, dlosses, xp.zeros_like(dlosses))
     return w[:, None] * (p - onehot)
 
