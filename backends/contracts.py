@@ -17,6 +17,7 @@ dispatches, and both wrappers rely on that (documented in numba_accept.py / cupy
 from __future__ import annotations
 
 import numpy as np
+from array_api_compat import array_namespace
 
 _FLOATS = (np.float32, np.float64)
 
@@ -77,7 +78,8 @@ def check_xent_backward(dlosses, logits, targets, lse) -> None:
 def check_moe_dispatch_plan(topk_idx, n_experts: int) -> None:
     """Every expert index in [0, n_experts). int() syncs device -> host on cupy: two scalars,
     once per layer call."""
-    if topk_idx.size and (int(topk_idx.min()) < 0 or int(topk_idx.max()) >= n_experts):
+    xp = array_namespace(topk_idx)
+    if topk_idx.size and (int(xp.min(topk_idx)) < 0 or int(xp.max(topk_idx)) >= n_experts):
         raise ValueError(f"moe dispatch: expert indices must lie in [0, {n_experts})")
 
 

@@ -24,6 +24,7 @@ decay: it moves only by the aux-loss-free update).
 """
 from __future__ import annotations
 
+from refmtp.backends import backend_of
 from refmtp.config import ModelConfig
 from refmtp.mutation import on
 
@@ -211,9 +212,10 @@ def check_params(params: dict, cfg: ModelConfig) -> None:
                 f"params[{name!r}] has shape {tuple(params[name].shape)}, the config needs {tuple(shape)}"
             )
     dtype = params[EMBED].dtype
+    f32 = backend_of(params[EMBED]).xp.float32
     for name in expected:
-        want = "float32" if is_bias(name) else dtype
-        if str(params[name].dtype) != str(want):
+        want = f32 if is_bias(name) else dtype
+        if params[name].dtype != want:
             why = ("the balancing bias is always float32" if is_bias(name)
                    else f"every matrix and norm must have one dtype ({EMBED} is {dtype})")
             raise ValueError(f"params[{name!r}] is {params[name].dtype}: {why}")
