@@ -27,8 +27,8 @@ FORBIDDEN = [
     ("'section' reference", re.compile(rf"(?<![\w-]){_S}(?:-SD)?\s+sections?\b", re.I)),
     ("parenthesised reference", re.compile(rf"\(\s*{_S}(?:-SD)?\s", re.I)),
     ("reference to a spec page", re.compile(rf"(?<![\w-]){_S}\s+(?:speculative-decoding|deepseek-v3)\.md", re.I)),
-    ("'decoding spec' reference", re.compile(rf"decoding\s+{_S}\b", re.I)),
-    ("'the spec file'", re.compile(rf"the\s+{_S}\s+file", re.I)),
+    ("'decoding s-pec' reference", re.compile(rf"decoding\s+{_S}\b", re.I)),
+    ("'the s-pec file'", re.compile(rf"the\s+{_S}\s+file", re.I)),
     ("path outside the repository", re.compile(r"\.\./" + "shared|" + "shared/" + _S + r"|/" + "work/")),
 ]
 
