@@ -1,4 +1,4 @@
-// RNG-v1 speculative-decoding acceptance for N requests (spec speculative-decoding.md section 2.2).
+// RNG-v1 speculative-decoding acceptance for N requests (docs/speculative-decoding.md §2.2).
 //
 // CUDA twin of refmtp.inference.acceptance.verify_drafts_batch_ref (wrapper: backends/cupy_accept.py).
 // One thread per request, grid-stride over requests. Each thread runs the rule sequentially in

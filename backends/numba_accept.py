@@ -1,4 +1,4 @@
-"""Numba kernel: ``verify_drafts_batch`` (RNG-v1 acceptance for N requests, spec section 2.2).
+"""Numba kernel: ``verify_drafts_batch`` (RNG-v1 acceptance for N requests, docs/speculative-decoding.md §2.2).
 
 Twin of ``refmtp.inference.acceptance.verify_drafts_batch_ref`` with the same signature and
 bit-identical results: one sequential pass per request, float64 arithmetic (inputs upcast

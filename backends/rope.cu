@@ -1,4 +1,4 @@
-// RoPE in DeepSeek's interleaved pair layout (spec 2.4), forward and backward.
+// RoPE in DeepSeek's interleaved pair layout (docs/deepseek-v3.md §2.4), forward and backward.
 //
 // Reference: refmtp/model/ops/rope.py::rope_apply_ref; wrapper: backends/cupy_rope.py (same signature).
 //   x, y   (N, T, Dr) contiguous; pair p = (n, t, j) holds x[2p], x[2p+1] with j = p % half,

@@ -1,6 +1,6 @@
 """Benchmark: refmtp against the same model in PyTorch eager on the CPU (optional: torch + transformers).
 
-    /work/venv-torch/bin/python benchmarks/vs_torch.py              # small, float32 + float64, 1 and 2 threads
+    /path/to/torch-venv/bin/python benchmarks/vs_torch.py              # small, float32 + float64, 1 and 2 threads
     python benchmarks/vs_torch.py --presets tiny --threads 1 --quick
 
 The PyTorch model is HF ``DeepseekV3ForCausalLM`` (the trunk and lm_head) loaded with

@@ -6,7 +6,7 @@ For ``--samples`` held-out windows of the data (``--data``, default: the run's o
 the checkpoint sits in a training run directory, else the Python stdlib corpus; the held-out
 split is never trained on) it generates ``--max-new-tokens`` tokens after a ``--prompt-len``
 byte prompt twice in the same process: plain cached decoding, then speculative decoding with K
-drafts per step. It reports (spec speculative-decoding.md section 5), pooled over every step of
+drafts per step. It reports (docs/speculative-decoding.md §5), pooled over every step of
 every sample: the acceptance rate per draft position P(A >= i), the mean tokens per
 verification step tau (bonus / residual token included), the draft acceptance rate, decode
 throughput and the wall-clock speedup over plain decoding, and how many samples came out

@@ -3,7 +3,7 @@
     save_checkpoint("ckpt/", cfg, params)
     cfg, params = load_checkpoint("ckpt/", backend="numpy", dtype=None)   # None: the stored dtype
 
-Layout (spec sections 4.7 and 5.2), every name a DeepSeek-V3 hub name:
+Layout (docs/deepseek-v3.md §4.7 and §5.2), every name a DeepSeek-V3 hub name:
 
 * ``config.json``: ``cfg.to_dict()`` (refmtp's own settings under ``"refmtp"``) plus the fields
   HF ``DeepseekV3ForCausalLM.from_pretrained`` needs, added when absent (:data:`HF_DEFAULTS`:
@@ -90,7 +90,7 @@ def _param_dtype(params: dict) -> str:
         if is_bias(name):
             if dt != "float32":
                 raise CheckpointError(
-                    f"{name} is {dt}; e_score_correction_bias must stay float32 (spec 3.4)"
+                    f"{name} is {dt}; e_score_correction_bias must stay float32 (docs/deepseek-v3.md §3.4)"
                 )
             continue
         dtypes.setdefault(dt, []).append(name)

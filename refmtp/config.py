@@ -67,7 +67,7 @@ PASSTHROUGH_FIELDS = (
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V3 model dimensions, HF ``config.json`` names (spec section 5.3)."""
+    """DeepSeek-V3 model dimensions, HF ``config.json`` names (docs/deepseek-v3.md §5.3)."""
 
     vocab_size: int = 256
     hidden_size: int = 32  # d

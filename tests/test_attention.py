@@ -1,4 +1,4 @@
-"""Causal attention with a cache offset (spec 2.3 step 6, 2.6): forward vs a naive loop, gradcheck."""
+"""Causal attention with a cache offset (docs/deepseek-v3.md §2.3 step 6, §2.6): forward vs a naive loop, gradcheck."""
 from __future__ import annotations
 
 import math

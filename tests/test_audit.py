@@ -36,8 +36,8 @@ def test_all_components_text(backend):
         assert f"== {comp}:" in res.output
     assert "FAIL" not in res.output
     assert re.search(r"^PASS: \d+ checks, 0 failed", res.output, re.M)
-    # every step names an equation or a spec section, a formula, and at least one check
-    assert "(eq. 8; spec 2.4" in res.output and "(eq. 21 as released; spec 4.2, 4.3)" in res.output
+    # every step names an equation or a docs section, a formula, and at least one check
+    assert "(eq. 8; docs/deepseek-v3.md §2.4" in res.output and "(eq. 21 as released; docs/deepseek-v3.md §4.2, §4.3)" in res.output
 
 
 @pytest.mark.parametrize("component", COMPONENTS)

@@ -7,7 +7,7 @@ import pytest
 
 from refmtp.config import ConfigError, ModelConfig, preset
 
-# The published DeepSeek-V3 config.json (HUB, spec section 5.3), quantization block included.
+# The published DeepSeek-V3 config.json (HUB, docs/deepseek-v3.md §5.3), quantization block included.
 PUBLISHED_V3 = {
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
     "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",

@@ -1,4 +1,4 @@
-"""Cached decoding (refmtp/inference/decode.py, spec 2.7): absorbed latent-cache decoding, naive full-K/V
+"""Cached decoding (refmtp/inference/decode.py, docs/deepseek-v3.md §2.7): absorbed latent-cache decoding, naive full-K/V
 decoding and the full-sequence forward give the same logits (float64, 1e-10) through prefill,
 single-token steps, K+1-token appends, rollback and buffer growth; MTP modules and parallel heads
 over their caches match the training forward; cache sizes match (Rkv + Dr) * L * itemsize and
@@ -165,7 +165,7 @@ def test_cache_bytes_per_token(backend, dtype):
 
 
 def test_cache_size_formulas_for_presets():
-    """The published V3 numbers (spec 2.7): 576 cached values per layer and token vs 128 heads
+    """The published V3 numbers (docs/deepseek-v3.md §2.7): 576 cached values per layer and token vs 128 heads
     * (192 + 128) for the MHA equivalent; 61 layers, bf16."""
     v3 = preset("deepseek-v3")
     assert per_layer_entries(v3, "absorbed") == 512 + 64

@@ -324,7 +324,7 @@ def test_acceptance_records_are_exact_dyadic_strings():
     records = read_records(_acceptance_dir())
     names = [r["case"] for r in records]
     assert len(set(names)) == len(names)
-    assert {"A", "B", "C", "C'", "D", "E1", "E2", "F", "G"} <= set(names)  # spec 2.4 worked cases
+    assert {"A", "B", "C", "C'", "D", "E1", "E2", "F", "G"} <= set(names)  # docs/speculative-decoding.md §2.4 worked cases
     assert {r["expected"]["residual_fallback"] for r in records} == {True, False}
     assert {r["expected"]["is_bonus"] for r in records} == {True, False}
     assert {r["greedy"] for r in records} == {True, False}

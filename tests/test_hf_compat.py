@@ -1,7 +1,7 @@
 """Optional: a refmtp checkpoint loads in HF transformers' DeepseekV3ForCausalLM and gives the
 same main-model logits (needs torch and transformers; skipped with the reason otherwise).
 
-Known, accepted differences (spec sections 1, 2.4, 3.2), all below the tolerances here:
+Known, accepted differences (docs/deepseek-v3.md §1, §2.4, §3.2), all below the tolerances here:
 * HF computes every RMSNorm, the router (logits, sigmoid, top-K weights), the RoPE tables and
   the eager softmax in float32 even in a float64 model, so float64 logits agree to ~1e-6 (a few
   float32 rounding steps), not to 1e-15; no public option changes that;

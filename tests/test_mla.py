@@ -1,5 +1,5 @@
-"""The MLA layer (spec 2.1-2.8): forward vs a naive per-head, per-position loop written here from
-the spec's equations, full-layer float64 gradcheck over x and every parameter, the absorbed-form
+"""The MLA layer (docs/deepseek-v3.md §2.1-2.8): forward vs a naive per-head, per-position loop written here from
+the equations of docs/deepseek-v3.md §2, full-layer float64 gradcheck over x and every parameter, the absorbed-form
 identity of the decoding helpers, and input validation."""
 from __future__ import annotations
 
@@ -65,10 +65,10 @@ def _positions(bk, cfg, T):
 
 
 # ------------------------------------------------------------------------------------------
-# the naive reference: spec 2.3-2.5 written per token and per head, plain Python/numpy
+# the naive reference: docs/deepseek-v3.md §2.3-2.5 written per token and per head, plain Python/numpy
 # ------------------------------------------------------------------------------------------
 def _spec_rope(cfg):
-    """(inverse frequencies th'_j, cos/sin factor, softmax scale) from spec 2.4 and 2.5."""
+    """(inverse frequencies th'_j, cos/sin factor, softmax scale) from docs/deepseek-v3.md §2.4 and §2.5."""
     Dr, base = cfg.qk_rope_head_dim, cfg.rope_theta
     th = [base ** (-2 * j / Dr) for j in range(Dr // 2)]
     scale = cfg.qk_head_dim ** -0.5
@@ -96,10 +96,10 @@ def _naive_mla(x, p, cfg, positions):
     th, amp, scale = _spec_rope(cfg)
     eps = cfg.rms_norm_eps
 
-    def rms(v, w):  # spec 1
+    def rms(v, w):  # docs/deepseek-v3.md §1
         return w * v / math.sqrt(sum(a * a for a in v) / len(v) + eps)
 
-    def rope(v, m):  # spec 2.4, interleaved pairs
+    def rope(v, m):  # docs/deepseek-v3.md §2.4, interleaved pairs
         y = np.empty(len(v))
         for j in range(len(v) // 2):
             c, s_ = amp * math.cos(m * th[j]), amp * math.sin(m * th[j])
@@ -174,7 +174,7 @@ def test_mla_grad_every_parameter(backend, variant, B, T):
 
 
 def test_mla_param_shapes_v3():
-    s = mla_param_shapes(preset("deepseek-v3"))  # spec 5.2
+    s = mla_param_shapes(preset("deepseek-v3"))  # docs/deepseek-v3.md §5.2
     assert s == {
         "q_a_proj.weight": (1536, 7168), "q_a_layernorm.weight": (1536,),
         "q_b_proj.weight": (24576, 1536), "kv_a_proj_with_mqa.weight": (576, 7168),
@@ -189,7 +189,7 @@ def test_mla_param_shapes_v3():
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decoding_helpers_and_absorbed_form(backend, variant):
-    # spec 2.7: the latent cache (c_KV post-norm, k_pe post-RoPE) with W_UK / W_UV absorbed
+    # docs/deepseek-v3.md §2.7: the latent cache (c_KV post-norm, k_pe post-RoPE) with W_UK / W_UV absorbed
     # reproduces the naive layer exactly.
     cfg = _cfg(variant)
     B, T = 2, 5

@@ -1,5 +1,5 @@
 """The DeepSeekMoE router (refmtp.model.router): forward against a per-token oracle written from the
-spec (section 3.2-3.3), -inf group masking, tie-breaking, float64 gradient checks, errors."""
+docs/deepseek-v3.md (§3.2-3.3), -inf group masking, tie-breaking, float64 gradient checks, errors."""
 from __future__ import annotations
 
 import math
@@ -31,7 +31,7 @@ def _cfg(scoring, method, norm, E, K, G, TG, d=6, rho=2.5) -> ModelConfig:
 
 
 def _oracle(x, W, b, cfg):
-    """Per-token routing in plain Python, straight from spec 3.2 / 3.3 (ties: lowest index)."""
+    """Per-token routing in plain Python, straight from docs/deepseek-v3.md §3.2 / §3.3 (ties: lowest index)."""
     E, K, G, TG = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
     m = E // G
     idx_out, w_out = [], []

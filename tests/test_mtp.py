@@ -106,7 +106,7 @@ def test_mtp_module_rejects_shape_mismatch(backend):
 @pytest.mark.parametrize("chain", ["post_norm", "pre_norm"])
 def test_model_mtp_matches_megatron_style_rolling(backend, chain):
     """Megatron keeps length T: depth k rolls the ids left by k, runs all T rows and masks the
-    last k; causality makes its first T-k rows equal to refmtp's T-k-row formulation (spec 4.5).
+    last k; causality makes its first T-k rows equal to refmtp's T-k-row formulation (docs/deepseek-v3.md §4.5).
     Positions stay 0..T-1 in both."""
     cfg = preset("tiny").replace(refmtp={"mtp_chain": chain})
     B, T = 2, 6

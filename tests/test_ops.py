@@ -35,7 +35,7 @@ def test_rmsnorm_grad_and_forward(backend, B, T):
         g = rmsnorm_backward(d, c)
         return {"x": g.dx, "weight": g.dweight}
     check_grad(lambda x, weight: rmsnorm_forward(x, weight, 1e-6), bwd, {"x": x, "weight": w})
-    # independent forward: the formula of spec section 1, in plain numpy
+    # independent forward: the formula of docs/deepseek-v3.md §1, in plain numpy
     xn, wn = backend.to_numpy(x), backend.to_numpy(w)
     ref = wn * xn / np.sqrt(np.mean(xn ** 2, axis=-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(backend.to_numpy(rmsnorm_forward(x, w, 1e-6)[0]), ref, rtol=1e-13)

@@ -1,4 +1,4 @@
-"""RoPE / YaRN (spec 2.4, 2.5): frequencies, scales, the interleaved rotation, its backward,
+"""RoPE / YaRN (docs/deepseek-v3.md §2.4, §2.5): frequencies, scales, the interleaved rotation, its backward,
 and the Numba / CUDA kernels against the plain-array reference."""
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def _pos(bk, T, offset=0):
 # ------------------------------------------------------------------------------------------
 def test_v3_yarn_numbers():
     cfg = preset("deepseek-v3")
-    assert yarn_correction_range(cfg) == (10, 23)  # spec 2.4 (computed 10.47 and 22.51)
-    assert softmax_scale(cfg) == pytest.approx(0.1352338, abs=5e-8)  # spec 2.5
+    assert yarn_correction_range(cfg) == (10, 23)  # docs/deepseek-v3.md §2.4 (computed 10.47 and 22.51)
+    assert softmax_scale(cfg) == pytest.approx(0.1352338, abs=5e-8)  # docs/deepseek-v3.md §2.5
     assert rope_attention_factor(cfg) == 1.0  # get_mscale(40, 1) / get_mscale(40, 1)
     th = [10000.0 ** (-2 * j / 64) for j in range(32)]
     f = rope_freqs(cfg)

@@ -3,7 +3,7 @@ decoding token for token (random weights and a checkpoint trained with the train
 drafts and target rows are exactly what the training forward computes for the same sequences
 (paper-order MTP drafting, parallel heads); stochastic mode is reproducible by seed, K = 0
 equals plain sampling, and the emitted tokens / acceptance frequencies follow p and the closed
-forms of spec 1.3; metrics of spec section 5; input validation."""
+forms of docs/speculative-decoding.md §1.3; metrics of docs/speculative-decoding.md §5; input validation."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -197,7 +197,7 @@ def test_sampling_seeded_and_k0_equals_plain_sampling(backend):
 @pytest.mark.parametrize("sample_drafts", [False, True])
 def test_sampling_follows_target_and_acceptance_closed_form(trained, backend, sample_drafts):
     """Over 300 seeds, the first emitted token follows p_1 = softmax(logits/T) (chi-square), and
-    draft 1 is accepted with probability p_1(argmax q) (one-hot q) or sum min(p_1, q_1) (spec 1.3)."""
+    draft 1 is accepted with probability p_1(argmax q) (one-hot q) or sum min(p_1, q_1) (docs/speculative-decoding.md §1.3)."""
     cfg, params = trained
     dec = Decoder(params, cfg)
     prompt, T, N = list(b"the quick"), 1.0, 300

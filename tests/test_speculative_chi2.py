@@ -1,7 +1,7 @@
-"""Sampled runs against the exact law (spec speculative-decoding.md section 7, T-CHI2).
+"""Sampled runs against the exact law (docs/speculative-decoding.md §7, T-CHI2).
 
 Drafts are drawn from q, coins from PCG64 in the RNG-v1 order (R9), and the observed outcome
-cells (A, emitted tokens) are compared with the closed forms of spec section 1.3 by Pearson's
+cells (A, emitted tokens) are compared with the closed forms of docs/speculative-decoding.md §1.3 by Pearson's
 chi-square (cells with expected count < 5 merged; an observation in a probability-0 cell fails
 outright). Fixed seeds make every run identical. Negative controls (always accept; resample
 from p on rejection; draft and accept test sharing one uniform) use the same N and the same test
@@ -21,7 +21,7 @@ from refmtp.inference.acceptance import verify_drafts, verify_drafts_batch
 from refmtp.inference.sampling import (exp_from_uniform, exp_race, gumbel, gumbel_from_uniform,
                                       rng_v1_draws_batch)
 
-ALPHA = 1e-6  # reject when the chi-square tail probability is below this (spec section 7 item 4)
+ALPHA = 1e-6  # reject when the chi-square tail probability is below this (docs/speculative-decoding.md §7 item 4)
 
 
 def dyadic_rows(rng, V, n, bits=5):
@@ -43,7 +43,7 @@ def make_tables(V, K, seed):
 
 
 def exact_law(P, Q, K, V, one_hot_token=None):
-    """Spec 1.3 closed forms: {(A, tokens): probability} (one_hot_token: prefix -> draft)."""
+    """docs/speculative-decoding.md §1.3 closed forms: {(A, tokens): probability} (one_hot_token: prefix -> draft)."""
     law = {}
 
     def q_row(prefix):
@@ -176,7 +176,7 @@ def test_batch_one_hot_drafter_k3_matches_exact_law(backend):
     out = _batch(backend, np.broadcast_to(p_rows, (N, K + 1, V)).copy(), None,
                  np.tile(np.array(d), (N, 1)), u_accept, u_sample, False)
     assert chi2_pvalue(outcome_counts(out.num_accepted, out.tokens), law, N) > ALPHA
-    # A against prod a_k (spec 1.3, conditional on the fixed drafts) and E[A]
+    # A against prod a_k (docs/speculative-decoding.md §1.3, conditional on the fixed drafts) and E[A]
     a = [min(1.0, p_rows[k, d[k]]) for k in range(K)]
     pA = [np.prod(a[:j]) * (1 - a[j]) for j in range(K)] + [np.prod(a)]
     obs = np.bincount(out.num_accepted, minlength=K + 1)

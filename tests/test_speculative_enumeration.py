@@ -1,4 +1,4 @@
-"""Exact proofs by enumeration (spec speculative-decoding.md section 7, T-ENUM and T-INTEGRATE).
+"""Exact proofs by enumeration (docs/speculative-decoding.md §7, T-ENUM and T-INTEGRATE).
 
 The decision of ``verify_drafts`` is piecewise constant in the random numbers
 (u_accept, u_sample): u_accept[k] only meets the threshold a_k = min(1, p_k(d_k)/q_k(d_k)), and
@@ -6,7 +6,7 @@ u_sample only the points c_i/S of the cumulative sums of the weight rows it can 
 So we call the IMPLEMENTATION once at an interior point of every cell of that grid (and once
 more at a second interior point, to check the decision really is constant there), weight each
 outcome by the exact cell volume (``Fraction``), marginalise the drafts drawn from q, and compare
-the resulting outcome law EXACTLY (zero tolerance) with the closed forms of spec section 1.3.
+the resulting outcome law EXACTLY (zero tolerance) with the closed forms of docs/speculative-decoding.md §1.3.
 Tables are prefix-dependent (p_k = p(.|c, x_<k)) random dyadic distributions with zeros.
 """
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _floats(rows):
 
 
 # ------------------------------------------------------------------------------------------------
-# Closed forms of spec section 1.3 (marginal over drafts drawn from q)
+# Closed forms of docs/speculative-decoding.md §1.3 (marginal over drafts drawn from q)
 # ------------------------------------------------------------------------------------------------
 
 def closed_form_step(P, Q, ctx, K, V):
@@ -130,7 +130,7 @@ def rng_v1_grid(p, q, drafts):
 
 
 def block_grid(p, q, drafts):
-    """Thresholds h_i and residual rows of block verification (spec section 4), exactly."""
+    """Thresholds h_i and residual rows of block verification (docs/speculative-decoding.md §4), exactly."""
     K, V = len(drafts), len(p[0])
 
     def q_row(i):
@@ -245,7 +245,7 @@ def test_tables_have_zeros_and_non_trivial_residuals():
 
 
 def stream_law(rule, grid, P, Q, V, K, N, one_hot):
-    """Exact law of the first N emitted tokens when steps are repeated (spec 1.2, check (c))."""
+    """Exact law of the first N emitted tokens when steps are repeated (docs/speculative-decoding.md §1.2, check (c))."""
     cache = {}
     out = defaultdict(F)
 

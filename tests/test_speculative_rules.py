@@ -1,5 +1,5 @@
-"""RNG-v1 acceptance rules (spec speculative-decoding.md section 2.2): worked cases, edge cases,
-input checks, and the alternative rules of spec section 4."""
+"""RNG-v1 acceptance rules (docs/speculative-decoding.md §2.2): worked cases, edge cases,
+input checks, and the alternative rules of docs/speculative-decoding.md §4."""
 from __future__ import annotations
 
 import math
@@ -23,7 +23,7 @@ P2 = [1 / 2, 1 / 4, 1 / 8, 1 / 8]
 Q2 = [1 / 4] * 4
 P3 = [1 / 4] * 4
 
-# The table of spec section 2.4, typed in from the spec (the only hand-written expectations).
+# The table of docs/speculative-decoding.md §2.4, typed in from that page (the only hand-written expectations).
 # case -> (num_accepted, tokens, residual_fallback, is_bonus)
 SPEC_TABLE = {
     "A": (0, (3,), False, False),
@@ -59,7 +59,7 @@ def _run(case, bk=None, dtype="float64"):
 
 
 # ------------------------------------------------------------------------------------------------
-# (c) the nine worked cases of spec section 2.4
+# (c) the nine worked cases of docs/speculative-decoding.md §2.4
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", list(SPEC_TABLE))
@@ -95,7 +95,7 @@ def test_dyadic_cases_are_valid_records():
     assert [c["case"] for c in cases[:9]] == list(SPEC_TABLE)
     assert len({c["case"] for c in cases}) == len(cases)
     keys = {"case", "pins", "V", "K", "drafts", "q", "p", "u_accept", "u_sample", "greedy", "logits"}
-    spec_non_dyadic_u = {"C'", "E1", "E2"}  # the spec table's u_sample 0.7 and 0.2
+    spec_non_dyadic_u = {"C'", "E1", "E2"}  # the §2.4 table's u_sample 0.7 and 0.2
     for c in cases:
         assert set(c) == keys, c["case"]
         V, K = c["V"], c["K"]
@@ -294,7 +294,7 @@ def test_greedy_equals_greedy_decoding_and_ignores_u_and_q(backend):
 
 
 def test_greedy_uses_logits_not_float32_softmax(backend):
-    # two logits 1e-8 apart merge into a float32 tie after softmax (spec 1.4 "mixed batches" trap)
+    # two logits 1e-8 apart merge into a float32 tie after softmax (docs/speculative-decoding.md §1.4 "mixed batches" trap)
     logits = _dev(backend, [[0.0, 1e-8, -5.0]])
     p32 = backend.asarray(processed_probs(logits, 1.0), dtype="float32")
     assert float(p32[0, 0]) == float(p32[0, 1])
@@ -373,7 +373,7 @@ def test_replay_samplers(backend):
 
 
 # ------------------------------------------------------------------------------------------------
-# Alternative rules (spec section 4)
+# Alternative rules (docs/speculative-decoding.md §4)
 # ------------------------------------------------------------------------------------------------
 
 def _typical_oracle(p, drafts, eps, delta):
@@ -436,7 +436,7 @@ def test_verify_block_k1_equals_token_level_rule(backend):
 
 
 def test_verify_block_hand_case(backend):
-    # spec 2.4 rows, drafts [0, 2]: rho_1 = 1/4, M_1 = sum max(p_2/4 - q_2, 0) = 0 -> h_1 = 0,
+    # docs/speculative-decoding.md §2.4 rows, drafts [0, 2]: rho_1 = 1/4, M_1 = sum max(p_2/4 - q_2, 0) = 0 -> h_1 = 0,
     # rho_2 = min(1, 1/4 * (1/8)/(1/4)) = 1/8 = h_2.
     c = _cases_by_name()["A"]
     p, q = _dev(backend, c["p"]), _dev(backend, c["q"])

@@ -1,11 +1,11 @@
-"""Speculative-decoding acceptance rules as pure functions (spec speculative-decoding.md).
+"""Speculative-decoding acceptance rules as pure functions (docs/speculative-decoding.md).
 
 Nothing here touches a model: every function maps (target distributions p, draft
 distributions q, draft tokens, random numbers) to a decision. The decoding loop that calls them
 lives in ``refmtp/inference/speculative.py``.
 
-Notation (spec section 0). One verification step of one request has K drafts. Positions are
-0-based in code and 1-based in the spec: ``drafts[k]`` is the spec's ``d_{k+1}``.
+Notation (docs/speculative-decoding.md §0). One verification step of one request has K drafts. Positions are
+0-based in code and 1-based in docs/speculative-decoding.md §0: ``drafts[k]`` is its ``d_{k+1}``.
 
     p         (K+1, V)  processed target distributions; row k is p(. | c, d_<k), row K the bonus row
     q         (K, V)    distributions the drafts were drawn from; None = one-hot at the draft
@@ -14,8 +14,8 @@ Notation (spec section 0). One verification step of one request has K drafts. Po
     u_accept  (K,)      accept coins in [0, 1), one per draft (all K given, R6)
     u_sample  scalar    the one coin for the residual / fallback / bonus draw, in [0, 1)
 
-``verify_drafts`` is the normative RNG-v1 rule (spec section 2.2, rules R1-R8); it is what the
-golden files are computed with. The alternatives of spec section 4 are separate, named rules:
+``verify_drafts`` is the normative RNG-v1 rule (docs/speculative-decoding.md §2.2, rules R1-R8); it is what the
+golden files are computed with. The alternatives of docs/speculative-decoding.md §4 are separate, named rules:
 ``verify_greedy`` (exact match), ``verify_typical`` (Medusa typical acceptance, lossy) and
 ``verify_block`` (block verification, Sun et al. 2024). ``verify_drafts_batch`` runs the RNG-v1
 rule for N requests at once (kernels: backends/numba_accept.py, backends/accept.cu).
@@ -52,7 +52,7 @@ class BatchVerdict(NamedTuple):
 
 
 # ----------------------------------------------------------------------------------------------
-# Input checks (one-line ValueErrors, spec section 1.2 preconditions)
+# Input checks (one-line ValueErrors, docs/speculative-decoding.md §1.2 preconditions)
 # ----------------------------------------------------------------------------------------------
 
 def is_array(x) -> bool:
@@ -133,12 +133,12 @@ def check_single(p, q, drafts, u_accept, u_sample, greedy, logits):
 
 
 # ----------------------------------------------------------------------------------------------
-# The RNG-v1 rule (spec section 2.2, R1-R8)
+# The RNG-v1 rule (docs/speculative-decoding.md §2.2, R1-R8)
 # ----------------------------------------------------------------------------------------------
 
 def verify_drafts(p, q, drafts, u_accept, u_sample, greedy: bool = False, logits=None,
                   *, sampler: Callable | None = None) -> Verdict:
-    """One verification step under the RNG-v1 convention (spec section 2.2, R1-R8).
+    """One verification step under the RNG-v1 convention (docs/speculative-decoding.md §2.2, R1-R8).
 
     R1 greedy: ignore q and all u; ``g_k = argmax`` of ``logits[k]`` (else of ``p[k]``), lowest
        index on ties; accept while ``drafts[k] == g_k``; emit ``g`` at the first mismatch, else ``g_K``.
@@ -146,7 +146,7 @@ def verify_drafts(p, q, drafts, u_accept, u_sample, greedy: bool = False, logits
        (``q_k[d_k] = 1`` for q=None; ``q_k[d_k] <= 0`` raises ValueError).
     R3 first rejection at j: ``w = max(p_j - q_j, 0)`` (q=None: ``w = p_j`` with ``w[d_j] = 0``);
        ``y = ICDF(w, u_sample)`` if ``sum(w) > 0``, else ``residual_fallback`` and ``y = ICDF(p_j, u_sample)``.
-    R4 all accepted: ``y = ICDF(p_K, u_sample)`` (the bonus row, spec's p_{K+1}).
+    R4 all accepted: ``y = ICDF(p_K, u_sample)`` (the bonus row, p_{K+1} of docs/speculative-decoding.md §0).
     R5 ICDF: see :func:`icdf`.  R6: u_sample is used at most once; coins after a rejection are unused.
     R7 returns ``Verdict(num_accepted, tokens, residual_fallback, is_bonus)``.
 
@@ -203,7 +203,7 @@ def _greedy_verdict(scores, drafts) -> Verdict:
 
 
 def verify_greedy(scores, drafts) -> Verdict:
-    """Greedy exact match (spec section 4; R1): ``verify_drafts(None, None, drafts, None, None, greedy=True, logits=scores)``.
+    """Greedy exact match (docs/speculative-decoding.md §4; R1): ``verify_drafts(None, None, drafts, None, None, greedy=True, logits=scores)``.
 
     ``scores`` (K+1, V) are the target logits (preferred: float32 softmax can merge near-equal
     logits into a tie) or probabilities; ties resolve to the lowest index. The output equals

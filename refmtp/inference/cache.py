@@ -24,7 +24,7 @@ def per_layer_entries(cfg, mode: str = "absorbed") -> int:
     """Numbers cached per layer and token: absorbed ``Rkv + Dr``; naive ``H*(Dn+Dr) + H*Dv``."""
     check_mode(mode)
     if mode == "absorbed":
-        return cfg.kv_lora_rank + cfg.qk_rope_head_dim  # c_KV and the shared k_pe (spec 2.7)
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim  # c_KV and the shared k_pe (docs/deepseek-v3.md §2.7)
     H = cfg.num_attention_heads
     return H * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) + H * cfg.v_head_dim  # k and v per head
 

@@ -4,7 +4,7 @@ Forward only, and with the model's one wiring: :meth:`Decoder.main`, :meth:`Deco
 :meth:`Decoder.head` call :func:`refmtp.model.model.trunk_forward`, ``depth_forward`` and
 ``head_forward`` (the functions training's ``forward`` calls), passing :class:`CachedMLA` as the
 blocks' attention. This module adds only the attention over the cache, in two forms
-(spec 2.7; docs/inference.md):
+(docs/deepseek-v3.md §2.7; docs/inference.md):
 
 absorbed (default, "MLA")
     per layer and token the cache holds ONLY ``[c_KV | k_pe]`` (Rkv + Dr numbers): ``c_KV`` after
@@ -12,7 +12,7 @@ absorbed (default, "MLA")
     ``(H, Dn+Dv, Rkv)``, ``W_UK = [:, :Dn]`` and ``W_UV = [:, Dn:]``:
 
         q~_{t,h}  = W_UK[h]^T q_nope_{t,h}                               (Rkv)   W_UK into the query
-        s_{t,j,h} = (q~_{t,h} . c_KV_j + q_pe_{t,h} . k_pe_j) * scale            scale unchanged (spec 2.5)
+        s_{t,j,h} = (q~_{t,h} . c_KV_j + q_pe_{t,h} . k_pe_j) * scale            scale unchanged (docs/deepseek-v3.md §2.5)
         x_{t,h}   = sum_j softmax_j(s) c_KV_j                            (Rkv)
         o_{t,h}   = W_UV[h] x_{t,h}                                      (Dv)    W_UV after attention
         out       = o_proj(concat_h o)
@@ -29,13 +29,13 @@ agree to 1e-10 in float64. Cache size per token: absorbed ``(Rkv + Dr) * L * ite
 
 A decode call appends ``T >= 1`` new tokens at positions ``cache.length .. cache.length+T-1``
 (prefill of a prompt, one token, or the ``K+1`` tokens of a speculative verification) with the
-causal mask of spec 2.6 (``start = cache.length``); ``cache.truncate(n)`` rolls back.
+causal mask of docs/deepseek-v3.md §2.6 (``start = cache.length``); ``cache.truncate(n)`` rolls back.
 
     dec   = Decoder(params, cfg)                       # validates params once
     cache = dec.new_cache("main")                      # layers 0..L-1
     out   = dec.main(tokens (B,T), cache)              # logits (B,T,V), hidden h^0, trunk z
     c1    = dec.new_cache(("mtp", 1))                  # MTP module 1's block (layer L)
-    o1    = dec.mtp(1, token_ids (B,T), h_prev (B,T,d), c1)   # logits, carry (spec 4.3, 4.4)
+    o1    = dec.mtp(1, token_ids (B,T), h_prev (B,T,d), c1)   # logits, carry (docs/deepseek-v3.md §4.3, §4.4)
     oh    = dec.head(k, z (B,T,d), ck)                 # parallel head k (mtp_kind "parallel")
     cache.truncate(n)
 
@@ -78,7 +78,7 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
     positions = xp.arange(start, S, dtype=xp.int64)  # (T,) RoPE positions of the new tokens
     if on("decode.positions_restart"):
         positions = xp.arange(0, T, dtype=xp.int64)
-    scale = softmax_scale(cfg)  # qk_head_dim^-1/2 * mscale^2 in BOTH modes (spec 2.5, 2.7)
+    scale = softmax_scale(cfg)  # qk_head_dim^-1/2 * mscale^2 in BOTH modes (docs/deepseek-v3.md §2.5, §2.7)
     q_nope, q_pe = mla_query(x, p, cfg, positions)  # (B,H,T,Dn), (B,H,T,Dr), q_pe rotated
     c_kv, k_pe = mla_latent_kv(x, p, cfg, positions)  # (B,T,Rkv) post-norm, (B,T,Dr) post-RoPE
     if on("decode.cache_latent_before_norm") or on("decode.cache_k_pe_unrotated"):
@@ -134,7 +134,7 @@ class CachedMLA:
 # -------------------------------------------------------------------------------------------
 class MainOut(NamedTuple):
     logits: Any  # (B,T,V) next-token logits of the new tokens
-    hidden: Any  # (B,T,d) h^0 = model.norm(z), what MTP module 1 reads (spec 4.4)
+    hidden: Any  # (B,T,d) h^0 = model.norm(z), what MTP module 1 reads (docs/deepseek-v3.md §4.4)
     trunk: Any  # (B,T,d) z, the pre-norm trunk output (what parallel heads read)
 
 
@@ -207,7 +207,7 @@ class Decoder:
         return MainOut(logits=tr.logits, hidden=tr.h0, trunk=tr.z)
 
     def mtp(self, k: int, token_ids, h_prev, cache: KVCache) -> MTPOut:
-        """Causal MTP module k on new rows (V3 eqs. 21-23; spec 4.3): row i reads
+        """Causal MTP module k on new rows (V3 eqs. 21-23; docs/deepseek-v3.md §4.3): row i reads
         ``Emb(token_ids[:, i])`` (= t_{i+k}) and ``h_prev[:, i]`` (= h^{k-1}_i); RoPE position
         of row i = its cache row (the main-model position of h^{k-1}_i)."""
         if self.kind != "causal":
@@ -226,7 +226,7 @@ class Decoder:
         return MTPOut(logits=d.logits, carry=chained_state(self.cfg, d))
 
     def head(self, k: int, z, cache: KVCache) -> MTPOut:
-        """Parallel head k (Gloeckle et al.; spec 6) on new rows of the trunk output z (B,T,d):
+        """Parallel head k (Gloeckle et al.; docs/deepseek-v3.md §6) on new rows of the trunk output z (B,T,d):
         ``logits = lm_head(model.norm(Block_{L+k-1}(z)))``; head k predicts t_{i+k+1} from row i."""
         if self.kind != "parallel":
             raise ValueError("Decoder.head needs mtp_kind='parallel'; use Decoder.mtp for causal MTP")
@@ -267,7 +267,7 @@ def check_budget(max_new_tokens, n_prompt: int, cfg, extra: int = 0) -> int:
 
 def next_token(logits_row, temperature: float, gen) -> int:
     """One token from a (V,) logits row: argmax (lowest index on ties) at temperature 0, else
-    ``ICDF(softmax(logits/T), u)`` with ``u`` the RNG-v1 sample coin of ``gen`` (spec 2.2 R5, R9
+    ``ICDF(softmax(logits/T), u)`` with ``u`` the RNG-v1 sample coin of ``gen`` (docs/speculative-decoding.md §2.2 R5, R9
     with K = 0, so plain sampling consumes the same stream as speculative decoding with no drafts)."""
     xp = backend_of(logits_row).xp
     if temperature == 0:

@@ -8,14 +8,14 @@ from typing import Callable
 from refmtp.inference.acceptance import Verdict, check_probs, check_single, host_ints, inputs_backend
 from refmtp.inference.sampling import check_unit, icdf_unchecked
 
-# Medusa typical acceptance defaults as used by ``medusa_generate`` (spec section 4).
+# Medusa typical acceptance defaults as used by ``medusa_generate`` (docs/speculative-decoding.md §4).
 TYPICAL_EPS = 0.09
 TYPICAL_DELTA = 0.3
 TYPICAL_LOG_FLOOR = 1e-5  # entropy uses log(p + 1e-5), as Medusa and vLLM V0 do
 
 
 # ----------------------------------------------------------------------------------------------
-# Alternative rules (spec section 4); never the golden default
+# Alternative rules (docs/speculative-decoding.md §4); never the golden default
 # ----------------------------------------------------------------------------------------------
 
 def verify_typical(p, drafts, eps: float = TYPICAL_EPS, delta: float = TYPICAL_DELTA,
@@ -53,14 +53,14 @@ def verify_typical(p, drafts, eps: float = TYPICAL_EPS, delta: float = TYPICAL_D
 
 
 def verify_block(p, q, drafts, u_accept, u_sample, *, sampler: Callable | None = None) -> Verdict:
-    """Block verification (Sun et al., arXiv 2403.10444; vLLM MRV2 ``"block"``; spec section 4). Lossless.
+    """Block verification (Sun et al., arXiv 2403.10444; vLLM MRV2 ``"block"``; docs/speculative-decoding.md §4). Lossless.
 
     ``rho_0 = 1``, ``rho_i = min(1, rho_{i-1} p_i(d_i) / q_i(d_i))``,
     ``M_i = sum_y max(rho_i p_{i+1}(y) - q_{i+1}(y), 0)``, ``h_i = M_i / (M_i + 1 - rho_i)``
     (1 if the denominator is not positive), ``h_K = rho_K``; A = the largest i in 1..K with
     ``u_accept[i-1] <= h_i`` (0 if none). A < K: ``y = ICDF(max(rho_A p_{A+1} - q_{A+1}, 0), u_sample)``
     (fallback to p_{A+1} if that is all zero); A = K: ``y = ICDF(p_{K+1}, u_sample)``.
-    Positions use the spec's 1-based i; p row i is p_{i+1}. q=None means one-hot q.
+    Positions use the 1-based i of docs/speculative-decoding.md §4; p row i is p_{i+1}. q=None means one-hot q.
 
     Choice (as R2): a prefix with ``rho_i = 0`` (it contains a token with p = 0) is never
     accepted, even at u = 0.

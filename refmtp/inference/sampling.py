@@ -24,7 +24,7 @@ def processed_probs(logits, temperature: float):
 
     -inf logits (masked tokens) get probability 0. Top-k / top-p / penalties are the caller's
     job: p must be exactly the distribution the non-speculative sampler would draw from
-    (spec section 1.2 precondition iii).
+    (docs/speculative-decoding.md §1.2 precondition iii).
     """
     T = float(temperature)
     if not math.isfinite(T) or T < 0:

@@ -1,13 +1,13 @@
 """Self-speculative decoding: the model's own MTP modules (or parallel heads) draft, the main
 model verifies all drafts in one cached forward, an acceptance rule decides, caches roll back.
 
-Spec: speculative-decoding.md sections 1-5 (rules, RNG-v1, MTP drafting, metrics), deepseek-v3.md
-4.6. Full description and measured numbers: docs/inference.md.
+See docs/speculative-decoding.md §1-5 (rules, RNG-v1, MTP drafting, metrics) and
+docs/deepseek-v3.md §4.6. Full description and measured numbers: docs/inference.md.
 
 State between steps (0-based; ``seq`` = committed tokens x_0..x_{n-1}, n = len(seq)):
 
 * main cache: positions 0..n-2 (every committed token but the newest), ``h0`` rows 0..n-2
-  (h^0 = model.norm output, what MTP module 1 reads; spec 4.4);
+  (h^0 = model.norm output, what MTP module 1 reads; docs/deepseek-v3.md §4.4);
 * MTP module k: cache + chained states of rows 0..n-1-k, the rows whose inputs are committed
   (row j reads h^{k-1}_j and token x_{j+k}; V3 eq. 21).
 
@@ -18,7 +18,7 @@ One step with K drafts (K capped so the step cannot overshoot ``max_new_tokens``
    ``z[j+s]`` and states ``h^{s-1}_j``, and its row n-2 gives the logits of d_s (it predicts
    z[n-2+s+1] = the token after d_{s-1}). This is exactly what the training forward computes
    for module s on ``z`` (tested against :func:`refmtp.model.forward`). Drafts s > D
-   (``reuse_last_module=True``, vLLM/SGLang chaining, spec 3.3) reuse module D one row further
+   (``reuse_last_module=True``, vLLM/SGLang chaining, docs/speculative-decoding.md §3.3) reuse module D one row further
    on, reading ``Emb(d_{s-1})`` and the carried state of the previous draft. Rows that read a
    draft are dropped again after drafting (truncate to n-k), so the next step recomputes
    them from committed inputs: the MTP caches always hold committed rows only.
@@ -34,8 +34,8 @@ One step with K drafts (K capped so the step cannot overshoot ``max_new_tokens``
    only verified inputs that stay) and keep their h^0 rows.
 
 Randomness (temperature > 0): the accept/sample coins come from ``Generator(PCG64(seed))`` in
-the RNG-v1 order (K accept coins, then one sample coin, per step; spec 2.2 R9); sampled drafts
-draw from an independent child stream (``spawn``), as precondition (ii) of spec 1.2 requires.
+the RNG-v1 order (K accept coins, then one sample coin, per step; docs/speculative-decoding.md §2.2 R9); sampled drafts
+draw from an independent child stream (``spawn``), as precondition (ii) of docs/speculative-decoding.md §1.2 requires.
 Plain sampling (:func:`refmtp.inference.decode.generate`) consumes the same stream as K = 0.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ RULES = ("lossless", "blockwise", "typical")
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One verification step (spec section 5)."""
+    """One verification step (docs/speculative-decoding.md §5)."""
 
     K: int  # drafts proposed
     A: int  # drafts accepted by the rule (before stop truncation)
@@ -72,7 +72,7 @@ class SpecResult:
 
 
 # -------------------------------------------------------------------------------------------
-# metrics (spec section 5)
+# metrics (docs/speculative-decoding.md §5)
 # -------------------------------------------------------------------------------------------
 def spec_metrics(steps, K: int | None = None) -> dict:
     """Metrics from the per-step records, counting only committed tokens.
@@ -122,7 +122,7 @@ class _Choice:
     def __call__(self, row):
         xp = self.xp_of(row)
         if not self.sample or self.temperature == 0:
-            return int(xp.argmax(row)), None  # lowest index on ties; q = one-hot (spec 1.4)
+            return int(xp.argmax(row)), None  # lowest index on ties; q = one-hot (docs/speculative-decoding.md §1.4)
         q = processed_probs(row, self.temperature)  # (V,) float64, the distribution drawn from
         return icdf(q, float(self.gen.random())), q
 
@@ -162,7 +162,7 @@ class MTPDrafter:
                 out = self.dec.mtp(s, ids, h_prev, cache)
                 store.append(out.carry)  # rows [lo, n-1) of h^s
                 state = out.carry[:, -1:]  # (1, 1, d) h^s_{n-2}
-            else:  # reuse module D one row further on (vLLM/SGLang chaining, spec 3.3)
+            else:  # reuse module D one row further on (vLLM/SGLang chaining, docs/speculative-decoding.md §3.3)
                 ids = xp.asarray([[z[-1]]], dtype=xp.int64)  # Emb(d_{s-1})
                 out = self.dec.mtp(self.D, ids, state, self.caches[self.D - 1])
                 state = out.carry

@@ -1,6 +1,6 @@
 """Load balancing of DeepSeekMoE: balance losses, the auxiliary-loss-free bias update, load stats.
 
-Sequence-wise balance loss (V3 eqs. 17-20, spec section 3.5), for each sequence b of T tokens::
+Sequence-wise balance loss (V3 eqs. 17-20, docs/deepseek-v3.md §3.5), for each sequence b of T tokens::
 
     f_i = E / (K T) * sum_t 1[i in TopK(s_t, K)]      eq. 18: UNBIASED affinities, no group limit;
                                                       a constant (no gradient)
@@ -20,7 +20,7 @@ Backward (f fixed)::
     dP_{g,i} = dloss f_{g,i} / n_groups;   ds'_{g,t,i} = dP_{g,i} / T_g
     ds_{t,j} = (ds'_{t,j} - sum_i ds'_{t,i} s'_{t,i}) / sum_i s_{t,i}
 
-Auxiliary-loss-free balancing (V3 section 2.1.2, spec 3.4): ``b_i += gamma sign(mean(c) - c_i)``
+Auxiliary-loss-free balancing (V3 section 2.1.2, docs/deepseek-v3.md §3.4): ``b_i += gamma sign(mean(c) - c_i)``
 from the loads c of the routing actually used (biased, group-limited), b kept float32.
 Derivation: docs/derivations/balance-loss.md.
 """
@@ -143,7 +143,7 @@ def balance_loss_backward(dloss, cache: BalanceCache):
 # Auxiliary-loss-free bias update and load statistics
 # -------------------------------------------------------------------------------------------
 def update_bias(bias, load, gamma: float):
-    """``b_i + gamma * sign(mean(c) - c_i)`` as a NEW float32 array (V3 section 2.1.2, spec 3.4).
+    """``b_i + gamma * sign(mean(c) - c_i)`` as a NEW float32 array (V3 section 2.1.2, docs/deepseek-v3.md §3.4).
 
     bias (E,) float32 e_score_correction_bias; load (E,) token counts of the routing actually
     used in the step (biased, group-limited; summed over layers' batches as the caller wishes);

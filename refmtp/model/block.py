@@ -1,4 +1,4 @@
-"""One DeepSeek-V3 decoder block: pre-norm MLA and FFN with two residual adds (spec section 1).
+"""One DeepSeek-V3 decoder block: pre-norm MLA and FFN with two residual adds (docs/deepseek-v3.md §1).
 
     a = input_layernorm(x)
     h = x + MLA(a, positions)                       (V3 eqs. 1-11)

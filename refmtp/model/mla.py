@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (MLA), forward and hand-derived backward (spec 2.1-2.8; report eqs. 1-11).
+"""Multi-head Latent Attention (MLA), forward and hand-derived backward (docs/deepseek-v3.md §2.1-2.8; report eqs. 1-11).
 
 Per token, with ``x`` already ``input_layernorm``-ed (dimension letters of docs/architecture.md):
 
@@ -16,7 +16,7 @@ Per token, with ``x`` already ``input_layernorm``-ed (dimension letters of docs/
     out = concat_h(o) Wo^T                                    (B,T,d)       eq. 11
 
 The backward composes the ops' backwards in exact reverse order; the shared ``k_pe`` receives
-the SUM over heads of its per-head gradients (spec 2.8). Derivation:
+the SUM over heads of its per-head gradients (docs/deepseek-v3.md §2.8). Derivation:
 docs/derivations/attention-mla.md.
 
 Parameters (local names, layer prefix ``model.layers.L.self_attn.`` stripped; shapes from
@@ -25,7 +25,7 @@ Parameters (local names, layer prefix ``model.layers.L.self_attn.`` stripped; sh
 ``kv_a_layernorm.weight``, ``kv_b_proj.weight``, ``o_proj.weight``.
 
 Decoding helpers (forward only): :func:`mla_latent_kv` gives what the latent cache stores per
-token (post-norm ``c_KV``, post-RoPE ``k_pe``; spec 2.7), :func:`mla_query` the query parts
+token (post-norm ``c_KV``, post-RoPE ``k_pe``; docs/deepseek-v3.md §2.7), :func:`mla_query` the query parts
 ``(q_nope, q_pe)``, :func:`mla_kv_b_heads` the per-head ``W_UK``/``W_UV`` views of kv_b_proj for
 the absorbed form.
 """
@@ -258,7 +258,7 @@ def mla_backward(dout, cache: MLACache):
 # decoding helpers (forward only; no caches kept)
 # ------------------------------------------------------------------------------------------
 def mla_latent_kv(x, p, cfg, positions):
-    """What the latent KV cache stores per token (spec 2.7): ``(c_kv (B,T,Rkv), k_pe (B,T,Dr))``.
+    """What the latent KV cache stores per token (docs/deepseek-v3.md §2.7): ``(c_kv (B,T,Rkv), k_pe (B,T,Dr))``.
 
     ``c_kv`` is taken AFTER kv_a_layernorm, ``k_pe`` AFTER RoPE at ``positions`` (T,).
     """
@@ -281,7 +281,7 @@ def mla_kv_up(c_kv, p, cfg):
 
 
 def mla_kv_b_heads(p, cfg):
-    """Per-head views of kv_b_proj for absorbed decoding (spec 2.7):
+    """Per-head views of kv_b_proj for absorbed decoding (docs/deepseek-v3.md §2.7):
     ``W_UK (H, Dn, Rkv)`` and ``W_UV (H, Dv, Rkv)``, i.e. ``Wkv_b.view(H, Dn+Dv, Rkv)`` split.
 
     Absorbed scores: ``q~ = W_UK[h]^T q_nope`` (Rkv), ``s = (q~ . c_kv_j + q_pe . k_pe_j) * scale``;

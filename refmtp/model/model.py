@@ -9,7 +9,7 @@
     grads = backward(cache)                     # d losses["total"] / d params (no bias entries)
     update_expert_bias(params, out.load, cfg.refmtp.bias_update_gamma)
 
-Forward, as a flat list of calls (spec section 5.1; V3 eqs. 21-25; docs/model.md):
+Forward, as a flat list of calls (docs/deepseek-v3.md §5.1; V3 eqs. 21-25; docs/model.md):
 
     x0       = Emb(t_{0..T-1})                                    embedding_forward
     x_{l+1}  = Block_l(x_l, positions 0..T-1)   l = 0..L-1        block_forward
@@ -311,7 +311,7 @@ def backward(cache: ModelCache, dlosses: dict | None = None) -> dict:
     """Gradients of ``sum_name dlosses[name] * losses[name]`` (default: of losses["total"]).
 
     Returns {checkpoint name: gradient} for every parameter except the
-    ``e_score_correction_bias`` entries (they have no gradient: spec 3.4).
+    ``e_score_correction_bias`` entries (they have no gradient: docs/deepseek-v3.md §3.4).
     """
     if cache is None:
         raise ValueError("backward needs the cache of forward(..., need_cache=True)")
@@ -391,7 +391,7 @@ def backward(cache: ModelCache, dlosses: dict | None = None) -> dict:
 # auxiliary-loss-free balancing
 # -------------------------------------------------------------------------------------------
 def update_expert_bias(params: dict, load: dict, gamma: float) -> None:
-    """``b_i += gamma * sign(mean(c) - c_i)`` for every MoE layer in ``load`` (spec 3.4).
+    """``b_i += gamma * sign(mean(c) - c_i)`` for every MoE layer in ``load`` (docs/deepseek-v3.md §3.4).
 
     In place, float32; ``load`` is ``out.load`` of the step's forward.
     """

@@ -1,4 +1,4 @@
-"""The DeepSeekMoE layer (V3 eq. 12, spec section 3): shared + routed SwiGLU experts.
+"""The DeepSeekMoE layer (V3 eq. 12, docs/deepseek-v3.md §3): shared + routed SwiGLU experts.
 
     out_t = SharedMLP(u_t) + sum_{i in S_t} g_{i,t} Expert_i(u_t)          (eq. 12 without the residual)
 
@@ -146,7 +146,7 @@ def check_moe(x, p: dict, cfg) -> None:
     audit); :func:`moe_forward` assumes it holds (the model validates its config once, and every
     parameter once per call with refmtp.params.check_params)."""
     xp = backend_of(x, *p.values()).xp
-    cfg.validate()  # ConfigError (a ValueError) for K > E, G not dividing E, ... (spec 3.2)
+    cfg.validate()  # ConfigError (a ValueError) for K > E, G not dividing E, ... (docs/deepseek-v3.md §3.2)
     if cfg.n_routed_experts < 1:
         raise ValueError("moe_forward: n_routed_experts=0 means a dense layer; call the dense MLP")
     if len(x.shape) != 3 or x.shape[0] < 1 or x.shape[1] < 1 or x.shape[2] != cfg.hidden_size:

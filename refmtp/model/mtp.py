@@ -1,11 +1,11 @@
-"""One causal MTP module of DeepSeek-V3 (V3 eqs. 21-23; spec sections 4.2-4.5).
+"""One causal MTP module of DeepSeek-V3 (V3 eqs. 21-23; docs/deepseek-v3.md §4.2-4.5).
 
 Module k (1-based) at row i (0 <= i < T-k) reads the embedding of token t_{i+k} and the state
 h^{k-1}_i of the previous depth (h^0 = the main model's output after model.norm):
 
     e    = enorm(Emb(t_{i+k}))                                  (d,)
     hh   = hnorm(h^{k-1}_i)                                     (d,)
-    x    = eh_proj([e ; hh])           embedding FIRST, as the released eh_proj expects (spec 4.2)
+    x    = eh_proj([e ; hh])           embedding FIRST, as the released eh_proj expects (docs/deepseek-v3.md §4.2)
     y    = Block_k(x)                  a full decoder block at layer L+k-1, causal over T-k rows,
                                        RoPE positions 0..T-k-1 (the main model's positions)
     n    = shared_head.norm(y)         the module's own RMSNorm

@@ -1,6 +1,6 @@
 """The DeepSeekMoE router (``mlp.gate``): affinities, group-limited top-K selection, gate values.
 
-V3 (``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``; V3 eqs. 13-16, spec section 3.2)::
+V3 (``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``; V3 eqs. 13-16, docs/deepseek-v3.md §3.2)::
 
     z  = x Wg^T                                     (N, E) router logits
     s  = sigmoid(z)                                 eq. 15, the affinities
@@ -10,7 +10,7 @@ V3 (``scoring_func="sigmoid"``, ``topk_method="noaux_tc"``; V3 eqs. 13-16, spec 
     S  = TopK(sc, K)                                the selected experts, ties -> lowest index
     g_i = rho * s_i / (sum_{j in S} s_j + 1e-20)    eq. 13 (norm_topk_prob) times routed_scaling_factor
 
-V2 (``scoring_func="softmax"``; spec section 3.3): ``s = softmax(z)`` over all experts, no bias,
+V2 (``scoring_func="softmax"``; docs/deepseek-v3.md §3.3): ``s = softmax(z)`` over all experts, no bias,
 ``topk_method="greedy"`` (plain top-K of s) or ``"group_limited_greedy"`` (group score = max s
 in the group, then as above); ``g_i = rho * s_i``, or with ``norm_topk_prob``
 ``g_i = s_i / (sum_{j in S} s_j + 1e-20)`` with NO rho: the rule of DeepSeek-V2's own
@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from refmtp.backends import backend_of
 from refmtp.mutation import on
 
-NORM_EPS = 1e-20  # HF adds it to the top-K denominator (spec 3.2 step 5)
+NORM_EPS = 1e-20  # HF adds it to the top-K denominator (docs/deepseek-v3.md §3.2 step 5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,7 +87,7 @@ def gate_scale(cfg) -> float:
 
 
 def _group_limit(sc, cfg, bk, group_sc=None):
-    """Mask every expert outside the topk_group best groups with -inf (spec 3.2 step 4).
+    """Mask every expert outside the topk_group best groups with -inf (docs/deepseek-v3.md §3.2 step 4).
 
     Group score: sum of the top-2 scores in the group (sigmoid / noaux_tc, HF and DS-M with a
     bias) or the max (softmax / group_limited_greedy, V2). Returns (masked scores, group scores),
@@ -148,7 +148,7 @@ def router_forward(x, weight, bias, cfg):
 
     Returns ``(topk_idx (N, K) int64, topk_weight (N, K), RouterCache)``. ``bias`` must be the
     float32 ``e_score_correction_bias`` for ``noaux_tc`` and None for the V2 methods (V2 has no
-    bias). V3 eqs. 13-16; spec sections 3.2-3.3.
+    bias). V3 eqs. 13-16; docs/deepseek-v3.md §3.2-3.3.
     """
     bk = backend_of(x, weight, bias)
     xp = bk.xp
@@ -197,7 +197,7 @@ def router_backward(dtopk_weight, cache: RouterCache, dscores=None) -> RouterGra
 
     dtopk_weight (N, K); dscores (N, E) or None: an extra gradient on s (the balance loss).
     With S fixed, c = gate_scale(cfg) (rho, or 1 for softmax + norm_topk_prob) and
-    D = sum_{j in S} s_j + 1e-20 (spec 3.5):
+    D = sum_{j in S} s_j + 1e-20 (docs/deepseek-v3.md §3.5):
 
         dg/ds_k = c (delta_ik D - s_i) / D^2              ->  dw = c (dg - sum(dg w)/D) / D
         ds_e = dw at the selected columns + dscores

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import math
 
-# The rows of spec section 2.4
+# The rows of docs/speculative-decoding.md §2.4
 _P1 = [1 / 8, 1 / 8, 1 / 4, 1 / 2]
 _Q1 = [1 / 2, 1 / 4, 1 / 8, 1 / 8]
 _P2 = [1 / 2, 1 / 4, 1 / 8, 1 / 8]
@@ -27,13 +27,13 @@ def dyadic_cases() -> list[dict]:
     Each record: ``{case, pins, V, K, drafts, q (rows or None), p (rows), u_accept, u_sample,
     greedy, logits}`` with Python floats that are exact dyadic rationals, representable in
     float32 too (``decimal.Decimal(x)`` prints the exact decimal string). The first nine are the
-    worked cases of spec section 2.4. No expected values: compute them with ``verify_drafts``.
+    worked cases of docs/speculative-decoding.md §2.4. No expected values: compute them with ``verify_drafts``.
     Every p and q row sums to exactly 1, except rows named "deficit" in ``pins``.
     """
     h20, h21, h24 = 2.0 ** -20, 2.0 ** -21, 2.0 ** -24  # 1 - 2^-24 is the largest float32 below 1
     P, Q = [_P1, _P2, _P3], [_Q1, _Q2]
     c = [
-        # spec section 2.4, verbatim
+        # docs/speculative-decoding.md §2.4, verbatim
         _case("A", "reject (0.1875 > 0.125); ICDF t=0.25 on cumsum [0,0,.125,.5]", [0, 2], P, Q, [0.375, 0.5], 0.5),
         _case("B", "<= on equality; reject at position 2; u_sample=0 picks the first positive weight",
               [0, 2], P, Q, [0.25, 0.75], 0.0),

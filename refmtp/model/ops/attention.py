@@ -1,4 +1,4 @@
-"""Causal scaled-dot-product attention with a cache offset (spec 2.3 step 6, 2.6; report eq. 10).
+"""Causal scaled-dot-product attention with a cache offset (docs/deepseek-v3.md §2.3 step 6, §2.6; report eq. 10).
 
 Queries are the ``T`` newest tokens; keys and values cover ``S = start + T`` tokens (``start``
 earlier ones from a cache, then the same ``T``). Query ``t`` sits at key index ``start + t`` and

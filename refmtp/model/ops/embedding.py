@@ -1,4 +1,4 @@
-"""Token embedding: a plain lookup ``h = E[ids]`` (no sqrt(d) scaling; spec section 1)."""
+"""Token embedding: a plain lookup ``h = E[ids]`` (no sqrt(d) scaling; docs/deepseek-v3.md §1)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

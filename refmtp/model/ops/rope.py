@@ -1,4 +1,4 @@
-"""Rotary position embedding on the decoupled Dr-dim sub-vector, with YaRN (spec section 2.4, 2.5).
+"""Rotary position embedding on the decoupled Dr-dim sub-vector, with YaRN (docs/deepseek-v3.md §2.4, §2.5).
 
 DeepSeek-V3 applies RoPE only to ``q_pe`` (per head) and the shared ``k_pe`` (report eqs. 3, 8),
 in the INTERLEAVED pair layout of the checkpoint (pair ``j`` = components ``2j, 2j+1``), so
@@ -19,7 +19,7 @@ original context L0):
     th'_j  = th_j / s * ramp_j + th_j * (1 - ramp_j)
 
 Two YaRN magnitudes, both applied whenever ``rope_scaling`` is set and s > 1 (HF / vLLM semantics,
-spec 2.4 "DISAGREE (YaRN gating)"):
+docs/deepseek-v3.md §2.4 "DISAGREE (YaRN gating)"):
 
 * softmax scale ``qk_head_dim^-1/2 * mscale^2`` with ``mscale = 0.1 mscale_all_dim ln(s) + 1``
   (:func:`softmax_scale`; 0.1352338 for V3);
@@ -65,7 +65,7 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
 
 
 def yarn_correction_range(cfg) -> tuple[float, float] | None:
-    """``(low, high)`` of the YaRN ramp (spec 2.4), or None without rope_scaling.
+    """``(low, high)`` of the YaRN ramp (docs/deepseek-v3.md §2.4), or None without rope_scaling.
 
     ``high`` gets +0.001 when it equals ``low`` (HF ``linear_ramp_factor`` guard), so it may be
     a float. V3: (10, 23).
@@ -92,7 +92,7 @@ def yarn_correction_range(cfg) -> tuple[float, float] | None:
 
 
 def rope_freqs(cfg) -> tuple[float, ...]:
-    """YaRN-corrected inverse frequencies ``th'_j``, j = 0..Dr/2-1, as Python floats (spec 2.4).
+    """YaRN-corrected inverse frequencies ``th'_j``, j = 0..Dr/2-1, as Python floats (docs/deepseek-v3.md §2.4).
 
     Without rope_scaling (or with factor 1) these are ``th_j = rope_theta^(-2j/Dr)``.
     """
@@ -138,7 +138,7 @@ def rope_attention_factor(cfg) -> float:
 
 
 def softmax_scale(cfg) -> float:
-    """``qk_head_dim^-1/2 * mscale^2``, ``mscale = 0.1 mscale_all_dim ln(s) + 1`` (spec 2.5).
+    """``qk_head_dim^-1/2 * mscale^2``, ``mscale = 0.1 mscale_all_dim ln(s) + 1`` (docs/deepseek-v3.md §2.5).
 
     mscale is 1 without rope_scaling, when factor <= 1, and when ``mscale_all_dim`` is missing
     or 0 (HF DeepseekV3Attention applies mscale^2 only when mscale_all_dim is truthy; the
@@ -247,7 +247,7 @@ class RopeGrads(NamedTuple):
 
 
 def rope_forward(x, cos, sin):
-    """``y = R(m) x`` per interleaved pair (spec 2.4; report eqs. 3, 8).
+    """``y = R(m) x`` per interleaved pair (docs/deepseek-v3.md §2.4; report eqs. 3, 8).
 
     x (..., T, Dr), cos/sin (T, Dr/2) from :func:`rope_tables` -> (y (..., T, Dr), RopeCache).
     Runs the ``rope_apply`` kernel of x's backend when there is one, else :func:`rope_apply_ref`.

@@ -8,7 +8,7 @@
 The audit runs ONE small input (B=2 sequences of T=8 tokens, drawn from ``seed``) through the
 library's own functions (``model.forward``, ``mla_forward``, ``moe_forward``, the decoder, the
 acceptance rule, ...) and prints, for every step in order: the DeepSeek-V3 report's equation
-number (or the spec section where the paper is silent), the formula, the shapes, a few values
+number (or the docs/deepseek-v3.md section where the paper is silent), the formula, the shapes, a few values
 at the chosen position ``i`` and batch row ``b``, and one or more checks, each ``pass`` or
 ``FAIL``. Components: ``mla`` (layer 0), ``moe`` (the first MoE layer), ``mtp`` (every depth),
 ``loss``, ``speculative`` (one verification step) and, with ``backward=True``, ``backward``

@@ -184,7 +184,7 @@ def audit_gradients(ctx: AuditContext, component: str, coords: int) -> list:
             margin = moe_margin(bc.ffn) if moe else math.inf
             head = f"parallel head {layer - L + 1} " if is_mtp else ""
             title = f"{head}layer {layer} ({'MoE' if moe else 'dense'}): block_backward"
-            ref = "spec 1, 2.8, 3.5; docs/derivations/README.md"
+            ref = "docs/deepseek-v3.md §1, §2.8, §3.5; docs/derivations/README.md"
         h, checks = _step_for_margin(margin, GRAD_H)
         reports, flip = run(fwd, bwd, inputs, names, sel, h=h)
         checks += [flip] if flip is not None else _grad_checks(reports, names)

@@ -72,7 +72,7 @@ def get_mscale(s, m):
 
 
 def host_rope(cfg):
-    """(theta'_j for j < Dr/2, magnitude factor a), from the spec 2.4 text (independent code)."""
+    """(theta'_j for j < Dr/2, magnitude factor a), from the docs/deepseek-v3.md §2.4 text (independent code)."""
     Dr, base = cfg.qk_rope_head_dim, float(cfg.rope_theta)
     theta = [base ** (-2.0 * j / Dr) for j in range(Dr // 2)]
     rs = cfg.rope_scaling
@@ -102,7 +102,7 @@ def host_rope(cfg):
 
 
 def host_scale(cfg):
-    """Softmax scale of spec 2.5: (Dn+Dr)^-1/2 * mscale^2 (mscale from mscale_all_dim)."""
+    """Softmax scale of docs/deepseek-v3.md §2.5: (Dn+Dr)^-1/2 * mscale^2 (mscale from mscale_all_dim)."""
     scale = 1.0 / math.sqrt(cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
     rs = cfg.rope_scaling
     if rs is not None and float(rs["factor"]) > 1.0:
@@ -123,6 +123,6 @@ def rot_check(name, raw, rot, positions, theta, a):
     return [
         check(f"{name} preserves every pair's norm (times a = {a:.6g})", dn <= TOL * scale,
               f"max ||y_j| - a|x_j|| {dn:.1e}"),
-        check(f"{name} rotates pair j by m*theta'_j (complex product, theta' from spec 2.4)",
+        check(f"{name} rotates pair j by m*theta'_j (complex product, theta' from docs/deepseek-v3.md §2.4)",
               d <= TOL * scale, f"max |y - a e^(i m theta') x| {d:.1e}"),
     ]

@@ -24,7 +24,7 @@ def audit_loss(ctx: AuditContext) -> list:
     h0 = ctx.h(out.hidden)
     Wh = ctx.R("lm_head.weight")
     logits = ctx.h(out.logits)  # (B,T,V)
-    rec.add("main logits", "spec 5.1 step 3", "logits = h^0 lm_head^T  (lm_head untied from the embedding)",
+    rec.add("main logits", "docs/deepseek-v3.md §5.1 step 3", "logits = h^0 lm_head^T  (lm_head untied from the embedding)",
             {"lm_head": list(Wh.shape), "logits": shape(logits)}, {"logits[b,i,:4]": few(logits[b, i])},
             [close("logits[b,i] = exactly rounded dots with reference lm_head rows", logits[b, i],
                    fmatvec(Wh, h0[b, i]))])
@@ -34,7 +34,7 @@ def audit_loss(ctx: AuditContext) -> list:
     rows = host_ce(z, y)
     lse = ctx.h(cache.xent.lse)
     main = float(ctx.h(out.losses["main"]))
-    rec.add("main cross-entropy", "spec 5.1; docs/derivations/cross-entropy.md",
+    rec.add("main cross-entropy", "docs/deepseek-v3.md §5.1; docs/derivations/cross-entropy.md",
             "loss_n = logsumexp(z_n) - z_n[t_{n+1}];  L_main = (1/(B T)) sum_n loss_n",
             {"rows": [B * T]}, {"loss[b,i]": [num(rows[b * T + i])], "L_main": [num(main)]},
             [close("softmax rows sum to 1: sum exp(z - lse) (library lse)", np.exp(z - lse[:, None]).sum(-1),
@@ -50,7 +50,7 @@ def audit_loss(ctx: AuditContext) -> list:
     d_main = ctx.h(dl.dmain_rows)
     d_mtp = [ctx.h(r) for r in dl.dmtp_rows]
     want_d = [np.full(B * (T - k), (lam / D) / want_norms[k - 1]) for k in range(1, D + 1)]
-    rec.add("per-term normalisers and row weights", "eqs. 24-25; spec 4.5",
+    rec.add("per-term normalisers and row weights", "eqs. 24-25; docs/deepseek-v3.md §4.5",
             "d total / d loss_row: main 1/(B T); depth k (lambda/D)/N_k with N_k = B T (paper) or B (T-k)",
             {f"depth {k} rows": [B * (T - k)] for k in range(1, D + 1)},
             {"N_k": [int(v) for v in norms], "d row main": [num(1 / (B * T))]},
@@ -70,7 +70,7 @@ def audit_loss(ctx: AuditContext) -> list:
         idx = np.array(ctx.bk.to_numpy(mc.topk_idx), dtype=np.int64)
         host_aux.append(host_balance(s, idx, cfg)[0])
     bal = float(ctx.h(out.losses["balance"]))
-    rec.add("balance loss over every MoE layer", "eq. 17; spec 3.5",
+    rec.add("balance loss over every MoE layer", "eq. 17; docs/deepseek-v3.md §3.5",
             f"L_bal = alpha sum_l L_l over the MoE layers (main and MTP blocks), alpha = {alpha:g}",
             {"MoE layers": [len(layers)]}, {"layers": layers, "L_l": few(host_aux, 8)},
             [check("one balance term per MoE layer", list(cache.aux_layers) == layers,

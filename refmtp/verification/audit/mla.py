@@ -36,7 +36,7 @@ def audit_mla(ctx: AuditContext) -> list:
     # 1. embedding + input_layernorm ---------------------------------------------------------
     h_in = ctx.h(bc.attn_norm.x)  # (B,T,d) block input
     E = ctx.R("model.embed_tokens.weight")
-    rec.add("embedding lookup and input_layernorm", "spec 1, 2.3",
+    rec.add("embedding lookup and input_layernorm", "docs/deepseek-v3.md §1, §2.3",
             "h = E[t] (no sqrt(d) scaling);  x = w * h / sqrt(mean(h^2) + eps)",
             {"E": list(E.shape), "h": shape(h_in), "x": shape(X)},
             {"t[b,i]": [int(ctx.tok[b, i])], "h[b,i,:4]": few(h_in[b, i]), "x[b,i,:4]": few(X[b, i])},
@@ -49,7 +49,7 @@ def audit_mla(ctx: AuditContext) -> list:
         cq_raw = ctx.h(c.q_a_layernorm.x)  # (B,T,Rq)
         cq = ctx.h(c.q_proj.x)  # (B,T,Rq)
         Wqa = P("q_a_proj.weight")
-        rec.add("query latent c^Q and q_a_layernorm", "eq. 6 (+ norm, spec 2.3 step 1)",
+        rec.add("query latent c^Q and q_a_layernorm", "eq. 6 (+ norm, docs/deepseek-v3.md §2.3 step 1)",
                 "cQ = q_a_layernorm(x Wq_a^T)",
                 {"Wq_a": list(Wqa.shape), "cQ": shape(cq)},
                 {"cQ_raw[b,i,:4]": few(cq_raw[b, i]), "cQ[b,i,:4]": few(cq[b, i])},
@@ -68,7 +68,7 @@ def audit_mla(ctx: AuditContext) -> list:
     V = ctx.h(c.attn.v)  # (B,H,T,Dv)
     w = Dn + Dr
     q_raw = np.stack([q_src @ Wqb[h * w:(h + 1) * w].T for h in range(H)], axis=1)  # (B,H,T,Dn+Dr)
-    rec.add("query up-projection, split per head", "eqs. 7, 9; spec 2.2 row layout",
+    rec.add("query up-projection, split per head", "eqs. 7, 9; docs/deepseek-v3.md §2.2 row layout",
             f"q = {q_name}; head h = rows h*(Dn+Dr)..: q_nope = rows c < Dn, q_pe = rows c >= Dn",
             {"W": list(Wqb.shape), "q_nope": [B, H, T, Dn], "q_pe": [B, H, T, Dr]},
             {"q_nope[b,0,i,:4]": few(Q[b, 0, i, :Dn])},
@@ -78,7 +78,7 @@ def audit_mla(ctx: AuditContext) -> list:
                    fmatvec(Wqb[:Dn], q_src[b, i]))])
 
     # 4. RoPE on q_pe --------------------------------------------------------------------------
-    rec.add("RoPE on the query's decoupled part", "eq. 8; spec 2.4 (interleaved pairs, YaRN)",
+    rec.add("RoPE on the query's decoupled part", "eq. 8; docs/deepseek-v3.md §2.4 (interleaved pairs, YaRN)",
             "y[2j] + i y[2j+1] = a e^(i m theta'_j) (x[2j] + i x[2j+1]),  m = position",
             {"q_pe": [B, H, T, Dr], "theta'": [Dr // 2]},
             {"theta'[:4]": few(theta), "q_pe_raw[b,0,i,:4]": few(q_raw[b, 0, i, Dn:]),
@@ -89,7 +89,7 @@ def audit_mla(ctx: AuditContext) -> list:
     Wkva = P("kv_a_proj_with_mqa.weight")
     c_raw = ctx.h(c.kv_a_layernorm.x)  # (B,T,Rkv)
     k_raw = X @ Wkva[Rkv:].T  # (B,T,Dr) host, from the reference rows Rkv..
-    rec.add("joint KV down-projection, latent first", "eqs. 1, 3; spec 2.2",
+    rec.add("joint KV down-projection, latent first", "eqs. 1, 3; docs/deepseek-v3.md §2.2",
             "[c_raw | k_pe_raw] = x Wkv_a^T  (rows 0..Rkv-1: W^DKV, rows Rkv..: W^KR)",
             {"Wkv_a": list(Wkva.shape), "c_raw": shape(c_raw), "k_pe_raw": [B, T, Dr]},
             {"c_raw[b,i,:4]": few(c_raw[b, i]), "k_pe_raw[b,i,:4]": few(k_raw[b, i])},
@@ -100,7 +100,7 @@ def audit_mla(ctx: AuditContext) -> list:
 
     # 6. kv_a_layernorm ------------------------------------------------------------------------
     C = ctx.h(c.c_kv)  # (B,T,Rkv) post-norm latent
-    rec.add("kv_a_layernorm on the latent", "eq. 1 (+ norm, spec 2.3 step 3)",
+    rec.add("kv_a_layernorm on the latent", "eq. 1 (+ norm, docs/deepseek-v3.md §2.3 step 3)",
             "c_KV = kv_a_layernorm(c_raw)   (what the latent cache stores)",
             {"c_KV": shape(C)}, {"c_KV[b,i,:4]": few(C[b, i])},
             [rmsnorm_check("c_KV is RMSNorm(c_raw)", C, c_raw, P("kv_a_layernorm.weight"), eps)])
@@ -119,7 +119,7 @@ def audit_mla(ctx: AuditContext) -> list:
         kr, _ = rope_forward(kv, *rope_tables(cfg, pk, kv))
         dots.append(ctx.h(kr) @ ctx.h(qr)[0])  # (i+1,)
     d_rel = max(maxdiff(dots[1], dots[0]), maxdiff(dots[2], dots[0]))
-    rec.add("RoPE on the shared key part k_pe (no norm)", "eq. 3; spec 2.3 step 3, 2.4",
+    rec.add("RoPE on the shared key part k_pe (no norm)", "eq. 3; docs/deepseek-v3.md §2.3 step 3, §2.4",
             "k_pe = RoPE(k_pe_raw), one (Dr,) vector per token, shared by every head",
             {"k_pe": shape(kpe)},
             {"k_pe[b,i,:4]": few(kpe[b, i]), "q_pe.k_pe[b,0,i,j<=i][:4]": few(dots[0])},
@@ -137,7 +137,7 @@ def audit_mla(ctx: AuditContext) -> list:
     W_UV = np.stack([Wkvb[h * wv + Dn:(h + 1) * wv] for h in range(H)])  # (H,Dv,Rkv)
     kn_host = np.einsum("btc,hnc->bhtn", C, W_UK)
     v_host = np.einsum("btc,hvc->bhtv", C, W_UV)
-    rec.add("KV up-projection: per-head k_nope and v", "eqs. 2, 5; spec 2.2 row layout",
+    rec.add("KV up-projection: per-head k_nope and v", "eqs. 2, 5; docs/deepseek-v3.md §2.2 row layout",
             "head h = rows h*(Dn+Dv)..: k_nope = c_KV W_UK[h]^T (c < Dn), v = c_KV W_UV[h]^T (c >= Dn)",
             {"Wkv_b": list(Wkvb.shape), "k_nope": [B, H, T, Dn], "v": shape(V)},
             {"k_nope[b,0,i,:4]": few(K[b, 0, i, :Dn]), "v[b,0,i,:4]": few(V[b, 0, i])},
@@ -151,14 +151,14 @@ def audit_mla(ctx: AuditContext) -> list:
     q_lat = np.einsum("bhtn,hnc->bhtc", Q[..., :Dn], W_UK)  # q~ = W_UK^T q_nope (Rkv)
     S_abs = scale * (np.einsum("bhtc,bsc->bhts", q_lat, C) + np.einsum("bhtr,bsr->bhts", Q[..., Dn:], kpe))
     W_UK_lib, W_UV_lib = (ctx.h(t) for t in mla_kv_b_heads(p_attn, cfg))
-    rec.add("attention scores, naive and absorbed", "eqs. 4, 9, 10; spec 2.5, 2.7",
+    rec.add("attention scores, naive and absorbed", "eqs. 4, 9, 10; docs/deepseek-v3.md §2.5, §2.7",
             "s = scale [q_nope; q_pe].[k_nope; k_pe] = scale (W_UK^T q_nope . c_KV + q_pe . k_pe), "
             "scale = (Dn+Dr)^-1/2 mscale^2",
             {"s": [B, H, T, T], "q~": [B, H, T, Rkv]},
             {"scale": [num(scale)], "s[b,0,i,j<=i][:4]": few(S_naive[b, 0, i, :i + 1])},
-            [check("softmax scale = (Dn+Dr)^-1/2 mscale^2 (spec 2.5)",
+            [check("softmax scale = (Dn+Dr)^-1/2 mscale^2 (docs/deepseek-v3.md §2.5)",
                    abs(softmax_scale(cfg) - scale) <= 1e-15 and abs(c.attn.scale - scale) <= 1e-15,
-                   f"library {c.attn.scale:.12g}, spec formula {scale:.12g}"),
+                   f"library {c.attn.scale:.12g}, independent formula {scale:.12g}"),
              close("absorbed scores (W_UK folded into the query) = naive scores",
                    np.where(mask, S_abs, 0.0), np.where(mask, S_naive, 0.0)),
              close("mla_kv_b_heads = reference row blocks (W_UK, W_UV)",
@@ -168,7 +168,7 @@ def audit_mla(ctx: AuditContext) -> list:
     Pm = ctx.h(c.attn.p)  # (B,H,T,T)
     P_host = np.exp(logsoftmax(np.where(mask, S_naive, -np.inf)))
     above = float(np.max(np.abs(Pm[..., ~mask]))) if (~mask).any() else 0.0
-    rec.add("causal softmax", "eq. 10; spec 2.6",
+    rec.add("causal softmax", "eq. 10; docs/deepseek-v3.md §2.6",
             "p[t,j] = softmax_j(s[t,j]) over j <= t;  p[t,j] = 0 for j > t",
             {"p": shape(Pm)}, {"p[b,0,i,j<=i][:4]": few(Pm[b, 0, i, :i + 1])},
             [close("softmax rows sum to 1", np.sum(Pm, axis=-1), np.ones(Pm.shape[:-1])),
@@ -182,7 +182,7 @@ def audit_mla(ctx: AuditContext) -> list:
     o_naive = np.einsum("bhts,bhsv->bhtv", Pm, V)
     x_lat = np.einsum("bhts,bsc->bhtc", Pm, C)  # sum_j p_j c_KV_j (Rkv)
     o_abs = np.einsum("bhtc,hvc->bhtv", x_lat, W_UV)
-    rec.add("attention output per head", "eq. 10; spec 2.7",
+    rec.add("attention output per head", "eq. 10; docs/deepseek-v3.md §2.7",
             "o_h = sum_j p_j v_j = W_UV[h] (sum_j p_j c_KV_j)  (absorbed: W_UV after attention)",
             {"o": [B, H, T, Dv]}, {"o[b,0,i,:4]": few(O_heads[b, 0, i])},
             [close("o = sum_j p_j v_j", O_heads, o_naive),
@@ -192,7 +192,7 @@ def audit_mla(ctx: AuditContext) -> list:
     Wo = P("o_proj.weight")
     out = ctx.h(out_dev)
     out_host = sum(O_heads[:, h] @ Wo[:, h * Dv:(h + 1) * Dv].T for h in range(H))
-    rec.add("output projection and residual", "eq. 11; spec 1 (block)",
+    rec.add("output projection and residual", "eq. 11; docs/deepseek-v3.md §1 (block)",
             "u = sum_h Wo[:, head h columns] o_h;  block: h = x_in + u",
             {"Wo": list(Wo.shape), "u": shape(out)}, {"u[b,i,:4]": few(out[b, i])},
             [close("u = sum over heads of column blocks of Wo", out, out_host),
@@ -212,7 +212,7 @@ def audit_mla(ctx: AuditContext) -> list:
             kvc.length = t + 1
         dec[mode] = np.concatenate(rows, axis=1)
         per_tok[mode] = kvc.bytes_per_token // kvc.itemsize
-    rec.add("decoding with the latent KV cache", "spec 2.7",
+    rec.add("decoding with the latent KV cache", "docs/deepseek-v3.md §2.7",
             "cache per token and layer: [c_KV | k_pe] (Rkv + Dr numbers); prefill 0..i-1, then one "
             "token at a time",
             {"cache row": [Rkv + Dr]}, {"u_dec[b,i,:4]": few(dec["absorbed"][b, i])},
@@ -227,7 +227,7 @@ def audit_mla(ctx: AuditContext) -> list:
     noise[:, i + 1:] = np.random.default_rng(ctx.seed + 1).standard_normal(noise[:, i + 1:].shape)
     out2 = ctx.h(mla_forward(x_dev + bk.asarray(noise, dtype="float64"), p_attn, cfg, ctx.positions)[0])
     moved = maxdiff(out2[:, i + 1:], out[:, i + 1:]) if i + 1 < T else 1.0
-    rec.add("causality", "spec 2.6",
+    rec.add("causality", "docs/deepseek-v3.md §2.6",
             "changing the inputs after position i leaves u[:, :i+1] unchanged",
             {"x": shape(X)}, {},
             [close("rows <= i unchanged when rows > i are perturbed", out2[:, :i + 1], out[:, :i + 1]),

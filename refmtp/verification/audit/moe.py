@@ -19,7 +19,7 @@ from refmtp.verification.audit.steps import Recorder, check, close, few, maxdiff
 
 
 def _host_mask_groups(sc, cfg):
-    """Group-limited selection scores of one token (spec 3.2 step 4), host; (masked, gscores)."""
+    """Group-limited selection scores of one token (docs/deepseek-v3.md §3.2 step 4), host; (masked, gscores)."""
     E, G, TG = cfg.n_routed_experts, cfg.n_group, cfg.topk_group
     if cfg.topk_method == "greedy" or G == 1 or TG >= G:
         return sc.copy(), None
@@ -64,7 +64,7 @@ def audit_moe(ctx: AuditContext) -> list:
     layers = moe_layers(cfg)
     rec = Recorder("moe")
     if not layers:
-        rec.add("no MoE layer in this config", "spec 3.1", "layers >= first_k_dense_replace use MoE", {}, {},
+        rec.add("no MoE layer in this config", "docs/deepseek-v3.md §3.1", "layers >= first_k_dense_replace use MoE", {}, {},
                 [check("the model's forward recorded no routing", not ctx.out.routing,
                        f"routing recorded for layers {sorted(ctx.out.routing)}")])
         return rec.steps
@@ -104,7 +104,7 @@ def audit_moe(ctx: AuditContext) -> list:
                         z_host - z_host[0], tol=1e-9),
                   close("softmax affinities sum to 1", s.sum(-1), np.ones(N))]
         formula = "z = u Wg^T;  s = softmax(z)"
-    rec.add(f"router affinities ({where})", "eq. 15; spec 3.2 steps 1-2", formula,
+    rec.add(f"router affinities ({where})", "eq. 15; docs/deepseek-v3.md §3.2 steps 1-2", formula,
             {"u": shape(U), "gate.weight": list(Wg.shape), "s": shape(s)},
             {"z[:4]": few(z_host), "s[:4]": few(s[n])}, checks)
 
@@ -114,7 +114,7 @@ def audit_moe(ctx: AuditContext) -> list:
     fin = np.isfinite(sel)
     if has_bias:
         b_dt = str(p_mlp["gate.e_score_correction_bias"].dtype)
-        rec.add("selection scores (bias for selection only)", "eq. 16; spec 3.2 step 3, 3.4",
+        rec.add("selection scores (bias for selection only)", "eq. 16; docs/deepseek-v3.md §3.2 step 3, §3.4",
                 "sc = s + b,  b = e_score_correction_bias (float32, no gradient)",
                 {"b": [E], "sc": shape(sc)},
                 {"b[:4]": few(bias), "sc[:4]": few(sc[n])},
@@ -122,7 +122,7 @@ def audit_moe(ctx: AuditContext) -> list:
                  close("selection scores = s + b (host, float64)", np.where(fin, sel, 0.0),
                        np.where(fin, sc, 0.0), tol=1e-12)])
     else:
-        rec.add("selection scores (no bias: V2 router)", "spec 3.3", "sc = s",
+        rec.add("selection scores (no bias: V2 router)", "docs/deepseek-v3.md §3.3", "sc = s",
                 {"sc": shape(sc)}, {"sc[:4]": few(sc[n])},
                 [close("selection scores = s", np.where(fin, sel, 0.0), np.where(fin, sc, 0.0))])
 
@@ -143,7 +143,7 @@ def audit_moe(ctx: AuditContext) -> list:
         n_masked = int((~np.isfinite(sel)).sum())
         checks.append(check("no group is dropped (topk_group >= n_group or greedy)", n_masked == 0,
                             f"{n_masked} masked entries"))
-    rec.add("group-limited routing", "spec 3.2 step 4 (P-V3 node-limited routing)",
+    rec.add("group-limited routing", "docs/deepseek-v3.md §3.2 step 4 (P-V3 node-limited routing)",
             f"group score = {gname} of sc in each of G={G} groups; keep topk_group={TG}; others -> -inf",
             {"groups": [G, E // G]},
             {**({"group scores": few(gs_n)} if active else {}), "masked[:4]": few(host_masked[n])}, checks)
@@ -154,7 +154,7 @@ def audit_moe(ctx: AuditContext) -> list:
     bad = sum(1 for a_, b_ in zip(host_sets, lib_sets) if a_ != b_)
     gap = min(float(np.min(sel[t][idx[t]])) - float(np.max(np.delete(sel[t], idx[t]))) for t in range(N)) \
         if E > K else math.inf
-    rec.add("top-K experts", "eq. 16 (TopK); spec 3.2 step 4",
+    rec.add("top-K experts", "eq. 16 (TopK); docs/deepseek-v3.md §3.2 step 4",
             f"S = TopK(masked sc, K={K})  (ties -> lowest index)",
             {"topk_idx": [N, K]}, {"S": [int(e) for e in idx[n]], "sc[S]": few(sc[n][idx[n]])},
             [check("selected sets = host sort by (-score, index)", bad == 0, f"{bad} of {N} tokens differ"),
@@ -196,7 +196,7 @@ def audit_moe(ctx: AuditContext) -> list:
         total = "1 (softmax + norm_topk_prob: no rho)" if v2_norm else "routed_scaling_factor"
         checks.insert(0, close(f"selected gate values sum to {total} = {c_:g}",
                                g.sum(axis=-1), np.full(N, c_)))
-    rec.add("gate values", "eq. 13 (+ routed_scaling_factor); spec 3.2 step 5",
+    rec.add("gate values", "eq. 13 (+ routed_scaling_factor); docs/deepseek-v3.md §3.2 step 5",
             (f"g_i = {c_name} s_i / sum_{{j in S}} s_j" if cfg.norm_topk_prob
              else "g_i = rho s_i"),
             {"topk_weight": [N, K]}, {"g": few(g[n], K), "sum g": [num(g[n].sum())]}, checks)
@@ -208,7 +208,7 @@ def audit_moe(ctx: AuditContext) -> list:
     flat = idx.reshape(-1)
     blocks_ok = all(np.all(flat[order[off[e]:off[e + 1]]] == e)
                     and np.all(np.diff(order[off[e]:off[e + 1]]) > 0) for e in range(E))
-    rec.add("dispatch plan and expert load", "spec 3.4 (load c_i); docs/derivations/moe-combine.md",
+    rec.add("dispatch plan and expert load", "docs/deepseek-v3.md §3.4 (load c_i); docs/derivations/moe-combine.md",
             "order = slots sorted by expert (stable); load_e = #slots routed to e",
             {"order": [N * K], "load": [E]}, {"load": [int(v) for v in load]},
             [check("load = bincount of the selected experts",
@@ -228,7 +228,7 @@ def audit_moe(ctx: AuditContext) -> list:
         for kk in range(K):
             W = [ctx.R(pre + f"experts.{int(idx[t, kk])}.{w}.weight") for w in proj]
             routed[t] += g[t, kk] * host_swiglu(U[t:t + 1], *W)[0]
-    rec.add("routed and shared experts", "eq. 12; spec 3.2 step 6",
+    rec.add("routed and shared experts", "eq. 12; docs/deepseek-v3.md §3.2 step 6",
             "out = SharedMLP(u) + sum_{i in S} g_i FFN_i(u),  FFN(x) = down(silu(gate x) * up x)",
             {"out": [N, d]}, {"out[:4]": few(out[n]), "shared[:4]": few(shared[n])},
             [close("dispatched/combined output = per-token loop over S (host SwiGLU, silu = a/(1+e^-a))",
@@ -245,7 +245,7 @@ def audit_moe(ctx: AuditContext) -> list:
     vals = {"aux": [num(aux)]}
     if f is not None:
         vals.update({"f (seq 0)[:4]": few(f), "P (seq 0)[:4]": few(Pi)})
-    rec.add("balance loss (without alpha)", "eqs. 17-20; spec 3.5", formula, {"s": [B, Tl, E]}, vals,
+    rec.add("balance loss (without alpha)", "eqs. 17-20; docs/deepseek-v3.md §3.5", formula, {"s": [B, Tl, E]}, vals,
             [close("balance loss = host recount (seq: unbiased, ungrouped TopK per sequence)", aux, aux_host)])
 
     # 10. bias update ---------------------------------------------------------------------------------
@@ -257,7 +257,7 @@ def audit_moe(ctx: AuditContext) -> list:
         c_ = load.astype(np.float64)
         step = np.where(c_ < c_.mean(), 1.0, np.where(c_ > c_.mean(), -1.0, 0.0)).astype(np.float32)
         want = b32 + step * np.float32(gamma)
-        rec.add("auxiliary-loss-free bias update", "spec 3.4 (P-V3 2.1.2)",
+        rec.add("auxiliary-loss-free bias update", "docs/deepseek-v3.md §3.4 (P-V3 2.1.2)",
                 f"b_i += gamma sign(mean(c) - c_i), gamma = {gamma:g}: overloaded experts go down",
                 {"b": [E]}, {"b_new - b": few(new.astype(np.float64) - b32, E)},
                 [check("update = +gamma below the mean load, -gamma above, float32",
@@ -268,7 +268,7 @@ def audit_moe(ctx: AuditContext) -> list:
     grads = backward(ctx.cache)
     nb = [k for k in grads if is_bias(k)]
     missing = [k for k in ctx.params if not is_bias(k) and k not in grads]
-    rec.add("what has a gradient", "spec 3.4, 3.5",
+    rec.add("what has a gradient", "docs/deepseek-v3.md §3.4, §3.5",
             "e_score_correction_bias gets none (updated by the sign rule); every other tensor does",
             {}, {"gradients": [len(grads)]},
             [check("backward returns no e_score_correction_bias entry", not nb, f"{len(nb)} bias entries"),

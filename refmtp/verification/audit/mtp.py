@@ -35,7 +35,7 @@ def audit_mtp(ctx: AuditContext) -> list:
             ids = np.array(ctx.bk.to_numpy(cache.mtp_emb[k - 1].ids))
             ok_ids &= np.array_equal(ids, ctx.tok[:, k:T])
         rows.append(int(out.mtp_logits[k - 1].shape[1]))
-    rec.add("what depth k sees and predicts", "eqs. 21-24; spec 4.5",
+    rec.add("what depth k sees and predicts", "eqs. 21-24; docs/deepseek-v3.md §4.5",
             "depth k, row i (0 <= i < T-k): input token t_{i+k}, state h^{k-1}_i, target t_{i+k+1}",
             {f"logits^{k}": shape(out.mtp_logits[k - 1]) for k in range(1, D + 1)},
             {"rows per depth": rows, f"t[b, i..i+{D + 1}]": [int(v) for v in ctx.tok[b, ctx.i:ctx.i + D + 2]]},
@@ -47,7 +47,7 @@ def audit_mtp(ctx: AuditContext) -> list:
     if kind != "causal":
         for k in range(1, D + 1):
             bc = cache.mtp[k - 1]
-            rec.add(f"parallel head {k}: block on the trunk state", "spec 6 (Gloeckle et al.)",
+            rec.add(f"parallel head {k}: block on the trunk state", "docs/deepseek-v3.md §6 (Gloeckle et al.)",
                     "logits^k = lm_head(model.norm(Block_{L+k-1}(z[:, :T-k])))",
                     {"logits": shape(out.mtp_logits[k - 1])}, {},
                     [close("head input = the trunk output z (pre-norm) rows :T-k",
@@ -57,7 +57,7 @@ def audit_mtp(ctx: AuditContext) -> list:
 
     # 2. h^0 ------------------------------------------------------------------------------------------
     z = ctx.h(cache.norm.x)
-    rec.add("h^0: the main model's output after model.norm", "spec 4.4",
+    rec.add("h^0: the main model's output after model.norm", "docs/deepseek-v3.md §4.4",
             "h^0 = model.norm(z), the tensor lm_head reads; MTP module 1 reads h^0[:, :T-1]",
             {"h^0": shape(h0)}, {"h^0[b,i,:4]": few(h0[b, ctx.i])},
             [rmsnorm_check("h^0 is RMSNorm(z) with model.norm", h0, z, ctx.R("model.norm.weight"), eps),
@@ -85,7 +85,7 @@ def audit_mtp(ctx: AuditContext) -> list:
         x_paper = hh @ M[:, :d].T + e @ M[:, d:].T  # the report's order [h; emb]
         x_lib = ctx.h(mc.block.attn_norm.x)  # the block's input
         d_paper = maxdiff(x_lib, x_paper)
-        rec.add(f"depth {k}: combine embedding and previous state", "eq. 21 as released; spec 4.2, 4.3",
+        rec.add(f"depth {k}: combine embedding and previous state", "eq. 21 as released; docs/deepseek-v3.md §4.2, §4.3",
                 "x = M_k [enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)]  (embedding FIRST: eh_proj columns 0..d-1)",
                 {"eh_proj": list(M.shape), "x": shape(x_lib)},
                 {"enorm(emb)[b,i,:4]": few(e[b, i]), "hnorm(h)[b,i,:4]": few(hh[b, i]),
@@ -104,7 +104,7 @@ def audit_mtp(ctx: AuditContext) -> list:
         logits = ctx.h(out.mtp_logits[k - 1])  # (B,Tk,V)
         cos = ctx.h(mc.block.attn.q_rope.cos)  # (Tk, Dr/2)
         cos_host = np.array([[a * math.cos(m * th) for th in theta] for m in range(Tk)])
-        rec.add(f"depth {k}: block, shared_head.norm, shared output head", "eqs. 22-23; spec 4.3, 4.5",
+        rec.add(f"depth {k}: block, shared_head.norm, shared output head", "eqs. 22-23; docs/deepseek-v3.md §4.3, §4.5",
                 "y = TRM_k(x) over T-k rows at RoPE positions 0..T-k-1;  logits = lm_head(shared_head.norm(y))",
                 {"y": shape(y), "logits": shape(logits)},
                 {"y[b,i,:4]": few(y[b, i]), "logits[b,i,:4]": few(logits[b, i])},
@@ -123,7 +123,7 @@ def audit_mtp(ctx: AuditContext) -> list:
             checks.append(close(f"module {k + 1}'s hnorm reads h^{k}[:, :T-{k + 1}]",
                                 ctx.h(cache.mtp[k].hnorm.x), h_k[:, :Tk - 1]))
         rec.add(f"depth {k}: state chained to depth {k + 1}" if k < D else f"depth {k}: chained state (last)",
-                "spec 4.4",
+                "docs/deepseek-v3.md §4.4",
                 ("h^k = shared_head.norm(y_k)  (mtp_chain = post_norm)" if post
                  else "h^k = y_k (mtp_chain = pre_norm)"),
                 {"h^k": shape(h_k)}, {"h^k[b,i,:4]": few(h_k[b, i])}, checks)
@@ -146,7 +146,7 @@ def _mtp_loss_steps(ctx: AuditContext, rec: Recorder) -> None:
         Lk.append(host)
         lib = float(ctx.h(out.losses[f"mtp.{k}"]))
         paper = cfg.refmtp.mtp_loss_norm == "paper"
-        rec.add(f"depth {k} loss", "eq. 24; spec 4.5",
+        rec.add(f"depth {k} loss", "eq. 24; docs/deepseek-v3.md §4.5",
                 f"L^{k} = -(1/{'T' if paper else '(T-k)'}) sum over the T-k rows of log P^k[t_(i+k+1)], "
                 "averaged over the batch",
                 {"terms": [B * (T - k)]}, {f"L^{k}": [num(lib)], "normaliser": [Nk]},

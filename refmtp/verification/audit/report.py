@@ -11,11 +11,11 @@ FORMATS = ("text", "markdown", "json")
 FORMAT_VERSION = 1
 
 TITLES = {
-    "mla": "Multi-head Latent Attention, layer 0 (V3 eqs. 1-11; spec 2)",
-    "moe": "DeepSeekMoE routing and experts (V3 eqs. 12-20; spec 3)",
-    "mtp": "causal multi-token prediction (V3 eqs. 21-25; spec 4)",
+    "mla": "Multi-head Latent Attention, layer 0 (V3 eqs. 1-11; docs/deepseek-v3.md §2)",
+    "moe": "DeepSeekMoE routing and experts (V3 eqs. 12-20; docs/deepseek-v3.md §3)",
+    "mtp": "causal multi-token prediction (V3 eqs. 21-25; docs/deepseek-v3.md §4)",
     "loss": "training loss: cross-entropy, MTP weights, balance loss (V3 eqs. 17, 24, 25)",
-    "speculative": "one self-speculative decoding step (spec-SD 1-3; spec 4.6)",
+    "speculative": "one self-speculative decoding step (docs/speculative-decoding.md §1-3; docs/deepseek-v3.md §4.6)",
     "backward": "gradients vs central differences, per layer (float64)",
 }
 

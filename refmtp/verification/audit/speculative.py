@@ -45,7 +45,7 @@ def audit_speculative(ctx: AuditContext) -> list:
     if K == 0:
         res0 = speculative_generate(dec, seq, 4, k=0, temperature=0.0)
         ref_tokens = generate(dec, seq, 4, temperature=0.0)
-        rec.add("no MTP module: no drafts", "spec-SD 1.4 (K = 0)", "every step emits one target token",
+        rec.add("no MTP module: no drafts", "docs/speculative-decoding.md §1.4 (K = 0)", "every step emits one target token",
                 {}, {"tokens": res0.tokens},
                 [check("K = 0 output = plain greedy decoding", res0.tokens == ref_tokens,
                        f"{res0.tokens} vs {ref_tokens}")])
@@ -74,7 +74,7 @@ def audit_speculative(ctx: AuditContext) -> list:
     if q_lib is not None:
         checks.append(close("q_k = softmax(draft logits / T) (host)", np.array(q_lib), np.array(q_host),
                             tol=1e-12))
-    rec.add("drafts from the MTP modules", "spec 4.6; spec-SD 3",
+    rec.add("drafts from the MTP modules", "docs/deepseek-v3.md §4.6; docs/speculative-decoding.md §3",
             f"module s at row n-2 of seq + d_<s drafts d_s ~ q_s = softmax(logits_s / T), T = {tau:g}",
             {"seq": [len(seq)], "drafts": [K]}, {"seq[-4:]": seq[-4:], "drafts": drafts}, checks)
 
@@ -83,7 +83,7 @@ def audit_speculative(ctx: AuditContext) -> list:
     want = ctx.h(o.logits)[0, n - 1:n + K]
     p = np.exp(logsoftmax(target / tau))  # (K+1, V)
     q = np.array(q_host)
-    rec.add("one target pass over [x_{n-1}, d_1..d_K]", "spec-SD 0, 1.1",
+    rec.add("one target pass over [x_{n-1}, d_1..d_K]", "docs/speculative-decoding.md §0, §1.1",
             "p_k = softmax(target logits / T) at positions n-1..n-1+K (K+1 rows, the last is the bonus row)",
             {"p": list(p.shape)}, {"p_1[:4]": few(p[0])},
             [close("cached verification logits = full forward on seq + drafts", target, want, tol=1e-9),
@@ -112,7 +112,7 @@ def audit_speculative(ctx: AuditContext) -> list:
             hi = verify_drafts(p[k:k + 2], q[k:k + 1], [d_], [u_hi], 0.5).num_accepted
             checks.append(check("library accepts at u = a(1-1e-9) and rejects at u = a(1+1e-9)",
                                 lo == 1 and hi == 0, f"accepted {lo}, {hi}"))
-        rec.add(f"draft {k + 1}: acceptance ratio and decision", "spec-SD 1.1, 2.2 R2",
+        rec.add(f"draft {k + 1}: acceptance ratio and decision", "docs/speculative-decoding.md §1.1, §2.2 R2",
                 "a_k = min(1, p_k(d_k) / q_k(d_k));  accept iff u_k q_k(d_k) <= p_k(d_k)",
                 {}, {"d": [d_], "p(d)": [num(pd)], "q(d)": [num(qd)], "a": [num(ratio)], "u": [num(u_acc[k])],
                      "decision": ["accept" if accept else "reject"] if examined else ["not examined"]},
@@ -123,7 +123,7 @@ def audit_speculative(ctx: AuditContext) -> list:
         w = np.maximum(p[A_host] - q[A_host], 0.0)
         what, formula = f"residual at position {A_host + 1}", "r = max(p_j - q_j, 0), y = ICDF(r, u_sample)"
         beta = math.fsum(np.minimum(p[A_host], q[A_host]))
-        extra = [close("residual mass = 1 - sum min(p, q)  (P(reject) = R, spec-SD 1.2)", math.fsum(w),
+        extra = [close("residual mass = 1 - sum min(p, q)  (P(reject) = R, docs/speculative-decoding.md §1.2)", math.fsum(w),
                        1 - beta, tol=1e-12)]
     else:
         w = p[K]
@@ -139,7 +139,7 @@ def audit_speculative(ctx: AuditContext) -> list:
             mid = (acc + wy / 2) / S
             part_ok &= icdf(w, mid) == yy
         acc = math.fsum([acc, float(wy)])
-    rec.add(f"emitted token: {what}", "spec-SD 1.1, 2.2 R3-R5", formula,
+    rec.add(f"emitted token: {what}", "docs/speculative-decoding.md §1.1, §2.2 R3-R5", formula,
             {"w": [len(w)]}, {"u_sample": [num(u_s)], "y": [y_host], "emitted": emitted},
             [check("A and the tokens = host replay (RNG-v1 coins, host ICDF with fsum)",
                    A_lib == A_host and emitted == drafts[:A_host] + [y_host],
@@ -155,7 +155,7 @@ def audit_speculative(ctx: AuditContext) -> list:
     p_g = np.exp(logsoftmax(ctx.h(rows) / tau))
     vs = verify_drafts(p_g, None, g_tokens[:K], u_acc, u_s)  # one-hot q: a_k = p_k(d_k)
     A_oh = next((k for k in range(K) if not (p_g[k, g_tokens[k]] > 0 and u_acc[k] <= p_g[k, g_tokens[k]])), K)
-    rec.add("accept path: drafts = the target's greedy continuation", "spec-SD 1.4, 2.2 R1, R2, R4",
+    rec.add("accept path: drafts = the target's greedy continuation", "docs/speculative-decoding.md §1.4, §2.2 R1, R2, R4",
             "greedy: accept while d_k = argmax p_k, then the bonus argmax p_{K+1}; "
             "one-hot q: accept iff u_k <= p_k(d_k)",
             {}, {"drafts": g_tokens[:K], "p_k(d_k)": [num(p_g[k, g_tokens[k]]) for k in range(K)],
@@ -171,7 +171,7 @@ def audit_speculative(ctx: AuditContext) -> list:
     res_g = speculative_generate(dec, seq, new, k=K, temperature=0.0)
     ref_g = generate(dec, seq, new, temperature=0.0)
     tps = len(res_g.tokens) / max(1, len(res_g.steps))
-    rec.add("temperature 0: speculative = greedy decoding", "spec-SD 1.4, 2.2 R1",
+    rec.add("temperature 0: speculative = greedy decoding", "docs/speculative-decoding.md §1.4, §2.2 R1",
             f"{new} tokens with K = {K} drafts per step vs one main-model call per token",
             {}, {"tokens": res_g.tokens, "tokens per step": [num(tps)]},
             [check("identical token streams", res_g.tokens == ref_g, f"{res_g.tokens} vs {ref_g}")])

@@ -26,7 +26,7 @@ class Step:
     component: str
     index: int  # 1-based within the component
     title: str
-    ref: str  # "eq. 8" / "spec 3.2 step 4"
+    ref: str  # "eq. 8" / "docs/deepseek-v3.md §3.2 step 4"
     formula: str  # plain text
     shapes: dict  # name -> list of ints
     values: dict  # name -> a few numbers at (b, i)

@@ -12,8 +12,8 @@ Specification: ``docs/golden-format.md``. A *model case* is one directory::
 A *trajectory case* holds S training steps (``trajectory.*``, ``final.*``), a *decode case*
 a schedule of appends and rollbacks through the absorbed latent cache (``decode.*``). An
 *acceptance case* is a directory with ``records.json`` (speculative-decoding acceptance
-records, dyadic numbers written as exact decimal strings, RNG-v1 rules of the speculative
-decoding spec section 2.2) and ``manifest.json``.
+records, dyadic numbers written as exact decimal strings, RNG-v1 rules of
+docs/speculative-decoding.md §2.2) and ``manifest.json``.
 
     export_model_case(out_dir, cfg, seed=0, batch=2, seq_len=8, dtype="float64")
     export_acceptance_case(out_dir, records)

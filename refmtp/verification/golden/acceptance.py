@@ -1,4 +1,4 @@
-"""Acceptance-rule cases (speculative-decoding spec 2.2 RNG-v1, 2.4 R11): ``records.json``.
+"""Acceptance-rule cases (docs/speculative-decoding.md §2.2 RNG-v1, §2.4 R11): ``records.json``.
 
 Each record holds the inputs of one verification step as exact decimal strings of dyadic
 rationals and the decision ``verify_drafts`` computes for them; verifying replays every
@@ -136,7 +136,7 @@ def acceptance_record(case: dict) -> dict:
         "drafts": [int(d) for d in case["drafts"]],
         "q": rows(case.get("q")),
         "p": rows(case.get("p")),
-        # the coins need only be exact float64 (the spec's worked cases use 0.7 and 0.2)
+        # the coins need only be exact float64 (the worked cases of docs/speculative-decoding.md §2.4 use 0.7 and 0.2)
         "u_accept": None if ua is None else [dyadic_str(u, float32=False) for u in ua],
         "u_sample": None if us is None else dyadic_str(us, float32=False),
         "greedy": bool(case.get("greedy", False)),
@@ -161,7 +161,7 @@ def export_acceptance_case(out_dir, records: list[dict], *, name: str | None = N
     body = {
         "format": ACCEPTANCE_FORMAT,
         "format_version": FORMAT_VERSION,
-        "rule": "RNG-v1 (docs/golden-format.md; speculative-decoding spec section 2.2, R1-R7)",
+        "rule": "RNG-v1 (docs/golden-format.md; docs/speculative-decoding.md §2.2, R1-R7)",
         "records": records,
     }
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
