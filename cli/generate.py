@@ -29,7 +29,7 @@ class InputError(click.ClickException):
 
 def resolve_checkpoint(path) -> Path:
     """A checkpoint directory, or a training run directory (its newest checkpoint)."""
-    from refmtp.training.trainer import latest_checkpoint
+    from refmtp.training.rundir import latest_checkpoint
 
     p = Path(path)
     if not p.exists():

@@ -54,7 +54,8 @@ def train_tiny_checkpoint(base: Path) -> Path:
     """A tiny-preset checkpoint trained for 40 steps with the training API (float64), cached
     under ``base`` for the whole test session. Returns the checkpoint directory."""
     from refmtp.training.data import load_corpus
-    from refmtp.training.trainer import Trainer, TrainSettings, latest_checkpoint
+    from refmtp.training.rundir import latest_checkpoint
+    from refmtp.training.trainer import Trainer, TrainSettings
 
     run = base / "tiny-mtp-run"
     if run.exists() and latest_checkpoint(run) is not None:

@@ -17,7 +17,8 @@ from safetensors.numpy import load_file
 
 from refmtp.cli.main import cli
 from refmtp.config import preset
-from refmtp.training.trainer import NonFiniteError, RunError, Trainer, TrainSettings, latest_checkpoint
+from refmtp.training.rundir import latest_checkpoint
+from refmtp.training.trainer import NonFiniteError, RunError, Trainer, TrainSettings
 
 TIMING_KEYS = {"tokens_per_s", "elapsed_s"}
 

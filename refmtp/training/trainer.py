@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import threading
@@ -48,10 +46,10 @@ from refmtp.config import PASSTHROUGH_FIELDS, ModelConfig
 from refmtp.model import forward, init_params
 from refmtp.training.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
 from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule, load_optimizer, save_optimizer
+from refmtp.training.rundir import (RUN_FORMAT, RUN_FORMAT_VERSION, STATE_FILE, latest_checkpoint,
+                                   truncate_metrics, write_checkpoint, write_json_atomic)
 from refmtp.training.step import NonFinite, train_step
 
-RUN_FORMAT = "refmtp-run"
-RUN_FORMAT_VERSION = 1
 
 
 class NonFiniteError(RuntimeError):
@@ -155,12 +153,6 @@ def byte_level_config(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
 
 def count_params(params: dict) -> int:
     return int(sum(math.prod(a.shape) for a in params.values()))
-
-
-def _write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def _model_fields(cfg: ModelConfig) -> dict:
@@ -273,7 +265,7 @@ class Trainer:
             "settings": settings.to_dict(), "model": cfg.to_dict(),
             "data": corpus.summary(), "overrides": overrides,
         }
-        _write_json_atomic(out_dir / "run.json", run)
+        write_json_atomic(out_dir / "run.json", run)
         return cls(settings, cfg, out_dir, corpus, params, opt, sampler, 0, overrides=overrides)
 
     @classmethod
@@ -346,10 +338,10 @@ class Trainer:
         step = int(state["step"])
         if opt.step_count != step:
             raise RunError(f"{ckpt}: optimizer is at step {opt.step_count}, trainer at {step}")
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
         if settings.to_dict() != stored.to_dict():
             run["settings"] = settings.to_dict()
-            _write_json_atomic(run_file, run)
+            write_json_atomic(run_file, run)
         return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, step,
                    overrides=run.get("overrides", []), tokens_seen=int(state["tokens_seen"]),
                    elapsed_s=float(state["elapsed_s"]), resumed_from=ckpt)
@@ -545,52 +537,26 @@ class Trainer:
         return f"last good checkpoint: {ckpt}"
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (via ``ckpt.tmp`` + os.replace); return it."""
+        """Write a checkpoint of the current step (refmtp.training.rundir.write_checkpoint)."""
 
-        final = self.out_dir / f"checkpoint-{self.step:07d}"
-        if final.is_dir() and (final / "trainer_state.json").is_file():
-            self.last_checkpoint = final  # already saved at this step: identical content
-            return final
-        tmp = self.out_dir / "ckpt.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)  # leftover of an interrupted save
-        tmp.mkdir()
-        save_checkpoint(tmp, self.cfg, self.params)
-        save_optimizer(tmp / "optimizer.safetensors", self.opt)
-        state = {
-            "step": self.step, "tokens_seen": self.tokens_seen,
-            "elapsed_s": self.elapsed_s, "data": self.sampler.state(),
-            "backend": self.settings.backend, "dtype": self.settings.dtype,
-            "data_fingerprint": self.corpus.fingerprint,
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        if final.exists():
-            shutil.rmtree(final)  # an incomplete directory under the final name
-        os.replace(tmp, final)
-        (self.out_dir / "latest.tmp").write_text(final.name + "\n")
-        os.replace(self.out_dir / "latest.tmp", self.out_dir / "latest")
-        for old in self.out_dir.glob("checkpoint-*"):
-            if old != final and old.is_dir():
-                shutil.rmtree(old)
-        self.last_checkpoint = final
-        return final
+        def contents(tmp: Path) -> None:
+            save_checkpoint(tmp, self.cfg, self.params)
+            save_optimizer(tmp / "optimizer.safetensors", self.opt)
+            state = {
+                "step": self.step, "tokens_seen": self.tokens_seen,
+                "elapsed_s": self.elapsed_s, "data": self.sampler.state(),
+                "backend": self.settings.backend, "dtype": self.settings.dtype,
+                "data_fingerprint": self.corpus.fingerprint,
+            }
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+        self.last_checkpoint = write_checkpoint(self.out_dir, self.step, contents)
+        return self.last_checkpoint
 
 
 # -------------------------------------------------------------------------------------------
 # helpers
 # -------------------------------------------------------------------------------------------
-def latest_checkpoint(run_dir) -> Path | None:
-    """The newest complete checkpoint of a run (``latest``, else the highest numbered)."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / "latest"
-    if pointer.is_file():
-        cand = run_dir / pointer.read_text().strip()
-        if (cand / "trainer_state.json").is_file():
-            return cand
-    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
-    return done[-1] if done else None
-
-
 def _check_seq_len(settings: TrainSettings, cfg: ModelConfig) -> None:
     if settings.seq_len <= cfg.D:
         raise ValueError(
@@ -624,22 +590,6 @@ def _imbalance(bk, load: dict) -> dict:
     return out
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after ``step`` (written before a crash, past the checkpoint)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
-        except json.JSONDecodeError:
-            break  # a torn last line
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
-
-
 def _wrap(indent: str, items: list[str], width: int = 100) -> list[str]:
     lines, cur = [], indent
     for it in items:
@@ -653,4 +603,4 @@ def _wrap(indent: str, items: list[str], width: int = 100) -> list[str]:
 
 
 __all__ = ["Trainer", "TrainSettings", "TrainResult", "NonFiniteError", "RunError",
-           "latest_checkpoint", "byte_level_config", "count_params"]
+           "byte_level_config", "count_params"]
