@@ -78,7 +78,7 @@ def main() -> None:
     sides = [("this", sys.executable)] + ([(args.label_other, args.python)] if args.python else [])
     result = {"benchmark": "step_and_token", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": machine_info(), "threads": args.threads, "load_before": os.getloadavg(),
-              "rounds": args.rounds, "sides": {label: py for label, py in sides}, "presets": {}}
+              "rounds": args.rounds, "sides": [label for label, _ in sides], "presets": {}}
     print(f"{'preset':<7} {'side':<10} {'step ms (median)':>17} {'min-max':>15} {'token ms (median)':>18} {'min-max':>13}")
     for name in args.presets:
         runs = {label: [] for label, _ in sides}
