@@ -22,15 +22,16 @@ from refmtp.verification.golden.files import (ACCEPTANCE_FILE, FORMAT_VERSION, M
                                               RECIPE as RECIPE_FILE, GoldenError, read_tensors,
                                               save_tensors, write_json)
 from refmtp.verification.golden.manifest import file_entries, read_manifest
-from refmtp.verification.golden.recipe import config_from_recipe, generate, load_recipe, shipped_dir
+from refmtp.verification.golden.recipe import config_from_recipe, generate, load_recipe, shipped_cases, shipped_dir
 from refmtp.verification.golden.report import format_report
 from refmtp.verification.golden.verify import verify_case
 from refmtp.cli.main import cli
 
 ROOT = shipped_dir()
 RECIPE = load_recipe(ROOT / RECIPE_FILE)
-CASES = list(RECIPE["cases"])
-MODEL_CASES = [n for n, e in RECIPE["cases"].items() if e.get("kind", "model") == "model"]
+SHIPPED = shipped_cases(RECIPE)  # the on-demand cases: tests/test_golden_v3_geometry.py
+CASES = list(SHIPPED)
+MODEL_CASES = [n for n, e in SHIPPED.items() if e.get("kind", "model") == "model"]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "golden-format.md"
 
 
@@ -80,8 +81,8 @@ def test_cli_verify_all_shipped():
 
 
 def test_shipped_set_covers_the_required_variants():
-    cfgs = {n: config_from_recipe(e) for n, e in RECIPE["cases"].items() if e.get("kind", "model") != "acceptance"}
-    dtypes = {n: RECIPE["cases"][n]["dtype"] for n in cfgs}
+    cfgs = {n: config_from_recipe(e) for n, e in SHIPPED.items() if e.get("kind", "model") != "acceptance"}
+    dtypes = {n: SHIPPED[n]["dtype"] for n in cfgs}
     f64 = [n for n in cfgs if dtypes[n] == "float64"]
     assert any(cfgs[n].D == 1 and cfgs[n].refmtp.mtp_kind == "causal" for n in f64)
     assert any(cfgs[n].D == 2 and cfgs[n].refmtp.mtp_kind == "causal" for n in f64)
@@ -90,7 +91,7 @@ def test_shipped_set_covers_the_required_variants():
     assert any(cfgs[n].q_lora_rank is None for n in f64)
     assert any(cfgs[n].refmtp.mtp_kind == "parallel" for n in f64)
     assert any(d == "float32" for d in dtypes.values())
-    acc = [n for n, e in RECIPE["cases"].items() if e.get("kind") == "acceptance"]
+    acc = [n for n, e in SHIPPED.items() if e.get("kind") == "acceptance"]
     assert len(acc) == 1 and len(read_records(ROOT / acc[0])) >= 40
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert total < 5_000_000, f"golden/ holds {total} bytes"
@@ -135,12 +136,12 @@ def test_cases_pin_what_they_claim():
     for name in MODEL_CASES:
         exp = read_tensors(ROOT / name / "expected.safetensors")
         assert _routing_differs(exp, _recompute(name, zero_bias=True)) > 0, f"{name}: bias changes no routing"
-    gl = next(n for n in MODEL_CASES if 1 < config_from_recipe(RECIPE["cases"][n]).topk_group
-              < config_from_recipe(RECIPE["cases"][n]).n_group)
-    cfg = config_from_recipe(RECIPE["cases"][gl])
+    gl = next(n for n in MODEL_CASES if 1 < config_from_recipe(SHIPPED[n]).topk_group
+              < config_from_recipe(SHIPPED[n]).n_group)
+    cfg = config_from_recipe(SHIPPED[gl])
     exp = read_tensors(ROOT / gl / "expected.safetensors")
     assert _routing_differs(exp, _recompute(gl, topk_group=cfg.n_group)) > 0
-    yarn = next(n for n in MODEL_CASES if config_from_recipe(RECIPE["cases"][n]).rope_scaling)
+    yarn = next(n for n in MODEL_CASES if config_from_recipe(SHIPPED[n]).rope_scaling)
     exp = read_tensors(ROOT / yarn / "expected.safetensors")
     assert np.max(np.abs(exp["logits"] - _recompute(yarn, rope_scaling=None)["logits"])) > 1e-3
 
@@ -149,7 +150,7 @@ def test_float32_tolerance_admits_an_exact_implementation():
     """The float64 result for the float32 case's weights passes the float32 tolerances."""
     from refmtp.checkpoint import load_checkpoint
 
-    name = next(n for n in MODEL_CASES if RECIPE["cases"][n]["dtype"] == "float32")
+    name = next(n for n in MODEL_CASES if SHIPPED[n]["dtype"] == "float32")
     cfg, params = load_checkpoint(ROOT / name, backend="numpy", dtype="float64")
     tokens = read_tensors(ROOT / name / "inputs.safetensors")["tokens"]
     exact = compute_case(cfg, params, tokens)
@@ -301,7 +302,7 @@ def test_against_shape_and_nan_fail():
 # acceptance records
 # -------------------------------------------------------------------------------------------
 def _acceptance_dir():
-    return ROOT / next(n for n, e in RECIPE["cases"].items() if e.get("kind") == "acceptance")
+    return ROOT / next(n for n, e in SHIPPED.items() if e.get("kind") == "acceptance")
 
 
 def test_acceptance_records_replay_exactly(backend):

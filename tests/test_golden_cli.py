@@ -16,14 +16,14 @@ from refmtp.verification.golden.acceptance import read_records
 from refmtp.verification.golden.compare import NOT_CHECKED, json_equal
 from refmtp.verification.golden.files import RECIPE as RECIPE_FILE, read_tensors, save_tensors
 from refmtp.verification.golden.manifest import read_manifest
-from refmtp.verification.golden.recipe import load_recipe, shipped_dir
+from refmtp.verification.golden.recipe import load_recipe, shipped_cases, shipped_dir
 from refmtp.verification.golden.report import format_report
 from refmtp.verification.golden.verify import verify_case
 from refmtp.cli.main import cli
 
 ROOT = shipped_dir()
 RECIPE = load_recipe(ROOT / RECIPE_FILE)
-CASES = list(RECIPE["cases"])
+CASES = list(shipped_cases(RECIPE))  # on demand: listed too, as "(on demand)" lines
 ACC = next(n for n, e in RECIPE["cases"].items() if e.get("kind") == "acceptance")
 F32 = next(n for n, e in RECIPE["cases"].items() if e.get("kind", "model") == "model" and e["dtype"] == "float32")
 
@@ -65,7 +65,7 @@ def test_list_one_line_per_shipped_case():
     code, out = run("list")
     assert code == 0, out
     lines = out.strip().splitlines()
-    assert len(lines) == len(CASES)
+    assert len(lines) == len(RECIPE["cases"])  # the shipped cases and one line per on-demand case
     for name in CASES:
         m = read_manifest(ROOT / name)
         line = next(ln for ln in lines if ln.split()[0] == name)

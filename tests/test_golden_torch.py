@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from refmtp.verification.golden.files import RECIPE as RECIPE_FILE, read_tensors
 from refmtp.verification.golden.manifest import read_manifest
-from refmtp.verification.golden.recipe import load_recipe, shipped_dir
+from refmtp.verification.golden.recipe import load_recipe, shipped_cases, shipped_dir
 from refmtp.cli.main import cli
 
 torch = pytest.importorskip("torch", reason="needs torch (optional extra: pip install 'refmtp[torch]')")
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.torch
 
 ROOT = shipped_dir()
 RECIPE = load_recipe(ROOT / RECIPE_FILE)
-MODEL_CASES = [n for n, e in RECIPE["cases"].items() if e.get("kind", "model") == "model"]
+MODEL_CASES = [n for n, e in shipped_cases(RECIPE).items() if e.get("kind", "model") == "model"]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "golden-format.md"
 DOC_CASE = 'case = "golden/tiny_d2"'
 

@@ -11,7 +11,7 @@ from refmtp.config import ConfigError, ModelConfig, preset
 from refmtp.verification.golden.acceptance import acceptance_record, export_acceptance_case
 from refmtp.verification.golden.cases import (DEFAULT_BIAS_STD, DEFAULT_INIT_STD, export_decode_case,
                                               export_model_case, export_trajectory_case)
-from refmtp.verification.golden.files import MANIFEST, RECIPE, GoldenError, read_json
+from refmtp.verification.golden.files import MANIFEST, RECIPE, GoldenError, read_json, sha256_file
 from refmtp.verification.golden.manifest import KINDS, read_manifest
 
 
@@ -46,15 +46,29 @@ def shipped_dir() -> Path:
     return path
 
 
+def on_demand(entry: dict) -> bool:
+    """True for a recipe case that is not shipped (too large): ``refmtp golden generate --case
+    NAME --out DIR`` makes it, and the recipe's ``hashes`` pin its inputs and parameters."""
+    return bool(entry.get("on_demand"))
+
+
+def shipped_cases(recipe: dict) -> dict:
+    """{name: entry} of the recipe's shipped cases (every case but the on-demand ones)."""
+    return {n: e for n, e in recipe["cases"].items() if not on_demand(e)}
+
+
 def case_dirs(root) -> list[Path]:
-    """Every case directory under a golden root: the recipe's cases (which must exist) plus
-    any other sub-directory holding a manifest."""
+    """Every case directory under a golden root: the recipe's shipped cases (which must exist),
+    its on-demand cases that were generated there, and any other sub-directory with a manifest."""
     root = Path(root)
     found = {p.parent for p in root.glob(f"*/{MANIFEST}")}
     recipe = root / RECIPE
     if recipe.is_file():
-        for name in load_recipe(recipe)["cases"]:
+        complete = root.resolve() == shipped_dir().resolve()  # elsewhere: a generated subset
+        for name, entry in load_recipe(recipe)["cases"].items():
             d = root / name
+            if (on_demand(entry) or not complete) and not (d / MANIFEST).is_file():
+                continue
             if not (d / MANIFEST).is_file():
                 raise GoldenError(f"{recipe} lists case {name} but {d / MANIFEST} is not there "
                                   "(HINT: `refmtp golden generate`)")
@@ -65,11 +79,18 @@ def case_dirs(root) -> list[Path]:
 
 
 def shipped_case(name: str) -> Path | None:
-    """The shipped case directory called ``name``, or None when no shipped case has that name."""
+    """The shipped case directory called ``name``, or None when no shipped case has that name.
+    An on-demand case raises GoldenError saying how to generate it."""
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(name)):
         return None
     d = shipped_dir() / str(name)
-    return d if (d / MANIFEST).is_file() else None
+    if (d / MANIFEST).is_file():
+        return d
+    entry = load_recipe(shipped_dir() / RECIPE)["cases"].get(str(name))
+    if entry is not None and on_demand(entry):
+        raise GoldenError(f"{name} is an on-demand case (not shipped): make it with `refmtp golden "
+                          f"generate --case {name} --out DIR`, then verify DIR/{name}")
+    return None
 
 
 def list_cases(root=None) -> list[dict]:
@@ -77,14 +98,22 @@ def list_cases(root=None) -> list[dict]:
     ``{name, kind, dtype, count, unit, description, path}``; ``count`` is the number of expected
     tensors (model, trajectory) or records (acceptance)."""
     out = []
-    for d in case_dirs(shipped_dir() if root is None else root):
+    root = shipped_dir() if root is None else Path(root)
+    recipe = load_recipe(root / RECIPE) if (root / RECIPE).is_file() else {"cases": {}}
+    for name, entry in recipe["cases"].items():
+        if on_demand(entry) and not (root / name / MANIFEST).is_file():
+            out.append({"name": name, "kind": entry.get("kind", "model"), "dtype": entry.get("dtype", ""),
+                        "count": 0, "unit": "(on demand)",
+                        "description": f"not shipped: `refmtp golden generate --case {name} --out DIR`; "
+                                       + entry.get("description", ""), "path": ""})
+    for d in case_dirs(root):
         m = read_manifest(d)
         acc = m["kind"] == "acceptance"
         count = m.get("records") if acc else len(m.get("tensors", {}))
         out.append({"name": d.name, "kind": m["kind"], "dtype": m["dtype"], "count": count,
                     "unit": "records" if acc else "tensors", "description": m.get("description", ""),
                     "path": str(d)})
-    return out
+    return sorted(out, key=lambda c: c["name"])
 
 
 def load_recipe(path) -> dict:
@@ -154,6 +183,17 @@ def generate_case(out_root, name: str, entry: dict) -> dict:
         extra=common)
 
 
+def check_hashes(case_dir: Path, entry: dict) -> None:
+    """The recipe's ``hashes`` {file: sha256} (on-demand cases: inputs and parameters) hold for
+    the generated files; GoldenError otherwise (not bit-reproducible here)."""
+    for name, want in sorted((entry.get("hashes") or {}).items()):
+        got = sha256_file(case_dir / name)
+        if got != want:
+            raise GoldenError(f"{case_dir / name} sha256 {got[:16]}... differs from the recipe's "
+                              f"{want[:16]}...: the case's inputs or parameters are not bit-reproducible "
+                              "on this machine (report it)")
+
+
 def generate(out_root=None, recipe_path=None, only=None, log=None) -> list[str]:
     """Regenerate the recipe's cases (all, or the names in ``only``) under ``out_root``.
 
@@ -163,15 +203,19 @@ def generate(out_root=None, recipe_path=None, only=None, log=None) -> list[str]:
     recipe_path = Path(recipe_path) if recipe_path else shipped_dir() / RECIPE
     out_root = Path(out_root) if out_root else recipe_path.parent
     recipe = load_recipe(recipe_path)
-    names = list(recipe["cases"]) if not only else list(only)
+    cases = recipe["cases"]
+    names = [n for n in cases if not on_demand(cases[n])] if not only else list(only)
     for name in names:
-        if name not in recipe["cases"]:
-            raise ValueError(f"case {name!r} is not in {recipe_path} (known: {', '.join(recipe['cases'])})")
+        if name not in cases:
+            raise ValueError(f"case {name!r} is not in {recipe_path} (known: {', '.join(cases)})")
+        if on_demand(cases[name]) and out_root.resolve() == shipped_dir().resolve():
+            raise ValueError(f"case {name} is generated on demand, not shipped: give --out DIR")
     out_root.mkdir(parents=True, exist_ok=True)
     if (out_root / RECIPE).resolve() != recipe_path.resolve():
         (out_root / RECIPE).write_bytes(recipe_path.read_bytes())
     for name in names:
-        generate_case(out_root, name, recipe["cases"][name])
+        generate_case(out_root, name, cases[name])
+        check_hashes(out_root / name, cases[name])
         if log:
             log(f"  generated {name}")
     stale = sorted(p.parent.name for p in out_root.glob(f"*/{MANIFEST}") if p.parent.name not in recipe["cases"])
