@@ -154,22 +154,17 @@ def export_speculative_case(out_dir, cfg, *, seed: int, spec: dict, dtype: str =
 
 
 def recompute_speculative(case_dir: Path, m: dict, cfg, params, inputs: dict) -> dict:
-    """Regenerate with refmtp; the coins drawn must be the case's input coins (exactly)."""
+    """Regenerate with refmtp from the prompt and the seed. The coins are not read back: refmtp
+    draws them itself (RNG-v1), and a generation that takes another path (a bug, a mutant) draws
+    other ones; tests/test_golden_speculative.py checks the stored ones against the seed."""
     spec = check_settings(m.get("speculative"), str(case_dir / "manifest.json"))
     prompt = inputs.get("prompt")
     if prompt is None or prompt.dtype != np.int64 or prompt.ndim != 1 or prompt.shape[0] != spec["prompt_len"]:
         raise GoldenError(f"{case_dir / 'inputs.safetensors'}: prompt must be int64 ({spec['prompt_len']},)")
     try:
-        expected, coins = compute_speculative(cfg, params, prompt, spec, m["seed"])
+        return compute_speculative(cfg, params, prompt, spec, m["seed"])[0]
     except ValueError as exc:
         raise GoldenError(f"{case_dir}: refmtp refuses the case: {str(exc).splitlines()[0]}") from None
-    stored = {n: a for n, a in inputs.items() if n != "prompt"}
-    for n in sorted(set(stored) | set(coins)):
-        if n not in stored or n not in coins or stored[n].shape != coins[n].shape \
-                or not np.array_equal(stored[n], coins[n]):
-            raise GoldenError(f"{case_dir / 'inputs.safetensors'}: coin {n} is not what RNG-v1 draws "
-                              f"from seed {m['seed']} (docs/golden-format.md §1.5)")
-    return expected
 
 
 # -------------------------------------------------------------------------------------------
