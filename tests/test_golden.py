@@ -94,7 +94,7 @@ def test_shipped_set_covers_the_required_variants():
     acc = [n for n, e in SHIPPED.items() if e.get("kind") == "acceptance"]
     assert len(acc) == 1 and len(read_records(ROOT / acc[0])) >= 40
     total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    assert total < 5_000_000, f"golden/ holds {total} bytes"
+    assert total < 8_000_000, f"golden/ holds {total} bytes (the project keeps it under 10 MB; 8 MB leaves room)"
 
 
 def test_every_parameter_has_a_gradient_and_routing_is_recorded():

@@ -68,7 +68,7 @@ class SpecResult:
     tokens: list  # generated tokens (prompt excluded)
     steps: list  # StepRecord per verification step
     seconds: float = 0.0  # wall-clock of the whole generation (prefill included)
-    trace: list = field(default_factory=list)  # per step {n, drafts, q, draft_logits, logits} if trace
+    trace: list = field(default_factory=list)  # per step record if trace (speculative_generate)
 
 
 # -------------------------------------------------------------------------------------------
@@ -118,13 +118,15 @@ class _Choice:
 
     def __init__(self, temperature, sample, gen):
         self.temperature, self.sample, self.gen = temperature, sample, gen
+        self.coins = []  # the uniforms drawn for sampled drafts (read by the trace)
 
     def __call__(self, row):
         xp = self.xp_of(row)
         if not self.sample or self.temperature == 0:
             return int(xp.argmax(row)), None  # lowest index on ties; q = one-hot (docs/speculative-decoding.md §1.4)
         q = processed_probs(row, self.temperature)  # (V,) float64, the distribution drawn from
-        return icdf(q, float(self.gen.random())), q
+        self.coins.append(float(self.gen.random()))
+        return icdf(q, self.coins[-1]), q
 
     @staticmethod
     def xp_of(row):
@@ -242,8 +244,13 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
     temperature 0, and in distribution at temperature > 0), "blockwise" (greedy exact match),
     "typical" (Medusa; at temperature 0 its test uses p at temperature 1, its replacement is
     greedy). ``sample_drafts``: draw drafts from q = softmax(draft logits / T) and pass q to the
-    rule (default: argmax drafts, one-hot q). ``trace`` keeps each step's drafts, q and target
-    logits (for tests). See the module docstring for the state and the step.
+    rule (default: argmax drafts, one-hot q). ``trace`` keeps one dict per step in
+    ``res.trace`` (tests, the speculative golden cases): ``n`` (committed tokens before the
+    step), ``drafts``, ``q`` (the rule's q rows, None for argmax drafts), ``draft_logits``,
+    ``logits`` (K+1 target rows), ``p`` (softmax(logits / T), None at T = 0), the coins
+    ``u_draft`` (sampled drafts), ``u_accept``, ``u_sample`` (None where not drawn),
+    ``num_accepted``, ``tokens`` (emitted) and ``cache_lengths`` after the rollback
+    (``{"main": n + A, "mtp.k": ...}``). See the module docstring for the state and the step.
     """
     cfg = dec.cfg
     seq = check_prompt(prompt, cfg)
@@ -279,13 +286,12 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
     while len(res.tokens) < max_new_tokens:
         n = len(seq)
         K_step = min(K, max_new_tokens - len(res.tokens) - 1)  # never draft past the budget
+        choose.coins = []
         drafts, q, rows = drafter.draft(seq, h0, K_step, choose)
         out = dec.main(xp.asarray([[seq[-1]] + drafts], dtype=xp.int64), cache)  # verify: (1, K+1, V)
         logits = out.logits[0]  # (K+1, V) target rows p_1..p_{K+1} (before temperature)
-        if trace:
-            res.trace.append({"n": n, "drafts": list(drafts), "q": q, "draft_logits": rows,
-                              "logits": logits})
-        verdict = _decide(rule, logits, q, drafts, temperature, gen, typical_kw)
+        seen = {} if trace else None
+        verdict = _decide(rule, logits, q, drafts, temperature, gen, typical_kw, seen)
         A = verdict.num_accepted
         cache.truncate(n + A)  # keep x_{n-1}, d_1..d_A; drop the rejected drafts' rows
         h0.append(out.hidden[:, : A + 1])
@@ -293,6 +299,12 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
         emitted = list(verdict.tokens)
         if stop_token is not None and stop_token in emitted:
             emitted = emitted[: emitted.index(stop_token) + 1]
+        if trace:
+            lengths = {"main": cache.length, **{f"mtp.{k}": c.length for k, c in enumerate(drafter.caches, 1)}}
+            res.trace.append({"n": n, "drafts": list(drafts), "q": q, "draft_logits": rows,
+                              "logits": logits, "p": seen.get("p"), "u_draft": list(choose.coins) or None,
+                              "u_accept": seen.get("u_accept"), "u_sample": seen.get("u_sample"),
+                              "num_accepted": A, "tokens": list(emitted), "cache_lengths": lengths})
         res.steps.append(StepRecord(K=len(drafts), A=A, emitted=len(emitted),
                                     fallback=bool(verdict.residual_fallback)))
         seq.extend(emitted)
@@ -305,18 +317,22 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
     return res
 
 
-def _decide(rule, logits, q, drafts, temperature, gen, typical_kw):
+def _decide(rule, logits, q, drafts, temperature, gen, typical_kw, seen=None):
+    """The rule's verdict; ``seen`` (a dict, for the trace) receives p and the coins drawn."""
     K = len(drafts)
+    seen = {} if seen is None else seen
     if rule == "blockwise":
         return verify_greedy(logits, drafts)  # Stern et al.: longest prefix equal to the argmax
     if rule == "typical":
         p = processed_probs(logits, temperature if temperature > 0 else 1.0)  # (K+1, V)
         u = rng_v1_draws(gen, K)[1] if temperature > 0 else None  # bonus sampled only when T > 0
+        seen.update(p=p, u_sample=u)
         return verify_typical(p, drafts, u_sample=u, **typical_kw)
     if temperature == 0:  # R1: greedy, on the logits, no randomness
         return verify_drafts(None, None, drafts, None, None, greedy=True, logits=logits)
     p = processed_probs(logits, temperature)  # (K+1, V) float64, temperature applied to p
     u_accept, u_sample = rng_v1_draws(gen, K)  # R9: K accept coins, then one sample coin
+    seen.update(p=p, u_accept=u_accept, u_sample=u_sample)
     q_rows = None if q is None else _stack(q)
     return verify_drafts(p, q_rows, drafts, u_accept, u_sample)
 

@@ -52,6 +52,11 @@ def dataflow_key(name: str, n_layers: int = 0) -> tuple:
     losses before the final parameters."""
     parts = name.split(".")
     head = parts[0]
+    if head == "spec":  # spec.{step}.{field}: steps in order, each in the order the loop computes
+        if not parts[1].isdigit():
+            return (0, 1 << 30, 0, 0, name)  # spec.final_tokens last
+        order = ("draft_logits", "q", "drafts", "logits", "p", "num_accepted", "tokens", "cache_length")
+        return (0, int(parts[1]), order.index(parts[2]) if parts[2] in order else len(order), 0, name)
     if head == "decode":  # decode.{step}.latent.{layer} / decode.{step}.logits
         step = int(parts[1])
         return (0, step, 0 if parts[2] == "latent" else 1, int(parts[3]) if len(parts) > 3 else 0, name)

@@ -10,7 +10,8 @@ Specification: ``docs/golden-format.md``. A *model case* is one directory::
     manifest.json          format, case, description, versions, command, tolerances, sha256s
 
 A *trajectory case* holds S training steps (``trajectory.*``, ``final.*``), a *decode case*
-a schedule of appends and rollbacks through the absorbed latent cache (``decode.*``). An
+a schedule of appends and rollbacks through the absorbed latent cache (``decode.*``), a
+*speculative case* one seeded self-speculative generation step by step (``spec.*``). An
 *acceptance case* is a directory with ``records.json`` (speculative-decoding acceptance
 records, dyadic numbers written as exact decimal strings, RNG-v1 rules of
 docs/speculative-decoding.md §2.2) and ``manifest.json``.
@@ -27,6 +28,7 @@ One module per concern:
     compare     tolerances, Row, Report, compare_tensor(s), strict JSON equality
     manifest    read_manifest, check_files, the files' entries, decode schedules
     cases       model, trajectory and decode cases: golden params, compute_*, export_*
+    speculative speculative cases: compute, export, recompute, the first diverging step
     acceptance  acceptance records: dyadic strings, replay, export, read, verify
     verify      verify_case, recompute, the --against handling, dtype hints
     report      format_report
@@ -48,11 +50,13 @@ from refmtp.verification.golden.manifest import check_files, read_manifest
 from refmtp.verification.golden.recipe import (case_dirs, generate, list_cases, load_recipe,
                                                shipped_case, shipped_dir)
 from refmtp.verification.golden.report import format_report
+from refmtp.verification.golden.speculative import (compute_speculative, export_speculative_case,
+                                                    first_divergence)
 from refmtp.verification.golden.verify import recompute, verify_case
 
 __all__ = ["MANIFEST", "NOT_CHECKED", "RECIPE", "GoldenError", "Report", "Row", "acceptance_record",
            "case_dirs", "check_files", "compare_tensors", "compute_case", "compute_decode",
-           "compute_trajectory", "export_acceptance_case", "export_decode_case", "export_model_case",
-           "export_trajectory_case", "format_report", "generate", "list_cases", "load_recipe",
+           "compute_speculative", "compute_trajectory", "export_acceptance_case", "export_decode_case",
+           "export_model_case", "export_speculative_case", "export_trajectory_case", "first_divergence", "format_report", "generate", "list_cases", "load_recipe",
            "read_manifest", "read_records", "read_tensors", "recompute", "shipped_case", "shipped_dir",
            "verify_case"]

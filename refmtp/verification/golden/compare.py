@@ -100,11 +100,13 @@ class Report:
 
     case: str
     path: str
-    kind: str  # "model" | "trajectory" | "acceptance"
+    kind: str  # "model" | "trajectory" | "decode" | "speculative" | "acceptance"
     mode: str  # "recompute (numpy)" | "against FILE" | "replay (numpy)"
     rows: list = field(default_factory=list)
     notes: list = field(default_factory=list)
-    hints: list = field(default_factory=list)  # "HINT: ..." lines: what the user probably has to change
+    # lines after the summary: "HINT: ..." (what the user probably has to change) and, for a
+    # speculative case, "first divergence: step s (why): ..."
+    hints: list = field(default_factory=list)
 
     def counts(self) -> dict:
         """{passed, failed, missing, not checked, extra}; the first four add up to the number of

@@ -8,7 +8,7 @@ from refmtp.verification.golden.files import (ACCEPTANCE_FILE, FORMAT, FORMAT_VE
                                               MODEL_FILES, GoldenError, read_json, sha256_file,
                                               sniff)
 
-KINDS = ("model", "trajectory", "acceptance", "decode")
+KINDS = ("model", "trajectory", "acceptance", "decode", "speculative")
 DECODE_OPS = ("append", "truncate")
 
 
@@ -46,6 +46,8 @@ def read_manifest(case_dir) -> dict:
         raise GoldenError(f"{path}: a trajectory case needs the 'train' settings object")
     if m["kind"] == "decode":
         check_schedule(m.get("schedule"), str(path))
+    if m["kind"] == "speculative" and not isinstance(m.get("speculative"), dict):
+        raise GoldenError(f"{path}: a speculative case needs the 'speculative' settings object")
     for entry in m.get("tolerances", []) if isinstance(m.get("tolerances"), list) else [None]:
         ok = isinstance(entry, dict) and isinstance(entry.get("pattern"), str) and all(
             isinstance(entry.get(k), (int, float)) and not isinstance(entry.get(k), bool)

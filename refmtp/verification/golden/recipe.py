@@ -13,6 +13,7 @@ from refmtp.verification.golden.cases import (DEFAULT_BIAS_STD, DEFAULT_INIT_STD
                                               export_model_case, export_trajectory_case)
 from refmtp.verification.golden.files import MANIFEST, RECIPE, GoldenError, read_json, sha256_file
 from refmtp.verification.golden.manifest import KINDS, read_manifest
+from refmtp.verification.golden.speculative import check_settings, export_speculative_case
 
 
 def config_from_recipe(entry: dict):
@@ -127,7 +128,9 @@ def load_recipe(path) -> dict:
             raise GoldenError(f"{path}: case {name} must be an object with kind {' or '.join(KINDS)}")
         if entry.get("kind", "model") != "acceptance":
             need = ("seed", "batch", "dtype", "description", "reason")
-            if entry.get("kind") == "decode":
+            if entry.get("kind") == "speculative":
+                need = ("seed", "dtype", "description", "reason", "speculative")
+            elif entry.get("kind") == "decode":
                 need += ("schedule",)
             else:
                 need += ("seq_len",)
@@ -136,6 +139,8 @@ def load_recipe(path) -> dict:
             for key in need:
                 if key not in entry:
                     raise GoldenError(f"{path}: case {name} lacks {key!r}")
+            if entry.get("kind") == "speculative":
+                check_settings(entry["speculative"], f"{path}: case {name}")
         elif "builder" not in entry:
             raise GoldenError(f"{path}: acceptance case {name} lacks 'builder' (module:function)")
     return recipe
@@ -166,6 +171,13 @@ def generate_case(out_root, name: str, entry: dict) -> dict:
             dtype=entry["dtype"], name=name, description=entry["description"], command=command,
             init_std=entry.get("init_std", DEFAULT_INIT_STD),
             bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), extra=common)
+    if entry.get("kind") == "speculative":
+        return export_speculative_case(
+            Path(out_root) / name, cfg, seed=entry["seed"], spec=entry["speculative"],
+            dtype=entry["dtype"], name=name, description=entry["description"], command=command,
+            init_std=entry.get("init_std", DEFAULT_INIT_STD),
+            bias_std=entry.get("bias_std", DEFAULT_BIAS_STD),
+            lm_head_rank1=float(entry.get("lm_head_rank1", 0.0)), extra=common)
     if entry.get("kind") == "decode":
         return export_decode_case(
             Path(out_root) / name, cfg, seed=entry["seed"], schedule=entry["schedule"],

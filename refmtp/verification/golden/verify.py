@@ -15,6 +15,7 @@ from refmtp.verification.golden.files import MANIFEST, RECIPE, GoldenError, read
 from refmtp.verification.golden.manifest import (check_files, check_schedule, read_manifest,
                                                  refmtp_version)
 from refmtp.verification.golden.recipe import load_recipe, shipped_dir
+from refmtp.verification.golden.speculative import first_divergence, recompute_speculative
 
 
 def verify_case(case_dir, backend: str = "numpy", against=None, *, allow_missing: bool = False) -> Report:
@@ -43,6 +44,10 @@ def verify_case(case_dir, backend: str = "numpy", against=None, *, allow_missing
         actual = recompute(case_dir, m, backend)
         rows = compare_tensors(expected, actual, table)
         report = Report(m["case"], str(case_dir), m["kind"], f"recompute ({backend})", rows)
+    if m["kind"] == "speculative" and report.status != "pass":  # where the generation leaves the golden one, and why
+        line = first_divergence(expected, actual, table)
+        if line:
+            report.hints.append(line)
     if m.get("refmtp_version") != refmtp_version():
         report.notes.append(f"made by refmtp {m.get('refmtp_version')}, verified with {refmtp_version()}")
     return report
@@ -85,7 +90,7 @@ def dtype_hints(expected: dict, actual: dict, m: dict) -> list[str]:
 
 
 def recompute(case_dir: Path, m: dict, backend: str) -> dict:
-    """What refmtp computes on ``backend`` for a tensor case (model, trajectory or decode) whose
+    """What refmtp computes on ``backend`` for a tensor case (model, trajectory, decode or speculative) whose
     manifest ``m`` is already read: the golden names -> host arrays."""
     dtype = m["dtype"]
     if dtype not in ("float64", "float32"):
@@ -98,6 +103,8 @@ def recompute(case_dir: Path, m: dict, backend: str) -> dict:
     inputs = read_tensors(case_dir / "inputs.safetensors", "golden file")
     if m["kind"] == "decode":
         return _recompute_decode(case_dir, m, cfg, params, inputs)
+    if m["kind"] == "speculative":
+        return recompute_speculative(case_dir, m, cfg, params, inputs)
     if "tokens" not in inputs:
         raise GoldenError(f"{case_dir / 'inputs.safetensors'} has no 'tokens' tensor")
     tokens = inputs["tokens"]
