@@ -34,8 +34,9 @@ DOC_CASE = 'case = "golden/tiny_d2"'
 
 
 def docs_torch_example() -> str:
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S) if "safetensors.torch" in b]
-    assert len(blocks) == 1, "docs/golden-format.md should hold one PyTorch example"
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+              if "safetensors.torch" in b and DOC_CASE in b]  # the model-case example (not the decode one)
+    assert len(blocks) == 1, "docs/golden-format.md should hold one PyTorch example for the model cases"
     assert DOC_CASE in blocks[0] and "MyDeepseekV3" in blocks[0]
     return blocks[0]
 

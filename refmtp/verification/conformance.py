@@ -48,7 +48,8 @@ def _layer_of(name: str, n_layers: int) -> int:
 
 def dataflow_key(name: str, n_layers: int = 0) -> tuple:
     """Sort key: main forward, then MTP depths, routing, bias update, then gradients (lowest
-    layer first); decode steps in order, each step's cache rows before its logits; trajectory
+    layer first); decode steps in order, each step's cache rows before its logits, then MTP
+    module k's inputs, cache rows and logits (k = 1..D); trajectory
     losses before the final parameters."""
     parts = name.split(".")
     head = parts[0]
@@ -59,6 +60,9 @@ def dataflow_key(name: str, n_layers: int = 0) -> tuple:
         return (0, int(parts[1]), order.index(parts[2]) if parts[2] in order else len(order), 0, name)
     if head == "decode":  # decode.{step}.latent.{layer} / decode.{step}.logits
         step = int(parts[1])
+        if parts[2] == "mtp":  # decode.{step}.mtp.{k}.{what}: module k after the main model, inputs first
+            what = {"token_ids": 0, "positions": 1, "hidden": 2, "latent": 3, "logits": 4}.get(parts[4], 5)
+            return (0, step, 1 + int(parts[3]), what, name)
         return (0, step, 0 if parts[2] == "latent" else 1, int(parts[3]) if len(parts) > 3 else 0, name)
     if head == "logits":
         return (1, 0, 0, 0, name)

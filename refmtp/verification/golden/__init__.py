@@ -10,8 +10,9 @@ Specification: ``docs/golden-format.md``. A *model case* is one directory::
     manifest.json          format, case, description, versions, command, tolerances, sha256s
 
 A *trajectory case* holds S training steps (``trajectory.*``, ``final.*``), a *decode case*
-a schedule of appends and rollbacks through the absorbed latent cache (``decode.*``), a
-*speculative case* one seeded self-speculative generation step by step (``spec.*``). An
+a schedule of appends and rollbacks through the absorbed latent cache, the main model's and
+every causal MTP module's (``decode.*``, ``decode.*.mtp.*``), a *speculative case* one seeded
+self-speculative generation step by step (``spec.*``). An
 *acceptance case* is a directory with ``records.json`` (speculative-decoding acceptance
 records, dyadic numbers written as exact decimal strings, RNG-v1 rules of
 docs/speculative-decoding.md §2.2) and ``manifest.json``.

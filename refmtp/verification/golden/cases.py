@@ -14,10 +14,10 @@ import numpy as np  # host-side only: the golden draws and the finished arrays
 
 from refmtp.backends import backend_of
 from refmtp.checkpoint import save_checkpoint
-from refmtp.inference.decode import Decoder
+from refmtp.inference.decode import Decoder, RowStore
 from refmtp.model import backward, forward, init_params, update_expert_bias
 from refmtp.model.model import routing_margins
-from refmtp.params import BIAS_NAME, EMBED, is_bias, kind, layer_prefix
+from refmtp.params import BIAS_NAME, EMBED, is_bias, kind, layer_prefix, mtp_layer
 from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule
 from refmtp.training.step import train_step
 from refmtp.verification.golden.compare import tolerance_table
@@ -268,24 +268,72 @@ def compute_decode(cfg, params: dict, schedule: list[dict], inputs: dict) -> dic
     ``decode.{i}.logits`` (B, n, V) and, per main layer, ``decode.{i}.latent.{layer}``
     (B, n, kv_lora_rank + qk_rope_head_dim) = the cache rows it wrote, ``[c_KV | k_pe]`` (c_KV
     after kv_a_layernorm, k_pe after RoPE at the token's position). Truncate steps roll back.
+
+    Causal MTP (every module k = 1..D, each with its own cache ``new_cache(("mtp", k))``): the
+    committed sequence after the step is t_0..t_{N-1}; module k's row j reads h^{k-1}_j and
+    Emb(t_{j+k}) at RoPE position j (docs/deepseek-v3.md §4.3, the speculative loop's MTP
+    state), so it can run rows j <= N-1-k. Each step runs the rows ``[len_k, N-k)`` not yet in
+    its cache (len_k = its cache length) and records, when there is at least one,
+    ``decode.{i}.mtp.{k}.logits`` (B, m, V), ``.token_ids`` (B, m) = t_{j+k}, ``.positions``
+    (m,) = j, ``.hidden`` (B, m, d) = the h^{k-1}_j rows read (h^0 = model.norm output) and
+    ``.latent`` (B, m, Rkv+Dr) = its cache rows. A truncation to length m keeps main rows < m
+    and module k's rows < m-k.
     """
     bk = backend_of(params[EMBED])
-    h = bk.to_numpy
+
+    def h(a):  # a host COPY: cache buffers are overwritten after a rollback
+        return np.array(bk.to_numpy(a))
+
     dec = Decoder(params, cfg)
+    xp = bk.xp
     first = inputs["step.0.tokens"]
+    B = int(first.shape[0])
     total = sum(op.get("n", 0) for op in schedule)
-    cache = dec.new_cache("main", batch=int(first.shape[0]), capacity=total)
+    cache = dec.new_cache("main", batch=B, capacity=total)
+    D = cfg.D if cfg.refmtp.mtp_kind == "causal" else 0  # parallel heads are not recorded
+    like = params[EMBED]
+    h0 = RowStore(cfg.hidden_size, like=like, batch=B, capacity=total)  # h^0 of the main rows
+    mtp_caches = [dec.new_cache(("mtp", k), batch=B, capacity=total) for k in range(1, D + 1)]
+    carry = [RowStore(cfg.hidden_size, like=like, batch=B, capacity=total) for _ in range(D)]  # h^k rows
+    seq = np.zeros((B, 0), dtype=np.int64)  # committed tokens t_0..t_{N-1}
     exp = {}
     for i, op in enumerate(schedule):
         if op["op"] == "truncate":
-            cache.truncate(op["length"])
+            m = op["length"]
+            cache.truncate(m)
+            h0.truncate(m)
+            seq = seq[:, :m]
+            for k in range(1, D + 1):  # module k keeps the rows whose token t_{j+k} stays
+                keep = max(0, min(mtp_caches[k - 1].length, m - k))
+                mtp_caches[k - 1].truncate(keep)
+                carry[k - 1].truncate(keep)
             continue
+        tokens = np.asarray(inputs[f"step.{i}.tokens"], dtype=np.int64)
+        seq = np.concatenate([seq, tokens], axis=1)
         start = cache.length
-        out = dec.main(bk.asarray(inputs[f"step.{i}.tokens"], dtype="int64"), cache)
+        out = dec.main(bk.asarray(tokens, dtype="int64"), cache)
+        h0.append(out.hidden)
         exp[f"decode.{i}.logits"] = h(out.logits)
         for layer in range(cfg.num_hidden_layers):
             (buf,) = cache.buffers[layer]
             exp[f"decode.{i}.latent.{layer}"] = h(buf[:, start:cache.length])
+        N = cache.length
+        for k in range(1, D + 1):
+            mc = mtp_caches[k - 1]
+            lo, hi = mc.length, N - k  # rows j in [lo, hi): inputs h^{k-1}_j and t_{j+k} known
+            if hi <= lo:
+                continue
+            ids = seq[:, lo + k: hi + k]  # (B, m) t_{j+k}
+            h_prev = (h0 if k == 1 else carry[k - 2]).view(lo, hi)  # (B, m, d) h^{k-1}_j
+            o = dec.mtp(k, bk.asarray(ids, dtype="int64"), h_prev, mc)
+            carry[k - 1].append(o.carry)
+            (buf,) = mc.buffers[mtp_layer(cfg, k)]
+            pre = f"decode.{i}.mtp.{k}"
+            exp[f"{pre}.logits"] = h(o.logits)
+            exp[f"{pre}.token_ids"] = ids.copy()
+            exp[f"{pre}.positions"] = np.arange(lo, hi, dtype=np.int64)
+            exp[f"{pre}.hidden"] = h(h_prev)
+            exp[f"{pre}.latent"] = h(buf[:, lo:hi])
     bad = [n for n, a in exp.items() if not np.all(np.isfinite(a))]
     if bad:
         raise ValueError(f"the decode case produces non-finite values in {', '.join(bad[:4])}")
