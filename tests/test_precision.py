@@ -210,3 +210,18 @@ def test_thresholds_cover_the_shipped_cases_and_match_the_doc():
                 assert worse, (p, g, s, e)
     page = (ROOT.parent / "docs" / "precision.md").read_text(encoding="utf-8")
     assert P.render_doc(page, data) == page, "regenerate: refmtp golden precision --write"
+
+
+def test_the_thresholds_are_what_the_command_derives():
+    """`refmtp golden precision` re-derives the stored file (to 1 %: other BLAS libraries sum
+    float32 in another order)."""
+    code, out = run("precision")
+    assert code == 0, out
+    assert "| logits | top1_agreement |" in out
+    fresh, stored = P.derive_thresholds(), P.load_thresholds()
+    assert fresh["cases"] == stored["cases"] and fresh["margins"] == stored["margins"]
+    for p, groups in stored["precisions"].items():
+        assert set(fresh["precisions"][p]) == set(groups)
+        for g, stats in groups.items():
+            for s, e in stats.items():
+                assert fresh["precisions"][p][g][s]["threshold"] == pytest.approx(e["threshold"], rel=1e-2, abs=1e-12), (p, g, s)
