@@ -119,12 +119,23 @@ def generate(recipe_path, out_dir, cases):
 @click.option("--allow-missing", is_flag=True,
               help="With --against: outputs the file lacks are listed as not checked and do not fail.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tables even when verifying many cases.")
-def verify(path, all_cases, backend, against, allow_missing, verbose):
+@click.option("--precision", metavar="bf16|fp16|fp32",
+              help="With --against: judge a reduced-precision implementation with statistics "
+                   "(relative errors, top-1, KL, routing agreement) against thresholds derived "
+                   "from refmtp's emulated runs (docs/precision.md).")
+def verify(path, all_cases, backend, against, allow_missing, verbose, precision):
     """Check hashes, then recompute a case (or compare --against) within its tolerances.
 
     CASE is the name of a shipped case (`refmtp golden list`); DIR a case directory or a golden
     root (all its cases); none, or --all, verifies every shipped case. An existing path wins
     over a case name. Exit 0 pass, 1 mismatch, 2 unreadable, tampered or bad input."""
+    if precision is not None and precision not in ("bf16", "fp16", "fp32"):
+        click.echo(f"error: --precision {precision!r}: choose one of bf16, fp16, fp32", err=True)
+        sys.exit(2)
+    if precision is not None and not against:
+        click.echo("error: --precision judges another implementation's outputs: give --against OUT",
+                   err=True)
+        sys.exit(2)
     lib = _lib()
     if all_cases and path:
         raise click.UsageError("give a CASE, a DIR or --all, not both")
@@ -147,6 +158,8 @@ def verify(path, all_cases, backend, against, allow_missing, verbose):
     except lib.GoldenError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    if precision is not None:
+        _verify_precision(dirs[0], against, precision, allow_missing)
     many = len(dirs) > 1
     worst = 0
     for d in dirs:
@@ -170,6 +183,20 @@ def verify(path, all_cases, backend, against, allow_missing, verbose):
     if many:
         click.echo(f"{len(dirs)} cases: {'all pass' if worst == 0 else 'FAILURES (exit ' + str(worst) + ')'}")
     sys.exit(worst)
+
+
+def _verify_precision(case_dir, against, precision, allow_missing):
+    """The reduced-precision verdict of one case: the statistics table, PASS/FAIL, exit 0/1/2."""
+    from refmtp.verification.golden import precision as prec
+
+    lib = _lib()
+    try:
+        report = prec.verify_precision(case_dir, against, precision, allow_missing=allow_missing)
+    except lib.GoldenError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(prec.format_precision_report(report))
+    sys.exit(report.exit_code)
 
 
 def _diagnosis(report, case_dir) -> list[str]:
@@ -253,3 +280,38 @@ def conformance(write, doc_path, mutants, list_only):
                + (f"; NOT caught: {', '.join(missed)}" if missed else "")
                + (f"; crashed: {', '.join(result.errors)}" if result.errors else ""))
     sys.exit(1 if missed or result.errors else 0)
+
+
+# -------------------------------------------------------------------------------------------
+@golden.command()
+@click.option("--write", is_flag=True,
+              help="Write golden/precision_thresholds.json and the table of docs/precision.md.")
+@click.option("--doc", "doc_path", type=click.Path(dir_okay=False),
+              help="The page whose generated table to rewrite [default with --write: "
+                   "docs/precision.md when it exists next to golden/].")
+def precision(write, doc_path):
+    """Derive the thresholds of `verify --precision`: emulate every shipped model and decode case
+    in bf16, fp16 and fp32, take the worst statistic per group, apply the margins
+    (docs/precision.md). Prints the table; --write stores it."""
+    from refmtp.verification.golden import precision as prec
+
+    lib = _lib()
+    root = lib.shipped_dir()
+    target = Path(doc_path) if doc_path else root.parent / "docs" / "precision.md"
+    if write and not target.parent.is_dir():
+        click.echo(f"error: {target.parent} does not exist: give --doc PATH", err=True)
+        sys.exit(2)
+    try:
+        data = prec.derive_thresholds(root, log=click.echo)
+    except lib.GoldenError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except ValueError as exc:  # bf16 without ml_dtypes
+        click.echo(f"error: {str(exc).splitlines()[0]}", err=True)
+        sys.exit(2)
+    click.echo(prec.render_table(data))
+    if write:
+        path = prec.write_thresholds(data, root / prec.THRESHOLDS)
+        old = target.read_text(encoding="utf-8") if target.is_file() else ""
+        target.write_text(prec.render_doc(old, data), encoding="utf-8")
+        click.echo(f"wrote {path} and {target}")

@@ -25,6 +25,7 @@ from refmtp.model.moe import moe_backward, moe_forward
 from refmtp.model.ops.rmsnorm import rmsnorm_backward, rmsnorm_forward
 from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
 from refmtp.params import sub_params
+from refmtp.precision import rounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +50,7 @@ def block_forward(x, p: dict, cfg, layer: int, positions, attend=None):
         att, c_attn = mla_forward(a, sub_params(p, "self_attn."), cfg, positions)  # (B, T, d)
     else:
         att, c_attn = attend(a, sub_params(p, "self_attn."), layer), None  # (B, T, d) over the cache
-    h = x + att  # first residual, (B, T, d)
+    h = rounded(x + att)  # first residual, (B, T, d)
     m, c_ffn_norm = rmsnorm_forward(h, p["post_attention_layernorm.weight"], eps)  # (B, T, d)
     moe = cfg.is_moe_layer(layer)
     if moe:
@@ -58,7 +59,7 @@ def block_forward(x, p: dict, cfg, layer: int, positions, attend=None):
         f, c_ffn = swiglu_forward(m, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"],
                                   p["mlp.down_proj.weight"])  # (B, T, d)
         aux = None
-    y = h + f  # second residual, (B, T, d)
+    y = rounded(h + f)  # second residual, (B, T, d)
     return y, aux, BlockCache(attn_norm=c_attn_norm, attn=c_attn, ffn_norm=c_ffn_norm, ffn=c_ffn,
                               moe=moe, layer=layer)
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
 from refmtp.mutation import on
+from refmtp.precision import rounded
 
 
 def causal_allowed(T: int, start: int, xp):
@@ -75,7 +76,7 @@ def attention_forward(q, k, v, scale: float, start: int = 0):
     m = xp.max(s, axis=-1, keepdims=True)  # (B, H, T, 1) row max, finite (key 0 always allowed)
     e = xp.exp(s - m)  # (B, H, T, S), exactly 0 on masked keys
     p = e / xp.sum(e, axis=-1, keepdims=True)  # (B, H, T, S)
-    o = p @ v  # (B, H, T, Dv)
+    o = rounded(p @ v)  # (B, H, T, Dv)
     return o, AttentionCache(q=q, k=k, v=v, p=p, scale=float(scale), start=start)
 
 
@@ -88,9 +89,9 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
     """
     xp = backend_of(dout).xp
     c = cache
-    dv = xp.matrix_transpose(c.p) @ dout  # (B, H, S, Dv)
+    dv = rounded(xp.matrix_transpose(c.p) @ dout)  # (B, H, S, Dv)
     dp = dout @ xp.matrix_transpose(c.v)  # (B, H, T, S)
     ds = c.p * (dp - xp.sum(dp * c.p, axis=-1, keepdims=True))  # (B, H, T, S)
-    dq = (ds @ c.k) * c.scale  # (B, H, T, Dq)
-    dk = (xp.matrix_transpose(ds) @ c.q) * c.scale  # (B, H, S, Dq)
+    dq = rounded((ds @ c.k) * c.scale)  # (B, H, T, Dq)
+    dk = rounded((xp.matrix_transpose(ds) @ c.q) * c.scale)  # (B, H, S, Dq)
     return AttentionGrads(dq=dq, dk=dk, dv=dv)

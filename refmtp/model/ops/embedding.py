@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.precision import rounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +30,7 @@ def embedding_forward(ids, weight):
         )
     out = xp.take(weight, xp.reshape(ids, (-1,)), axis=0)  # (B*T, d)
     out = xp.reshape(out, tuple(ids.shape) + (weight.shape[1],))  # (B, T, d)
-    return out, EmbeddingCache(ids=ids, vocab_size=V, dtype=weight.dtype)
+    return rounded(out), EmbeddingCache(ids=ids, vocab_size=V, dtype=weight.dtype)
 
 
 def embedding_backward(dout, cache: EmbeddingCache) -> EmbeddingGrads:

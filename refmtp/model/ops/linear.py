@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.precision import rounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,14 +27,14 @@ def linear_forward(x, weight):
             f"linear: input has {x.shape[-1]} features but weight is {tuple(weight.shape)} "
             "([out, in])"
         )
-    return x @ weight.T, LinearCache(x=x, weight=weight)
+    return rounded(x @ weight.T), LinearCache(x=x, weight=weight)
 
 
 def linear_backward(dout, cache: LinearCache) -> LinearGrads:
     """forward ``y = x W^T``  ->  ``dx = dout W``,  ``dW = sum over rows of dout^T x``."""
     xp = backend_of(dout).xp
     x, w = cache.x, cache.weight
-    dx = dout @ w  # (..., out) @ (out, in) -> (..., in)
+    dx = rounded(dout @ w)  # (..., out) @ (out, in) -> (..., in)
     x2 = xp.reshape(x, (-1, x.shape[-1]))  # (N, in)
     d2 = xp.reshape(dout, (-1, dout.shape[-1]))  # (N, out)
     dweight = d2.T @ x2  # (out, in)

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
+from refmtp.precision import rounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,7 @@ def rmsnorm_forward(x, weight, eps: float):
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rmsnorm: input has {x.shape[-1]} features, weight has {weight.shape[0]}")
     rstd = 1.0 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps)  # (..., 1)
-    return weight * (x * rstd), RMSNormCache(x=x, weight=weight, rstd=rstd)
+    return rounded(weight * (x * rstd)), RMSNormCache(x=x, weight=weight, rstd=rstd)
 
 
 def rmsnorm_backward(dout, cache: RMSNormCache) -> RMSNormGrads:
@@ -38,6 +39,6 @@ def rmsnorm_backward(dout, cache: RMSNormCache) -> RMSNormGrads:
     x, w, r = cache.x, cache.weight, cache.rstd
     n = x * r  # (..., d) normalised input
     g = dout * w  # (..., d)
-    dx = r * (g - n * xp.mean(g * n, axis=-1, keepdims=True))
+    dx = rounded(r * (g - n * xp.mean(g * n, axis=-1, keepdims=True)))
     dweight = xp.sum(xp.reshape(dout * n, (-1, x.shape[-1])), axis=0)
     return RMSNormGrads(dx=dx, dweight=dweight)

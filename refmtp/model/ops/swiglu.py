@@ -6,6 +6,7 @@ from typing import Any, NamedTuple
 
 from refmtp.backends import backend_of
 from refmtp.mutation import on
+from refmtp.precision import rounded
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,13 +38,13 @@ def swiglu_forward(x, gate_proj, up_proj, down_proj):
             f"up {tuple(up_proj.shape)}, down {tuple(down_proj.shape)}"
         )
     x2 = xp.reshape(x, (-1, d))  # (N, d)
-    a = x2 @ gate_proj.T  # (N, I)
-    b = x2 @ up_proj.T  # (N, I)
+    a = rounded(x2 @ gate_proj.T)  # (N, I)
+    b = rounded(x2 @ up_proj.T)  # (N, I)
     if on("experts.silu_on_up"):
         a, b = b, a
     sig = 1.0 / (1.0 + xp.exp(-a))
-    h = a * sig * b  # silu(a) * b
-    y = h @ down_proj.T  # (N, d)
+    h = rounded(a * sig * b)  # silu(a) * b
+    y = rounded(h @ down_proj.T)  # (N, d)
     cache = SwiGLUCache(x=x2, a=a, b=b, sig=sig, h=h, gate_proj=gate_proj, up_proj=up_proj,
                         down_proj=down_proj)
     return xp.reshape(y, x.shape), cache
@@ -67,5 +68,5 @@ def swiglu_backward(dout, cache: SwiGLUCache) -> SwiGLUGrads:
     da = dh * c.b * (c.sig * (1.0 + c.a * (1.0 - c.sig)))
     dgate = da.T @ c.x
     dup = db.T @ c.x
-    dx = da @ c.gate_proj + db @ c.up_proj
+    dx = rounded(da @ c.gate_proj + db @ c.up_proj)
     return SwiGLUGrads(dx=xp.reshape(dx, shape), dgate_proj=dgate, dup_proj=dup, ddown_proj=ddown)

@@ -89,10 +89,14 @@ def dtype_hints(expected: dict, actual: dict, m: dict) -> list[str]:
             + (f" (or verify a float32 case such as {f32})" if f32 else "")]
 
 
-def recompute(case_dir: Path, m: dict, backend: str) -> dict:
+def recompute(case_dir: Path, m: dict, backend: str, *, dtype: str | None = None, prepare=None) -> dict:
     """What refmtp computes on ``backend`` for a tensor case (model, trajectory, decode or speculative) whose
-    manifest ``m`` is already read: the golden names -> host arrays."""
-    dtype = m["dtype"]
+    manifest ``m`` is already read: the golden names -> host arrays.
+
+    ``dtype`` loads the parameters in another float dtype than the case's, and ``prepare``
+    (params -> params) transforms them first: the reduced-precision emulation uses both
+    (float32, weights rounded; refmtp.verification.golden.precision)."""
+    dtype = dtype or m["dtype"]
     if dtype not in ("float64", "float32"):
         raise GoldenError(f"{case_dir / MANIFEST}: dtype {dtype!r} is not float64 or float32")
     bk = get_backend(backend)
@@ -100,6 +104,8 @@ def recompute(case_dir: Path, m: dict, backend: str) -> dict:
         cfg, params = load_checkpoint(case_dir, backend=bk, dtype=dtype)
     except (ValueError, KeyError, OSError) as exc:
         raise GoldenError(f"{case_dir}: the checkpoint does not load: {str(exc).splitlines()[0]}") from None
+    if prepare is not None:
+        params = prepare(params)
     inputs = read_tensors(case_dir / "inputs.safetensors", "golden file")
     if m["kind"] == "decode":
         return _recompute_decode(case_dir, m, cfg, params, inputs)
