@@ -285,7 +285,6 @@ def compute_decode(cfg, params: dict, schedule: list[dict], inputs: dict) -> dic
         return np.array(bk.to_numpy(a))
 
     dec = Decoder(params, cfg)
-    xp = bk.xp
     first = inputs["step.0.tokens"]
     B = int(first.shape[0])
     total = sum(op.get("n", 0) for op in schedule)
