@@ -19,7 +19,8 @@ FAMILY = [n for n, e in RECIPE["cases"].items() if on_demand(e)]
 
 
 def test_the_family_has_v3_geometry_and_hashes():
-    assert {"v3_geometry", "v3_geometry_mscale", "v3_geometry_decode"} <= set(FAMILY)
+    assert {"v3_geometry", "v3_geometry_mscale", "v3_geometry_decode", "v3_geometry_speculative"} <= set(FAMILY)
+    assert {RECIPE["cases"][n].get("kind", "model") for n in FAMILY} == {"model", "decode", "speculative"}
     for name in FAMILY:
         entry = RECIPE["cases"][name]
         assert set(entry["hashes"]) == {"config.json", "model.safetensors", "inputs.safetensors"}
