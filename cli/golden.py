@@ -61,6 +61,9 @@ def export(config_path, preset, seed, batch, seq_len, dtype, init_std, bias_std,
         cfg = ModelConfig.load(config_path) if config_path else get_preset(preset)
     except ConfigError as exc:
         raise InputError(str(exc)) from None
+    for option, std in (("--init-std", init_std), ("--bias-std", bias_std)):
+        if std is not None and not 0 <= std < float("inf"):
+            raise InputError(f"{option} {std} must be a finite number >= 0")
     _check_sizes(cfg, batch, seq_len, dtype)
     argv = ["refmtp", "golden", "export",
             *(["--config", config_path] if config_path else ["--preset", preset]),

@@ -335,8 +335,12 @@ class Trainer:
                                "the file or start a new run with --out")
         fingerprint = run["data"].get("fingerprint")
         run_id = run.get("run_id")
-        if not isinstance(fingerprint, str) or not isinstance(run_id, (str, type(None))):
-            raise RunError(f"{run_file} is malformed: 'data.fingerprint' must be a string")
+        overrides = run.get("overrides", [])
+        if not isinstance(fingerprint, str) or not isinstance(run_id, (str, type(None))) or \
+                not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise RunError(f"{run_file} is malformed: 'data.fingerprint' and 'run_id' must be "
+                           "strings, 'overrides' a list of strings; restore it or start a new "
+                           "run with --out")
         stored = TrainSettings.from_dict(run["settings"])
         settings = dataclasses.replace(stored)
         for key, value in (requested or {}).items():
