@@ -69,9 +69,11 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _fault_point(name: str) -> None:
-    """Test hook: with REFMTP_TEST_KILL_AT=<name> the process is SIGKILLed here."""
-    if os.environ.get(FAULT_ENV) == name:  # pragma: no cover - the process dies
+def _fault_point(name: str, step: int) -> None:
+    """Test hook: with REFMTP_TEST_KILL_AT=<name> (or <name>:<step>) the process is SIGKILLed
+    here (docs/training.md, "What survives what"; tests/test_faults.py)."""
+    want = os.environ.get(FAULT_ENV)
+    if want and want in (name, f"{name}:{step}"):  # pragma: no cover - the process dies
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -197,15 +199,15 @@ def write_checkpoint(run_dir: Path, step: int, contents: Callable[[Path], None])
                "no checkpoint was written")
             + "; free some space and continue with --resume"
         ) from None
-    _fault_point("before_manifest")
+    _fault_point("before_manifest", step)
     _write_manifest(run_dir, owned + [final.name])
-    _fault_point("before_rename")
+    _fault_point("before_rename", step)
     if final.exists():
         shutil.rmtree(final)  # an incomplete directory of this run under the final name
     os.replace(tmp, final)
-    _fault_point("after_rename")
+    _fault_point("after_rename", step)
     _write_pointer(run_dir, final.name)
-    _fault_point("after_latest")
+    _fault_point("after_latest", step)
     for name in owned:
         old = run_dir / name
         if name != final.name and old.is_dir() and not old.is_symlink():
