@@ -204,3 +204,33 @@ def test_second_signal_aborts_without_saving(tmp_path, text_file):  # noqa: F811
     assert latest_checkpoint(out).name == "checkpoint-0000002"
     assert not (out / LOCK_FILE).exists()
     assert Trainer.resume(out, {}).step == 2
+
+
+def test_ctrl_c_during_startup_imports_exits_130(monkeypatch, capsys):
+    """The console script imports the commands inside its guard: Ctrl-C there is exit 130."""
+    import importlib.abc
+
+    import refmtp.cli as cli_pkg
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "refmtp.cli.main":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "refmtp.cli.main")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as e:
+        cli_pkg.entry()
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_ctrl_c_in_a_command_exits_130_without_traceback(monkeypatch):
+    import refmtp.cli.info as info_mod
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info_mod, "collect_info", interrupted)
+    r = CliRunner().invoke(cli, ["info"])
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted" and "Traceback" not in r.output

@@ -17,10 +17,12 @@ A run directory holds ``run.json`` (settings, model config, data fingerprint), `
 ``trainer_state.json`` (step, data-sampler PCG64 state, tokens seen). No pickle anywhere.
 
 Checkpoints are written into ``ckpt.tmp/`` and renamed with ``os.replace``, so a crash never
-leaves a half-written checkpoint under a final name. Ctrl-C (SIGINT) is deferred to the end of
-the current step, then a checkpoint is written and :meth:`Trainer.run` returns with status
-"interrupted". A non-finite loss term or gradient raises :class:`NonFiniteError` naming the step
-and the term; nothing is saved, so the last good checkpoint stays the newest.
+leaves a half-written checkpoint under a final name (refmtp.training.rundir: the manifest, the
+derived ``latest``, the lock). Ctrl-C (SIGINT) and SIGTERM are deferred to the end of the current
+step, then a checkpoint is written and :meth:`Trainer.run` returns with status "interrupted"; a
+second signal raises :class:`Aborted` at once. A non-finite loss term or gradient raises
+:class:`NonFiniteError` naming the step and the term; nothing is saved, and no checkpoint is
+ever written with a non-finite tensor, so the last good checkpoint stays the newest.
 
 Resume is exact: ``--steps N`` in one go and ``k`` steps + resume to ``N`` give bit-identical
 parameters on one backend and dtype (the lr schedule's horizon ``decay_steps`` is fixed when the
