@@ -15,16 +15,18 @@ outside the vocabulary, a budget past max_position_embeddings), 1 for other erro
 from __future__ import annotations
 
 import codecs
+import math
 import time
 from pathlib import Path
 
 import click
 
+from refmtp.cli.common import InputError
 
-class InputError(click.ClickException):
-    """Bad input the user can fix: one line, exit code 2."""
 
-    exit_code = 2
+def check_temperature(temperature: float) -> None:
+    if not 0 <= temperature < math.inf:
+        raise InputError(f"--temperature {temperature} must be a finite number >= 0 (0 = greedy)")
 
 
 def resolve_checkpoint(path) -> Path:
@@ -79,7 +81,8 @@ def fmt_rates(rates) -> str:
 @click.option("--reuse", is_flag=True, help="Reuse the last MTP module for drafts past D (K > D).")
 @click.option("--sample-drafts", is_flag=True,
               help="Sample drafts from the MTP distribution at --temperature (default: argmax drafts).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling coins (RNG-v1).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the sampling coins (RNG-v1).")
 @click.option("--mode", type=click.Choice(["absorbed", "naive"]), default="absorbed", show_default=True,
               help="KV cache: MLA latent (absorbed) or full per-head K/V (naive).")
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
@@ -94,13 +97,16 @@ def generate(ckpt, prompt, max_new_tokens, temperature, k, reuse, sample_drafts,
 
     if max_new_tokens < 0:
         raise InputError(f"--max-new-tokens {max_new_tokens} must be >= 0")
-    if not temperature >= 0:
-        raise InputError(f"--temperature {temperature} must be >= 0")
+    check_temperature(temperature)
+    try:
+        prompt_bytes = prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError("--prompt is not valid UTF-8 text: pass the prompt as UTF-8") from None
     if k < 0:
         raise InputError(f"--speculative {k} must be >= 0 (the number of drafts per step)")
     dec, _ = load_decoder(ckpt, backend, dtype)
     check_k_option(dec, k, reuse)
-    ids = list(prompt.encode("utf-8"))
+    ids = list(prompt_bytes)
     try:
         check_prompt(ids, dec.cfg)
         check_budget(max_new_tokens, len(ids), dec.cfg, extra=k)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from refmtp.cli.common import InputError
+
 
 def _lib():
     """The golden package, imported on first use (it loads the model: CLI start-up cost)."""
@@ -30,7 +32,8 @@ def golden():
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="config.json (HF DeepseekV3 names + \"refmtp\") of the model.")
 @click.option("--preset", help="A named preset instead of --config: tiny, small, deepseek-v3.")
-@click.option("--seed", type=int, required=True, help="Seed of the weights and the tokens.")
+@click.option("--seed", type=click.IntRange(min=0), required=True,
+              help="Seed of the weights and the tokens.")
 @click.option("--batch", type=click.IntRange(min=1), default=2, show_default=True, help="B.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=8, show_default=True,
               help="T (tokens holds T+1 columns).")
@@ -57,7 +60,11 @@ def export(config_path, preset, seed, batch, seq_len, dtype, init_std, bias_std,
     try:
         cfg = ModelConfig.load(config_path) if config_path else get_preset(preset)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
+    for option, std in (("--init-std", init_std), ("--bias-std", bias_std)):
+        if std is not None and not 0 <= std < float("inf"):
+            raise InputError(f"{option} {std} must be a finite number >= 0")
+    _check_sizes(cfg, batch, seq_len, dtype)
     argv = ["refmtp", "golden", "export",
             *(["--config", config_path] if config_path else ["--preset", preset]),
             "--seed", str(seed), "--batch", str(batch), "--seq-len", str(seq_len), "--dtype", dtype]
@@ -78,10 +85,25 @@ def export(config_path, preset, seed, batch, seq_len, dtype, init_std, bias_std,
                                   dtype=dtype, name=name, description=description,
                                   command=shlex.join(argv), **kw)
     except (ValueError, OSError) as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+        raise InputError(str(exc).splitlines()[0]) from None
     size = sum(e["bytes"] for e in m["files"].values())
     click.echo(f"wrote case {m['case']} to {out_dir}: {len(m['tensors'])} expected tensors, "
                f"{size / 1024:.1f} KiB")
+
+
+def _check_sizes(cfg, batch: int, seq_len: int, dtype: str) -> None:
+    """Inputs within max_position_embeddings and a case that fits in memory, before any work."""
+    from refmtp.memory import check_memory, forward_bytes
+
+    if seq_len > cfg.max_position_embeddings:
+        raise InputError(f"--seq-len {seq_len} exceeds the config's max_position_embeddings="
+                         f"{cfg.max_position_embeddings}: lower --seq-len")
+    try:
+        check_memory(forward_bytes(cfg, batch, seq_len, dtype, gradients=True),
+                     f"this case ({dtype}, batch {batch} x seq_len {seq_len})",
+                     "golden cases are for small configs: use --preset tiny or a smaller config")
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
 
 
 # -------------------------------------------------------------------------------------------
@@ -101,7 +123,10 @@ def generate(recipe_path, out_dir, cases):
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except (ValueError, OSError) as exc:
-        raise click.ClickException(str(exc).splitlines()[0]) from None
+        raise InputError(str(exc).splitlines()[0]) from None
+    except (ImportError, AttributeError, TypeError) as exc:  # a recipe builder that is no function
+        raise InputError(f"the recipe names a builder that cannot be called "
+                         f"({type(exc).__name__}: {exc}): fix its 'builder' entry") from None
     root = Path(out_dir) if out_dir else (Path(recipe_path).parent if recipe_path else lib.shipped_dir())
     total = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and "__pycache__" not in f.parts)
     click.echo(f"{len(names)} cases in {root} ({total / 1e6:.2f} MB in that directory)")

@@ -6,27 +6,57 @@ extra ``plot``: ``pip install 'refmtp[plot]'``).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
+from refmtp.cli.common import InputError, check_output_file
 
-class InputError(click.ClickException):
-    exit_code = 2
+FORMATS = (".png", ".pdf", ".svg")  # what --out may be (matplotlib picks the format by suffix)
+SECTIONS = ("loss", "eval_loss", "imbalance")  # {name: number} objects the plot reads
+
+
+def _number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def check_record(rec, where: str) -> dict:
+    """A metrics record the plot can read: an object with an integer step and, per section,
+    an object of numbers (non-finite values are left out of the plot)."""
+    if not isinstance(rec, dict):
+        raise InputError(f"{where} is not a JSON object: metrics.jsonl holds one object per line")
+    step = rec.get("step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise InputError(f"{where} has no integer 'step' (found {step!r})")
+    for section in SECTIONS:
+        values = rec.get(section, {})
+        if not isinstance(values, dict):
+            raise InputError(f"{where}: '{section}' must be an object of numbers")
+        rec[section] = {str(k): v for k, v in values.items() if _number(v)}
+    return rec
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise InputError(f"{path} does not exist: pass a run directory written by refmtp train")
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text: not a metrics file written by refmtp "
+                         "train") from None
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
             raise InputError(f"{path}:{n} is not valid JSON") from None
+        records.append(check_record(rec, f"{path}:{n}"))
     if not records:
         raise InputError(f"{path} is empty: the run has not logged a step yet")
     return records
@@ -96,13 +126,13 @@ def plot(run_dir, png):
     imbalance of a training run to a PNG."""
     run = Path(run_dir)
     records = read_metrics(run)
+    png = check_output_file(png if png else run / "curves.png", "--out", FORMATS)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise click.ClickException(
             "refmtp plot needs matplotlib: pip install 'refmtp[plot]' (or pip install matplotlib)"
         ) from None
-    png = Path(png) if png else run / "curves.png"
     try:
         draw(records, png, title=f"refmtp run {run.resolve().name}")
     except OSError as exc:

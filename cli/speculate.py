@@ -27,7 +27,8 @@ from pathlib import Path
 
 import click
 
-from refmtp.cli.generate import InputError, check_k_option, load_decoder
+from refmtp.cli.common import check_output_file
+from refmtp.cli.generate import InputError, check_k_option, check_temperature, load_decoder
 
 
 def _run_data(ckpt: Path):
@@ -83,7 +84,8 @@ def _measure(runners, items):
 @click.option("--samples", type=int, default=8, show_default=True, help="Held-out prompts.")
 @click.option("--prompt-len", type=int, default=64, show_default=True, help="Prompt bytes.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Tokens per sample.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sample i is seed + i.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of sample i is seed + i.")
 @click.option("--mode", type=click.Choice(["absorbed", "naive"]), default="absorbed", show_default=True)
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
@@ -101,8 +103,9 @@ def speculate(ckpt, data, k, reuse, temperature, sample_drafts, samples, prompt_
                              ("--max-new-tokens", max_new_tokens, 1)):
         if value < low:
             raise InputError(f"{name} {value} must be >= {low}")
-    if not temperature >= 0:
-        raise InputError(f"--temperature {temperature} must be >= 0")
+    check_temperature(temperature)
+    if json_path:
+        check_output_file(json_path, "--json")  # before the measurement, not after
     dec, ckpt_dir = load_decoder(ckpt, backend, dtype)
     cfg = dec.cfg
     K = cfg.D if k is None else k
@@ -179,5 +182,8 @@ def speculate(ckpt, data, k, reuse, temperature, sample_drafts, samples, prompt_
                    f"{m['tokens_per_s']:>8.1f}  {m['speedup']:>6.2f}x  "
                    f"{m['identical_to_plain']}/{len(prompts)}")
     if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise InputError(f"cannot write --json {json_path}: {exc.strerror or exc}") from None
         click.echo(f"\nwrote {json_path}")

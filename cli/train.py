@@ -2,8 +2,11 @@
 
 The loop lives in :mod:`refmtp.training.trainer`; this module parses options, prints, and maps errors to
 exit codes: 2 for input the user can fix (unknown preset, bad config, unreadable or empty data,
-an existing --out, a --resume that does not match), 1 for a numerical failure (non-finite loss
-or gradient), 130 after Ctrl-C (a checkpoint is saved first). No traceback reaches the user.
+an existing --out, a --resume that does not match, a run directory another process holds, a
+model or batch too large for the memory), 1 for a failure of the run (non-finite loss or
+gradient, a checkpoint that cannot be written), 130 after Ctrl-C and 143 after SIGTERM (a
+checkpoint is saved first; a second signal aborts at once, the last checkpoint stays valid).
+No traceback reaches the user.
 """
 from __future__ import annotations
 
@@ -15,13 +18,8 @@ from pathlib import Path
 import click
 
 from refmtp.backends import BackendUnavailable
+from refmtp.cli.common import InputError, one_line
 from refmtp.config import ConfigError, ModelConfig, preset as get_preset
-
-
-class InputError(click.ClickException):
-    """Bad input the user can fix: one line, exit code 2."""
-
-    exit_code = 2
 
 
 def _default_out(name: str) -> Path:
@@ -98,7 +96,7 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
     With no options: the `small` preset on the Python standard library source, numpy, float32
     (about 10 minutes on 2 CPU cores). Checkpoints, metrics.jsonl and run.json go to --out.
     """
-    from refmtp.training.trainer import NonFiniteError, RunError, Trainer, TrainSettings
+    from refmtp.training.trainer import Aborted, NonFiniteError, RunError, Trainer, TrainSettings
 
     requested = {
         "data": data, "steps": steps, "batch_size": batch_size, "seq_len": seq_len, "lr": lr,
@@ -138,14 +136,17 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
             out_dir = Path(out) if out is not None else _default_out(name)
             trainer = Trainer.new(settings, cfg, out_dir)
     except (ConfigError, RunError, BackendUnavailable, ValueError, OSError) as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(one_line(exc)) from None
 
-    for line in trainer.describe():
-        click.echo(line)
-    _run(trainer, NonFiniteError)
+    try:
+        for line in trainer.describe():
+            click.echo(line)
+        _run(trainer, NonFiniteError, Aborted)
+    finally:
+        trainer.close()
 
 
-def _run(trainer, NonFiniteError):
+def _run(trainer, NonFiniteError, Aborted):
     s = trainer.settings
     if trainer.step >= s.steps:
         click.echo(f"the run is already at step {trainer.step} (--steps {s.steps}): nothing to "
@@ -184,9 +185,18 @@ def _run(trainer, NonFiniteError):
             else:
                 result = trainer.run(on_log=on_log)
     except NonFiniteError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(one_line(exc)) from None
+    except Aborted as exc:
+        from refmtp.training.rundir import latest_checkpoint
+
+        ckpt = latest_checkpoint(trainer.out_dir)
+        where = (f"the last checkpoint {ckpt} is valid; continue with: refmtp train --resume "
+                 f"{trainer.out_dir}" if ckpt else
+                 f"no checkpoint yet; restart with: refmtp train --resume {trainer.out_dir}")
+        click.echo(f"\naborted by a second signal at step {trainer.step}; {where}", err=True)
+        sys.exit(128 + exc.signum)
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
-        raise click.ClickException(f"training stopped: {exc}") from None
+        raise click.ClickException(f"training stopped: {one_line(exc)}") from None
 
     ev = result.last_eval
     click.echo(
@@ -201,4 +211,4 @@ def _run(trainer, NonFiniteError):
     click.echo(f"metrics:    {result.out_dir / 'metrics.jsonl'}  (plot: refmtp plot {result.out_dir})")
     if result.status == "interrupted":
         click.echo(f"interrupted; continue with: refmtp train --resume {result.out_dir}", err=True)
-        sys.exit(130)
+        sys.exit(128 + int(result.signum or 2))

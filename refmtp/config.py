@@ -152,8 +152,8 @@ class ModelConfig:
             )
         for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ConfigError(f"{name}={v!r} must be a number > 0")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ConfigError(f"{name}={v!r} must be a finite number > 0")
         if not isinstance(self.norm_topk_prob, bool):
             raise ConfigError(f"norm_topk_prob={self.norm_topk_prob!r} must be true or false")
         if self.first_k_dense_replace > self.num_hidden_layers:
@@ -224,10 +224,28 @@ class ModelConfig:
         for key in ("factor", "original_max_position_embeddings"):
             if key not in rs:
                 raise ConfigError(f"rope_scaling.{key} is required for yarn")
-        if not float(rs["factor"]) >= 1.0:
+        def number(key, optional):
+            v = rs.get(key)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ConfigError(f"rope_scaling.{key}={v!r} must be a finite number"
+                                  + (" or null" if optional else ""))
+
+        number("factor", False)
+        if not rs["factor"] >= 1.0:
             raise ConfigError(f"rope_scaling.factor={rs['factor']} must be >= 1")
-        if int(rs["original_max_position_embeddings"]) < 1:
-            raise ConfigError("rope_scaling.original_max_position_embeddings must be >= 1")
+        ompe = rs["original_max_position_embeddings"]
+        if isinstance(ompe, float) and ompe.is_integer():
+            ompe = int(ompe)
+        if isinstance(ompe, bool) or not isinstance(ompe, int) or ompe < 1:
+            raise ConfigError(
+                f"rope_scaling.original_max_position_embeddings={ompe!r} must be an integer >= 1")
+        for key in ("beta_fast", "beta_slow"):
+            if key in rs:
+                number(key, False)
+        for key in ("mscale", "mscale_all_dim"):
+            number(key, True)
 
     def _validate_extra(self):
         ex = self.extra
@@ -316,6 +334,8 @@ class ModelConfig:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not UTF-8 text: not a config.json") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -145,6 +145,36 @@ def param_shapes(cfg: ModelConfig) -> dict[str, tuple]:
     return dict(sorted(shapes.items()))
 
 
+def param_count(cfg: ModelConfig) -> int:
+    """Number of parameters of ``cfg`` (= the sum over :func:`param_shapes`), computed from the
+    dimensions without listing a single name: fast even for absurd configs (1e9 layers or
+    experts), so sizes can be checked before anything is allocated (refmtp.memory)."""
+    V, d, L, D = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.D
+    mla = sum(_prod(s) for s in mla_param_shapes(cfg).values())
+    E, I = cfg.n_routed_experts, cfg.moe_intermediate_size
+    moe = E * d + (E if cfg.topk_method == "noaux_tc" else 0) + E * 3 * I * d
+    moe += 3 * cfg.n_shared_experts * I * d
+    dense = 3 * cfg.intermediate_size * d
+
+    def block(is_moe: bool) -> int:
+        return 2 * d + mla + (moe if is_moe else dense)
+
+    n_dense_main = min(L, cfg.first_k_dense_replace) if E > 0 else L
+    total = 2 * V * d + d + n_dense_main * block(False) + (L - n_dense_main) * block(True)
+    n_dense_mtp = max(0, min(L + D, cfg.first_k_dense_replace) - L) if E > 0 else D
+    total += n_dense_mtp * block(False) + (D - n_dense_mtp) * block(True)
+    if cfg.refmtp.mtp_kind == "causal":
+        total += D * (3 * d + 2 * d * d)
+    return total
+
+
+def _prod(shape) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
 def copy_names(cfg: ModelConfig) -> dict[str, str]:
     """Checkpoint-only copies -> the shared tensor they duplicate (causal MTP modules only)."""
     if cfg.refmtp.mtp_kind != "causal":

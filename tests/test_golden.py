@@ -411,16 +411,16 @@ def test_export_cli_errors(tmp_path):
     code, out = run("export", "--preset", "tiny", "--config", "x.json", "--seed", 1, "--out", tmp_path / "x")
     assert code == 2 and "exactly one" in out
     code, out = run("export", "--preset", "huge", "--seed", 1, "--out", tmp_path / "x")
-    assert code == 1 and "unknown preset" in out and "Traceback" not in out
+    assert code == 2 and "unknown preset" in out and "Traceback" not in out
     code, out = run("export", "--preset", "tiny", "--seed", 1, "--seq-len", 2, "--out", tmp_path / "x")
-    assert code == 1 and "seq_len" in out
+    assert code == 2 and "seq_len" in out
 
 
 def test_export_never_replaces_a_foreign_directory(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     code, out = run("export", "--preset", "tiny", "--seed", 1, "--out", tmp_path / "mine")
-    assert code == 1 and "refusing to replace" in out
+    assert code == 2 and "refusing to replace" in out
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 

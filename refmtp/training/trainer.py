@@ -17,10 +17,12 @@ A run directory holds ``run.json`` (settings, model config, data fingerprint), `
 ``trainer_state.json`` (step, data-sampler PCG64 state, tokens seen). No pickle anywhere.
 
 Checkpoints are written into ``ckpt.tmp/`` and renamed with ``os.replace``, so a crash never
-leaves a half-written checkpoint under a final name. Ctrl-C (SIGINT) is deferred to the end of
-the current step, then a checkpoint is written and :meth:`Trainer.run` returns with status
-"interrupted". A non-finite loss term or gradient raises :class:`NonFiniteError` naming the step
-and the term; nothing is saved, so the last good checkpoint stays the newest.
+leaves a half-written checkpoint under a final name (refmtp.training.rundir: the manifest, the
+derived ``latest``, the lock). Ctrl-C (SIGINT) and SIGTERM are deferred to the end of the current
+step, then a checkpoint is written and :meth:`Trainer.run` returns with status "interrupted"; a
+second signal raises :class:`Aborted` at once. A non-finite loss term or gradient raises
+:class:`NonFiniteError` naming the step and the term; nothing is saved, and no checkpoint is
+ever written with a non-finite tensor, so the last good checkpoint stays the newest.
 
 Resume is exact: ``--steps N`` in one go and ``k`` steps + resume to ``N`` give bit-identical
 parameters on one backend and dtype (the lr schedule's horizon ``decay_steps`` is fixed when the
@@ -29,12 +31,14 @@ run starts; the optimizer moments, expert biases and sampler state are restored 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import signal
 import sys
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,22 +46,33 @@ from pathlib import Path
 from refmtp import __version__
 from refmtp.backends import get_backend, kernels_enabled
 from refmtp.checkpoint import load_checkpoint, save_checkpoint
-from refmtp.config import PASSTHROUGH_FIELDS, ModelConfig
+from refmtp.config import PASSTHROUGH_FIELDS, ConfigError, ModelConfig
+from refmtp.memory import check_memory, training_bytes
 from refmtp.model import forward, init_params
 from refmtp.training.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
-from refmtp.training.optim import AdamW, AdamWSettings, CosineSchedule, load_optimizer, save_optimizer
-from refmtp.training.rundir import (RUN_FORMAT, RUN_FORMAT_VERSION, STATE_FILE, latest_checkpoint,
+from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, first_nonfinite,
+                                   load_optimizer, save_optimizer)
+from refmtp.training.rundir import (LOCK_FILE, RUN_FORMAT, RUN_FORMAT_VERSION, STATE_FILE,
+                                   CheckpointWriteError, RunError, RunLock, checkpoint_step,
+                                   latest_checkpoint, repair_latest, run_checkpoints,
                                    truncate_metrics, write_checkpoint, write_json_atomic)
 from refmtp.training.step import NonFinite, train_step
 
+HASHED_FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # both: finish the step, save, exit 128 + signal number
 
 
 class NonFiniteError(RuntimeError):
     """A loss term or gradient became NaN/inf; the message names the step and the term."""
 
 
-class RunError(ValueError):
-    """A run directory or a resume request that cannot be used (one line, says the fix)."""
+class Aborted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: training stops at once, without saving (the last checkpoint
+    stays valid). ``signum`` is the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 @dataclass
@@ -105,6 +120,14 @@ class TrainSettings:
         if self.decay_steps is not None and (not isinstance(self.decay_steps, int)
                                              or self.decay_steps < 1):
             raise ValueError(f"decay_steps={self.decay_steps!r} must be an integer >= 1")
+        if self.data is not None and not isinstance(self.data, str):
+            raise ValueError(f"data={self.data!r} must be a path or null")
+        if self.backend not in ("numpy", "cupy"):
+            raise ValueError(f"backend={self.backend!r}: choose numpy or cupy")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "grad_clip"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name}={v!r} must be a number")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype {self.dtype!r} is not supported: choose float32 or float64")
         if not (isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip)):
@@ -128,7 +151,10 @@ class TrainSettings:
         unknown = set(d) - known
         if unknown:
             raise RunError(f"run.json has unknown training settings {sorted(unknown)}")
-        return cls(**d)
+        try:
+            return cls(**d).validate()
+        except (ValueError, TypeError) as exc:
+            raise RunError(f"run.json has invalid training settings: {exc}") from None
 
 
 @dataclass
@@ -141,6 +167,7 @@ class TrainResult:
     last_eval: dict | None = None  # {"loss": {...}, "acc": {...}} of the last evaluation
     tokens_per_s: float = 0.0  # training throughput over this invocation
     elapsed_s: float = 0.0  # wall time of this invocation
+    signum: int | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
 
 
 def byte_level_config(cfg: ModelConfig) -> tuple[ModelConfig, list[str]]:
@@ -173,10 +200,12 @@ def _first_difference(a: dict, b: dict, prefix="") -> str | None:
 
 
 @contextmanager
-def _deferred_sigint(trainer: "Trainer"):
-    """While training, Ctrl-C asks the loop to stop after the current step (then it saves).
+def _deferred_signals(trainer: "Trainer"):
+    """While training, Ctrl-C (SIGINT) or SIGTERM (how SLURM and Kubernetes stop a job) asks the
+    loop to stop after the current step (then it saves).
 
-    A second Ctrl-C outside the commit of an update raises KeyboardInterrupt at once.
+    A second signal outside the commit of an update raises :class:`Aborted` at once, also during
+    the final save (whose atomic rename leaves the previous checkpoint valid).
     Only the main thread can own signal handlers; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
@@ -185,14 +214,17 @@ def _deferred_sigint(trainer: "Trainer"):
 
     def handler(signum, frame):
         if trainer.stop_requested and not trainer._committing:
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         trainer.stop_requested = True
+        trainer.stop_signal = signum
 
-    previous = signal.signal(signal.SIGINT, handler)
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+    previous = {n: signal.signal(n, handler) for n in numbers}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for n, h in previous.items():
+            signal.signal(n, h)
 
 
 class Trainer:
@@ -200,7 +232,8 @@ class Trainer:
 
     def __init__(self, settings: TrainSettings, cfg: ModelConfig, out_dir: Path, corpus,
                  params: dict, opt: AdamW, sampler: WindowSampler, step: int, *,
-                 overrides=(), tokens_seen: int = 0, elapsed_s: float = 0.0, resumed_from=None):
+                 overrides=(), tokens_seen: int = 0, elapsed_s: float = 0.0, resumed_from=None,
+                 run_id: str | None = None, lock: RunLock | None = None):
         self.settings = settings
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -213,9 +246,12 @@ class Trainer:
         self.tokens_seen = tokens_seen
         self.elapsed_s = elapsed_s  # training wall time summed over all invocations
         self.resumed_from = resumed_from
+        self.run_id = run_id
+        self.lock = lock if lock is not None else RunLock(self.out_dir)
         self.backend = get_backend(settings.backend)
         self.schedule = settings.schedule()
         self.stop_requested = False
+        self.stop_signal: int | None = None
         self._committing = False
         self._pending_data = None  # sampler state before the step in progress
         self._heldout = heldout_windows(corpus.heldout, settings.seq_len,
@@ -231,7 +267,9 @@ class Trainer:
             overrides=()) -> "Trainer":
         """A fresh run writing into ``out_dir`` (which must not exist or be empty).
 
-        Validates settings, config, backend and data BEFORE creating anything on disk.
+        Validates settings, config, memory, backend and data BEFORE creating anything on disk;
+        then takes the run directory's lock (RunError naming the holder when another process
+        has it).
         """
 
         settings = dataclasses.replace(settings)
@@ -243,13 +281,10 @@ class Trainer:
         cfg, more = byte_level_config(cfg.validate())
         overrides = list(overrides) + more
         _check_seq_len(settings, cfg)
+        check_training_memory(settings, cfg)
         bk = get_backend(settings.backend)  # BackendUnavailable before any file is written
         out_dir = Path(out_dir)
-        if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-            raise RunError(
-                f"output directory {out_dir} already exists and is not empty: continue it with "
-                f"--resume {out_dir} or choose another --out"
-            )
+        _check_empty(out_dir)
         if corpus is None:
             corpus = load_corpus(settings.data)
         check_window(corpus, settings.seq_len)
@@ -259,14 +294,22 @@ class Trainer:
                                   settings.weight_decay))
         sampler = WindowSampler(corpus.train, settings.seq_len, settings.seed + 1, bk)
         out_dir.mkdir(parents=True, exist_ok=True)
-        run = {
-            "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
-            "refmtp": __version__, "python": sys.version.split()[0],
-            "settings": settings.to_dict(), "model": cfg.to_dict(),
-            "data": corpus.summary(), "overrides": overrides,
-        }
-        write_json_atomic(out_dir / "run.json", run)
-        return cls(settings, cfg, out_dir, corpus, params, opt, sampler, 0, overrides=overrides)
+        lock = RunLock(out_dir).acquire()
+        try:
+            _check_empty(out_dir, probe_lock=False)  # another process may have started meanwhile
+            run_id = uuid.uuid4().hex
+            run = {
+                "format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "run_id": run_id,
+                "refmtp": __version__, "python": sys.version.split()[0],
+                "settings": settings.to_dict(), "model": cfg.to_dict(),
+                "data": corpus.summary(), "overrides": overrides,
+            }
+            write_json_atomic(out_dir / "run.json", run)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(settings, cfg, out_dir, corpus, params, opt, sampler, 0, overrides=overrides,
+                   run_id=run_id, lock=lock)
 
     @classmethod
     def resume(cls, run_dir, requested: dict | None = None, cfg: ModelConfig | None = None,
@@ -276,19 +319,30 @@ class Trainer:
         ``requested`` holds the options the user gave (None = not given). Those in
         ``TrainSettings.RESUMABLE`` replace the stored ones; any other that differs from the
         stored value, or a ``cfg`` that differs from the run's model config, raises RunError
-        and nothing is written.
+        and nothing is written. The checkpoint must belong to the run (run id, data fingerprint,
+        seed, file hashes, a directory inside the run). A run that stopped before its first
+        checkpoint starts again from step 0 (the same seeds: the same run).
         """
 
         run_dir = Path(run_dir)
         run_file = run_dir / "run.json"
         if not run_file.is_file():
             raise RunError(f"{run_dir} is not a refmtp run directory (no run.json)")
-        try:
-            run = json.loads(run_file.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise RunError(f"cannot read {run_file}: {exc}") from None
+        run = _read_json_object(run_file, "run file")
         if run.get("format") != RUN_FORMAT or run.get("format_version") != RUN_FORMAT_VERSION:
             raise RunError(f"{run_file} is not a refmtp run file of version {RUN_FORMAT_VERSION}")
+        for key, kind in (("settings", dict), ("model", dict), ("data", dict)):
+            if not isinstance(run.get(key), kind):
+                raise RunError(f"{run_file} is malformed: '{key}' must be an object; restore "
+                               "the file or start a new run with --out")
+        fingerprint = run["data"].get("fingerprint")
+        run_id = run.get("run_id")
+        overrides = run.get("overrides", [])
+        if not isinstance(fingerprint, str) or not isinstance(run_id, (str, type(None))) or \
+                not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise RunError(f"{run_file} is malformed: 'data.fingerprint' and 'run_id' must be "
+                           "strings, 'overrides' a list of strings; restore it or start a new "
+                           "run with --out")
         stored = TrainSettings.from_dict(run["settings"])
         settings = dataclasses.replace(stored)
         for key, value in (requested or {}).items():
@@ -305,7 +359,10 @@ class Trainer:
                     "start a new run with --out"
                 )
         settings.validate()
-        stored_cfg = ModelConfig.from_dict(run["model"])
+        try:
+            stored_cfg = ModelConfig.from_dict(run["model"])
+        except (ConfigError, TypeError) as exc:
+            raise RunError(f"{run_file} has an invalid model config: {exc}") from None
         if cfg is not None:
             cfg, _ = byte_level_config(cfg.validate())
             diff = _first_difference(_model_fields(cfg), _model_fields(stored_cfg))
@@ -314,10 +371,20 @@ class Trainer:
                     f"the requested model config differs from the run in {run_dir} ({diff}): "
                     "drop --preset/--config to resume, or start a new run with --out"
                 )
-        get_backend(settings.backend)
+        _check_seq_len(settings, stored_cfg)
+        check_training_memory(settings, stored_cfg)
+        bk = get_backend(settings.backend)
+        lock = RunLock(run_dir).acquire()
+        try:
+            return cls._resume_locked(run_dir, run, settings, stored, stored_cfg, bk, lock)
+        except BaseException:
+            lock.release()
+            raise
+
+    @classmethod
+    def _resume_locked(cls, run_dir, run, settings, stored, stored_cfg, bk, lock) -> "Trainer":
+        run_file = run_dir / "run.json"
         ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            raise RunError(f"{run_dir} has no complete checkpoint to resume from")
         corpus = load_corpus(settings.data)
         if corpus.fingerprint != run["data"]["fingerprint"]:
             raise RunError(
@@ -326,25 +393,47 @@ class Trainer:
                 "with the same data (for the default corpus: the same Python version)"
             )
         check_window(corpus, settings.seq_len)
-        ckpt_cfg, params = load_checkpoint(ckpt, backend=settings.backend, dtype=settings.dtype)
+        sampler = WindowSampler(corpus.train, settings.seq_len, settings.seed + 1, bk)
+        run_id = run.get("run_id")
+        if ckpt is None:  # stopped before its first checkpoint: the same run from step 0
+            if any((run_dir / n).exists() for n in run_checkpoints(run_dir)):
+                raise RunError(f"{run_dir} has no complete checkpoint to resume from; start a "
+                               "new run with --out")
+            params = init_params(stored_cfg, seed=settings.seed, backend=settings.backend,
+                                 dtype=settings.dtype)
+            opt = AdamW(AdamWSettings(settings.beta1, settings.beta2, settings.eps,
+                                      settings.weight_decay))
+            truncate_metrics(run_dir / "metrics.jsonl", -1)
+            _store_settings(run_file, run, settings, stored)
+            return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, 0,
+                       overrides=run.get("overrides", []), run_id=run_id, lock=lock)
+        if ckpt.resolve().parent != run_dir.resolve():
+            raise RunError(f"checkpoint {ckpt} lies outside the run directory {run_dir}: "
+                           "refusing to resume from it")
+        state = _read_state(ckpt, run, settings)
+        repair_latest(run_dir)
+        try:
+            ckpt_cfg, params = load_checkpoint(ckpt, backend=settings.backend,
+                                               dtype=settings.dtype)
+        except ConfigError as exc:
+            raise RunError(f"{ckpt}: {exc}") from None
         diff = _first_difference(_model_fields(ckpt_cfg), _model_fields(stored_cfg))
         if diff:
             raise RunError(f"{ckpt}/config.json differs from {run_file} ({diff})")
         opt = load_optimizer(ckpt / "optimizer.safetensors", params, backend=settings.backend)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        bk = get_backend(settings.backend)
-        sampler = WindowSampler(corpus.train, settings.seq_len, settings.seed + 1, bk)
-        sampler.set_state(state["data"])
-        step = int(state["step"])
+        try:
+            sampler.set_state(state["data"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunError(f"{ckpt / STATE_FILE} has an invalid sampler state ({exc})") from None
+        step = state["step"]
         if opt.step_count != step:
             raise RunError(f"{ckpt}: optimizer is at step {opt.step_count}, trainer at {step}")
         truncate_metrics(run_dir / "metrics.jsonl", step)
-        if settings.to_dict() != stored.to_dict():
-            run["settings"] = settings.to_dict()
-            write_json_atomic(run_file, run)
+        _store_settings(run_file, run, settings, stored)
         return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, step,
-                   overrides=run.get("overrides", []), tokens_seen=int(state["tokens_seen"]),
-                   elapsed_s=float(state["elapsed_s"]), resumed_from=ckpt)
+                   overrides=run.get("overrides", []), tokens_seen=state["tokens_seen"],
+                   elapsed_s=float(state["elapsed_s"]), resumed_from=ckpt, run_id=run_id,
+                   lock=lock)
 
     # ---------------------------------------------------------------------------------------
     # description
@@ -394,11 +483,12 @@ class Trainer:
     # the loop
     # ---------------------------------------------------------------------------------------
     def run(self, on_step=None, on_log=None) -> TrainResult:
-        """Train until ``settings.steps`` updates are done (or Ctrl-C).
+        """Train until ``settings.steps`` updates are done (or SIGINT / SIGTERM).
 
         ``on_step(step, record)`` is called after every update with the step's losses;
         ``on_log(record)`` with every record written to metrics.jsonl (and evaluations).
-        Raises NonFiniteError (nothing saved) when a loss or gradient is not finite.
+        Raises NonFiniteError (nothing saved) when a loss or gradient is not finite, and
+        :class:`Aborted` on a second signal (nothing saved; the last checkpoint is valid).
         """
         s = self.settings
         t_start = time.perf_counter()
@@ -408,48 +498,61 @@ class Trainer:
         window_time, window_tokens = 0.0, 0
         interrupted = False
         self._pending_data = None
+        self.lock.acquire()
         try:
-            with _deferred_sigint(self):
-                if self.step == 0 and s.eval_every > 0 and self.resumed_from is None:
-                    self._log({"step": 0, "tokens": 0, **self._eval_record()}, on_log)
-                while self.step < s.steps:
-                    if self.stop_requested:
-                        interrupted = True
-                        break
-                    t0 = time.perf_counter()
-                    self._pending_data = self.sampler.state()  # cleared when the step commits
-                    record = self._train_step()
-                    dt = time.perf_counter() - t0
-                    step_time += dt
-                    window_time += dt
-                    window_tokens += s.batch_size * s.seq_len
-                    self.elapsed_s += dt
-                    record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
-                    last = record
-                    if on_step is not None:
-                        on_step(self.step, record)
-                    do_eval = s.eval_every > 0 and self.step % s.eval_every == 0
-                    do_eval = do_eval or self.step == s.steps
-                    if self.step % s.log_every == 0 or do_eval or self.step == s.steps:
-                        if do_eval:
-                            record.update(self._eval_record())
-                        self._log(record, on_log)
-                        window_time, window_tokens = 0.0, 0
-                    if s.checkpoint_every and self.step % s.checkpoint_every == 0:
-                        self.save()
-        except KeyboardInterrupt:
-            interrupted = True
-            if self._pending_data is not None:  # the interrupted step committed nothing
-                self.sampler.set_state(self._pending_data)
-                self._pending_data = None
-        ckpt = self.save()
+            with _deferred_signals(self):
+                try:
+                    if self.step == 0 and s.eval_every > 0 and self.resumed_from is None:
+                        self._log({"step": 0, "tokens": 0, **self._eval_record()}, on_log)
+                    while self.step < s.steps:
+                        if self.stop_requested:
+                            interrupted = True
+                            break
+                        t0 = time.perf_counter()
+                        self._pending_data = self.sampler.state()  # cleared when the step commits
+                        record = self._train_step()
+                        dt = time.perf_counter() - t0
+                        step_time += dt
+                        window_time += dt
+                        window_tokens += s.batch_size * s.seq_len
+                        self.elapsed_s += dt
+                        record["tokens_per_s"] = window_tokens / max(window_time, 1e-9)
+                        last = record
+                        if on_step is not None:
+                            on_step(self.step, record)
+                        do_eval = s.eval_every > 0 and self.step % s.eval_every == 0
+                        do_eval = do_eval or self.step == s.steps
+                        if self.step % s.log_every == 0 or do_eval or self.step == s.steps:
+                            if do_eval:
+                                record.update(self._eval_record())
+                            self._log(record, on_log)
+                            window_time, window_tokens = 0.0, 0
+                        if s.checkpoint_every and self.step % s.checkpoint_every == 0:
+                            self.save()
+                except Aborted:
+                    raise
+                except KeyboardInterrupt:
+                    interrupted = True
+                    self.stop_requested = True  # a further signal aborts the save below
+                    if self._pending_data is not None:  # the interrupted step committed nothing
+                        self.sampler.set_state(self._pending_data)
+                        self._pending_data = None
+                interrupted = interrupted or self.stop_requested
+                ckpt = self.save()
+        finally:
+            self.lock.release()
         elapsed = time.perf_counter() - t_start
         trained = self.tokens_seen - tokens_before
         return TrainResult(
             status="interrupted" if interrupted else "done", step=self.step, checkpoint=ckpt,
             out_dir=self.out_dir, last=last, last_eval=self.last_eval,
             tokens_per_s=trained / step_time if step_time > 0 else 0.0, elapsed_s=elapsed,
+            signum=(self.stop_signal or signal.SIGINT) if interrupted else None,
         )
+
+    def close(self) -> None:
+        """Release the run directory (done by :meth:`run` when it returns)."""
+        self.lock.release()
 
     def _train_step(self) -> dict:
         s, number = self.settings, self.step + 1
@@ -533,11 +636,21 @@ class Trainer:
     def _last_good(self) -> str:
         ckpt = latest_checkpoint(self.out_dir)
         if ckpt is None:
-            return "no checkpoint was written yet"
+            return (f"no checkpoint was written yet (restart the run with refmtp train "
+                    f"--resume {self.out_dir}; it starts again from step 0)")
         return f"last good checkpoint: {ckpt}"
 
     def save(self) -> Path:
-        """Write a checkpoint of the current step (refmtp.training.rundir.write_checkpoint)."""
+        """Write a checkpoint of the current step (refmtp.training.rundir.write_checkpoint).
+
+        Refuses (NonFiniteError) to write a parameter or optimizer moment that is not finite,
+        so every checkpoint of a run is a good one."""
+        bad = first_nonfinite(self.params) or first_nonfinite(
+            {f"optimizer {k}.{n}": a for k, d in (("m", self.opt.m), ("v", self.opt.v))
+             for n, a in d.items()})
+        if bad is not None:
+            raise NonFiniteError(f"step {self.step}: {bad!r} is not finite after the update; "
+                                 f"not saved, {self._last_good()}; lower --lr or check the data")
 
         def contents(tmp: Path) -> None:
             save_checkpoint(tmp, self.cfg, self.params)
@@ -546,7 +659,9 @@ class Trainer:
                 "step": self.step, "tokens_seen": self.tokens_seen,
                 "elapsed_s": self.elapsed_s, "data": self.sampler.state(),
                 "backend": self.settings.backend, "dtype": self.settings.dtype,
-                "data_fingerprint": self.corpus.fingerprint,
+                "data_fingerprint": self.corpus.fingerprint, "seed": self.settings.seed,
+                "run_id": self.run_id,
+                "files": {name: file_sha256(tmp / name) for name in HASHED_FILES},
             }
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
 
@@ -568,6 +683,86 @@ def _check_seq_len(settings: TrainSettings, cfg: ModelConfig) -> None:
             f"seq_len={settings.seq_len} exceeds max_position_embeddings="
             f"{cfg.max_position_embeddings}"
         )
+
+
+def check_training_memory(settings: TrainSettings, cfg: ModelConfig) -> None:
+    """Refuse, before allocating anything, a run whose estimate exceeds the available memory."""
+    need = training_bytes(cfg, settings.batch_size, settings.seq_len, settings.dtype)
+    need += settings.eval_batches * settings.batch_size * (settings.seq_len + 1)  # held-out windows
+    check_memory(need, f"training this model (batch {settings.batch_size} x seq_len "
+                 f"{settings.seq_len}, {settings.dtype})",
+                 "lower --batch-size / --seq-len or choose a smaller model")
+
+
+def _check_empty(out_dir: Path, probe_lock: bool = True) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunError(f"output {out_dir} exists and is not a directory: choose another --out")
+    if not out_dir.is_dir():
+        return
+    if probe_lock and (out_dir / LOCK_FILE).exists():
+        RunLock(out_dir).acquire().release()  # RunError naming the holder while it runs
+    if any(p.name != LOCK_FILE for p in out_dir.iterdir()):
+        raise RunError(
+            f"output directory {out_dir} already exists and is not empty: continue it with "
+            f"--resume {out_dir} or choose another --out"
+        )
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunError(f"cannot read {what} {path}: {str(exc).splitlines()[0]}; restore it or "
+                       "start a new run with --out") from None
+    if not isinstance(data, dict):
+        raise RunError(f"{what} {path} is malformed (not a JSON object); restore it or start a "
+                       "new run with --out")
+    return data
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_state(ckpt: Path, run: dict, settings: TrainSettings) -> dict:
+    """trainer_state.json of ``ckpt``, checked: types, and that it belongs to the run."""
+    path = ckpt / STATE_FILE
+    state = _read_json_object(path, "trainer state")
+    fix = "restore the run's own checkpoint or start a new run with --out"
+    for key, kinds in (("step", int), ("tokens_seen", int), ("elapsed_s", (int, float)),
+                       ("data", dict)):
+        v = state.get(key)
+        if isinstance(v, bool) or not isinstance(v, kinds) or (kinds is int and v < 0):
+            raise RunError(f"{path} is malformed: '{key}' is {v!r}; {fix}")
+    if state["step"] != checkpoint_step(ckpt.name):
+        raise RunError(f"{path} is at step {state['step']}, but the directory is {ckpt.name}; {fix}")
+    run_id = run.get("run_id")
+    if run_id is not None and state.get("run_id") != run_id:
+        raise RunError(f"{ckpt} was not written by this run (run id {state.get('run_id')!r}, "
+                       f"run.json has {run_id!r}); {fix}")
+    if state.get("data_fingerprint", run["data"]["fingerprint"]) != run["data"]["fingerprint"]:
+        raise RunError(f"{ckpt} was trained on other data than run.json names; {fix}")
+    if state.get("seed", settings.seed) != settings.seed:
+        raise RunError(f"{ckpt} has seed {state.get('seed')!r}, the run {settings.seed}; {fix}")
+    hashes = state.get("files", {})
+    if not isinstance(hashes, dict):
+        raise RunError(f"{path} is malformed: 'files' must be an object; {fix}")
+    for name, digest in sorted(hashes.items()):
+        f = ckpt / str(name)
+        if "/" in str(name) or not f.is_file() or file_sha256(f) != digest:
+            raise RunError(f"{f} is missing or not the file this run wrote (sha256 differs); {fix}")
+    return state
+
+
+def _store_settings(run_file: Path, run: dict, settings: TrainSettings,
+                    stored: TrainSettings) -> None:
+    if settings.to_dict() != stored.to_dict():
+        run["settings"] = settings.to_dict()
+        write_json_atomic(run_file, run)
 
 
 def _normalise(key, value):
@@ -602,5 +797,6 @@ def _wrap(indent: str, items: list[str], width: int = 100) -> list[str]:
     return lines
 
 
-__all__ = ["Trainer", "TrainSettings", "TrainResult", "NonFiniteError", "RunError",
+__all__ = ["Trainer", "TrainSettings", "TrainResult", "NonFiniteError", "RunError", "Aborted",
+           "CheckpointWriteError", "check_training_memory",
            "byte_level_config", "count_params"]

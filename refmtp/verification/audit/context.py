@@ -2,7 +2,6 @@
 the reference weights, one small batch and the model's forward on it (:class:`AuditContext`)."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,8 @@ from refmtp.checkpoint import load_checkpoint
 from refmtp.config import ModelConfig
 from refmtp.config import preset as get_preset
 from refmtp.model import init_params
-from refmtp.params import param_shapes
+from refmtp.memory import check_memory, forward_bytes
+from refmtp.params import param_count
 
 AUDIT_B = 2  # sequences in the audit batch
 AUDIT_T = 8  # main positions (the window has T+1 tokens)
@@ -69,8 +69,8 @@ def _read_reference(ckpt: Path) -> dict:
 
 
 def _n_params(cfg) -> int:
-    """Parameter count of ``cfg`` (from the shapes, nothing allocated)."""
-    return sum(math.prod(s) for s in param_shapes(cfg).values())
+    """Parameter count of ``cfg`` (from the dimensions, nothing allocated or listed)."""
+    return param_count(cfg)
 
 
 def load_audit_model(*, preset=None, ckpt=None, config=None, seed=0, backend="numpy"):
@@ -109,6 +109,8 @@ def _check_size(cfg):
             f"this config has {n:,} parameters; the audit runs the whole model in float64 on the "
             f"host (limit {MAX_PARAMS:,}): use --preset tiny or a smaller config"
         )
+    check_memory(forward_bytes(cfg, AUDIT_B, AUDIT_T, "float64", gradients=True),
+                 "auditing this model in float64", "use --preset tiny or a smaller config")
 
 
 def moe_layers(cfg) -> list:
