@@ -6,7 +6,7 @@ that refmtp derives from its own emulated runs (:mod:`refmtp.precision`; docs/pr
 
     statistics(expected, actual)          # ({group: {statistic: value}}, missing, bad)
     emulated_outputs(case_dir, "bf16")    # refmtp's own bf16 run of a case, golden key names
-    derive_thresholds()                   # every shipped model/decode case x precision, worst x margin
+    derive_thresholds()                   # every shipped model/decode/speculative case x precision, worst x margin
     report = verify_precision(case_dir, "out.safetensors", "bf16")
     print(format_precision_report(report)); report.exit_code     # 0 pass, 1 fail
 
@@ -369,7 +369,7 @@ def _temperature(m: dict) -> float:
 
 
 def emulated_outputs(case_dir, precision: str) -> dict:
-    """refmtp's own reduced-precision run of a model or decode case: float32 math, weights and
+    """refmtp's own reduced-precision run of a model, decode or speculative case: float32 math, weights and
     activations rounded to ``precision`` (:mod:`refmtp.precision`), golden key names."""
     case_dir = Path(case_dir)
     m = _tensor_manifest(case_dir)
@@ -388,12 +388,12 @@ def _threshold(stat: str, worst: float, precision: str) -> float:
 
 
 def derive_thresholds(root=None, precisions=PRECISIONS, log=None) -> dict:
-    """Emulate every model and decode case under ``root`` (default: the shipped golden/) in each
+    """Emulate every model, decode and speculative case under ``root`` (default: the shipped golden/) in each
     precision, take the worst statistic per group over the cases, apply the margins."""
     root = Path(root) if root is not None else shipped_dir()
     cases = [d for d in case_dirs(root) if read_manifest(d)["kind"] in TENSOR_KINDS]
     if not cases:
-        raise GoldenError(f"{root} holds no model or decode case to derive thresholds from")
+        raise GoldenError(f"{root} holds no model, decode or speculative case to derive thresholds from")
     table = {}
     for p in precisions:
         worst: dict = {}
@@ -502,7 +502,7 @@ class PrecisionReport:
 def verify_precision(case_dir, against, precision: str, *, allow_missing: bool = False,
                      thresholds=None) -> PrecisionReport:
     """Judge ``against`` (another implementation's outputs, golden key names, any float dtype
-    including BF16) against the float64 goldens of a model or decode case with the derived
+    including BF16) against the float64 goldens of a model, decode or speculative case with the derived
     thresholds of ``precision``. GoldenError (exit 2) for unreadable input or a bad precision."""
     if precision not in PRECISIONS:
         raise GoldenError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
