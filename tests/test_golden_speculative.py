@@ -16,12 +16,12 @@ from refmtp.inference.decode import Decoder, generate as plain_generate
 from refmtp.inference.sampling import rng_v1_draws
 from refmtp.verification.golden.files import RECIPE, read_tensors, save_tensors
 from refmtp.verification.golden.manifest import read_manifest
-from refmtp.verification.golden.recipe import generate, load_recipe, shipped_dir
+from refmtp.verification.golden.recipe import generate, load_recipe, shipped_cases, shipped_dir
 from refmtp.verification.golden.report import format_report
 from refmtp.verification.golden.verify import verify_case
 
 ROOT = shipped_dir()
-CASES = [n for n, e in load_recipe(ROOT / RECIPE)["cases"].items() if e.get("kind") == "speculative"]
+CASES = [n for n, e in shipped_cases(load_recipe(ROOT / RECIPE)).items() if e.get("kind") == "speculative"]
 GREEDY = [n for n in CASES if read_manifest(ROOT / n)["speculative"]["temperature"] == 0]
 
 
