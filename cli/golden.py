@@ -315,7 +315,7 @@ def conformance(write, doc_path, mutants, list_only):
               help="The page whose generated table to rewrite [default with --write: "
                    "docs/precision.md when it exists next to golden/].")
 def precision(write, doc_path):
-    """Derive the thresholds of `verify --precision`: emulate every shipped model and decode case
+    """Derive the thresholds of `verify --precision`: emulate every shipped model, decode and speculative case
     in bf16, fp16 and fp32, take the worst statistic per group, apply the margins
     (docs/precision.md). Prints the table; --write stores it."""
     from refmtp.verification.golden import precision as prec

@@ -28,6 +28,7 @@ ROOT = shipped_dir()
 TENSOR_CASES = [d.name for d in case_dirs(ROOT) if read_manifest(d)["kind"] in P.TENSOR_KINDS]
 OTHER_CASES = [d.name for d in case_dirs(ROOT) if read_manifest(d)["kind"] not in P.TENSOR_KINDS]
 MUTANTS = ["router.no_scaling", "mla.no_causal_mask", "rope.neox_pairs"]
+SPEC_CASES = [c for c in TENSOR_CASES if read_manifest(ROOT / c)["kind"] == "speculative"]
 
 
 def run(*args):
@@ -96,7 +97,12 @@ def test_emulated_bf16_run_passes_bf16_and_fails_fp32(tmp_path, case):
     path = emulated_file(tmp_path, case, "bf16")
     r = P.verify_precision(ROOT / case, path, "bf16")
     assert r.status == "pass", P.format_precision_report(r)
-    assert {row.group for row in r.rows} >= {"logits"}
+    if case in SPEC_CASES:
+        assert {row.group for row in r.rows} & {"spec_greedy", "spec_sampled"}
+        if read_manifest(ROOT / case)["speculative"]["temperature"] == 0:
+            return  # refmtp's bf16 reproduces the greedy generations exactly: fp32 passes too
+    else:
+        assert {row.group for row in r.rows} >= {"logits"}
     assert P.verify_precision(ROOT / case, path, "fp32").status == "mismatch"
 
 
@@ -117,9 +123,58 @@ def test_emulated_bf16_run_with_a_mutant_fails_bf16(tmp_path, case, mutant):
     assert r.exit_code == 1
 
 
+# --- speculative cases: accepted-token agreement ---------------------------------------------
+def test_speculative_cases_are_judged_by_accepted_token_agreement(tmp_path):
+    assert SPEC_CASES == ["spec_greedy_k1", "spec_greedy_k3_reuse", "spec_t1_k2"]
+    for case in SPEC_CASES:
+        r = P.verify_precision(ROOT / case, emulated_file(tmp_path, case, "bf16"), "bf16")
+        groups = {row.group for row in r.rows}
+        T = read_manifest(ROOT / case)["speculative"]["temperature"]
+        assert groups == ({"spec_greedy"} if T == 0 else {"spec_sampled", "spec_p", "spec_q"}), groups
+        stats = {(row.group, row.statistic) for row in r.rows}
+        assert {(g, "step_agreement") for g in groups if g.startswith("spec_s") or g == "spec_greedy"} <= stats
+
+
+@pytest.mark.parametrize("case, mutant", [
+    ("spec_greedy_k1", "router.no_scaling"), ("spec_greedy_k1", "mla.no_causal_mask"),
+    ("spec_greedy_k3_reuse", "acceptance.greedy_ties_last"),
+    ("spec_t1_k2", "router.no_scaling"), ("spec_t1_k2", "mla.no_causal_mask"),
+    ("spec_t1_k2", "acceptance.residual_softmax"),  # a greedy generation never samples a residual
+])
+def test_emulated_bf16_speculative_run_with_a_mutant_fails_bf16(tmp_path, case, mutant):
+    r = P.verify_precision(ROOT / case, emulated_file(tmp_path, case, "bf16", mutant), "bf16")
+    assert r.status == "mismatch", P.format_precision_report(r)
+    assert any(row.group in ("spec_greedy", "spec_sampled") and row.status == "FAIL" for row in r.rows), \
+        P.format_precision_report(r)
+
+
+def test_accepted_token_agreement_aligns_steps_by_offset():
+    """A generation that drafts differently but emits the same tokens lines up again; the
+    statistics of the tampered steps, and of a diverged sequence, are what the doc says."""
+    exp = read_tensors(ROOT / "spec_greedy_k1" / "expected.safetensors")
+    same, _, _ = P.accepted_token_agreement(exp, exp, 0.0)
+    assert same == {"spec_greedy": {"step_agreement": 1.0, "final_prefix": 1.0}}
+    S = sum(1 for n in exp if n.endswith(".num_accepted"))
+    out = dict(exp)
+    s = next(s for s in range(S) if len(exp[f"spec.{s}.tokens"]) >= 2)  # an accepted draft
+    t = exp[f"spec.{s}.tokens"].copy()
+    t[-1] = (t[-1] + 1) % exp[f"spec.{s}.p"].shape[-1]  # the step's correction token differs
+    out[f"spec.{s}.tokens"] = t
+    fin = exp["spec.final_tokens"].copy()
+    off = sum(len(exp[f"spec.{i}.tokens"]) for i in range(s))
+    fin[off + len(t) - 1] = t[-1]
+    out["spec.final_tokens"] = fin
+    st, missing, bad = P.accepted_token_agreement(exp, out, 0.0)
+    assert not missing and not bad
+    assert st["spec_greedy"]["final_prefix"] == (off + len(t) - 1) / len(fin)
+    assert st["spec_greedy"]["step_agreement"] == s / (s + 1)  # the steps after the divergence are not compared
+    del out["spec.final_tokens"]
+    assert P.accepted_token_agreement(exp, out, 0.0)[1] == ["spec.final_tokens"]
+
+
 @pytest.mark.parametrize("precision", P.PRECISIONS)
 def test_float64_exact_outputs_pass_every_precision(tmp_path, precision):
-    for case in ("tiny_d2", "decode", "tiny_d2_f32"):
+    for case in ("tiny_d2", "decode", "tiny_d2_f32", "spec_greedy_k3_reuse", "spec_t1_k2"):
         path = tmp_path / f"{case}.safetensors"
         save_tensors(path, read_tensors(ROOT / case / "expected.safetensors"))
         r = P.verify_precision(ROOT / case, path, precision)
@@ -157,8 +212,8 @@ def test_cli_precision_needs_against_and_a_tensor_case(tmp_path):
     for case in OTHER_CASES:
         code, out = run("verify", case, "--against", out_file, "--precision", "bf16")
         line = one_error_line(out)
-        assert code == 2 and ("--precision judges model and decode cases" in line
-                              or "does not judge speculative cases yet" in line), line
+        assert code == 2 and "--precision judges model, decode and speculative cases" in line, line
+    assert {read_manifest(ROOT / c)["kind"] for c in OTHER_CASES} == {"trajectory", "acceptance"}
 
 
 def test_missing_tensors_fail_unless_allowed(tmp_path):

@@ -4,9 +4,9 @@ An implementation that computes in bf16, fp16 or fp32 cannot meet the float64 to
 this verdict judges it with the statistics engine developers use, each against a threshold
 that refmtp derives from its own emulated runs (:mod:`refmtp.precision`; docs/precision.md):
 
-    statistics(expected, actual)          # {group: {statistic: value}}
+    statistics(expected, actual)          # ({group: {statistic: value}}, missing, bad)
     emulated_outputs(case_dir, "bf16")    # refmtp's own bf16 run of a case, golden key names
-    derive_thresholds()                   # every shipped model/decode case x precision, worst x margin
+    derive_thresholds()                   # every shipped model/decode/speculative case x precision, worst x margin
     report = verify_precision(case_dir, "out.safetensors", "bf16")
     print(format_precision_report(report)); report.exit_code     # 0 pass, 1 fail
 
@@ -51,7 +51,7 @@ COMMAND = "refmtp golden precision --write"
 ERROR_MARGIN = 2.0  # threshold = 2 x the worst emulated error
 AGREEMENT_MARGIN = 2.0  # allowed disagreement = 2 x the worst emulated disagreement ...
 MIN_DISAGREEMENT = {"bf16": 0.05, "fp16": 0.05, "fp32": 0.02}  # ... and at least this
-TENSOR_KINDS = ("model", "decode")
+TENSOR_KINDS = ("model", "decode", "speculative")
 
 # (group, which tensors) in report order
 GROUPS = (
@@ -62,10 +62,15 @@ GROUPS = (
     ("routing", "routing.*.topk_idx, routing.*.topk_weight"),
     ("latent", "decode.*.latent.*"),
     ("bias_update", "bias_after_update.*"),
+    ("spec_greedy", "spec.*.num_accepted, spec.*.tokens, spec.final_tokens (temperature 0)"),
+    ("spec_sampled", "spec.*.num_accepted, spec.*.tokens, spec.final_tokens (temperature > 0)"),
+    ("spec_p", "spec.*.p (the rows the rule read)"),
+    ("spec_q", "spec.*.q (the rows the rule read)"),
 )
 ERRORS = ("max_rel_err", "mean_rel_err")
 LOGIT_STATS = ("top1_agreement", "kl_mean", "kl_max")
-AGREEMENTS = ("top1_agreement", "routing_agreement")  # rates: higher is better
+SPEC_STATS = ("step_agreement", "final_prefix")
+AGREEMENTS = ("top1_agreement", "routing_agreement") + SPEC_STATS  # rates: higher is better
 
 
 def group_of(name: str) -> str | None:
@@ -92,6 +97,10 @@ def stat_names(group: str) -> tuple:
         return ERRORS + LOGIT_STATS
     if group == "routing":
         return ERRORS + ("routing_agreement",)
+    if group in ("spec_greedy", "spec_sampled"):
+        return SPEC_STATS
+    if group in ("spec_p", "spec_q"):
+        return ERRORS + ("kl_mean", "kl_max")
     return ERRORS
 
 
@@ -120,9 +129,10 @@ def _errors(e, a, scale):
     return float(err.max()) / scale, float(err.mean()) / scale
 
 
-def statistics(expected: dict, actual: dict) -> tuple[dict, list, list]:
+def statistics(expected: dict, actual: dict, temperature: float = 0.0) -> tuple[dict, list, list]:
     """``({group: {statistic: value}}, missing names, shape mismatches)`` of ``actual`` against
-    ``expected`` (golden key names; routing rows compared as sets)."""
+    ``expected`` (golden key names; routing rows compared as sets; a speculative case, one
+    holding ``spec.final_tokens``, by :func:`accepted_token_agreement` at ``temperature``)."""
     expected = _canonical_routing(expected)
     actual = _canonical_routing(actual)
     names = {g: [] for g, _ in GROUPS}
@@ -131,6 +141,8 @@ def statistics(expected: dict, actual: dict) -> tuple[dict, list, list]:
         if g is not None and not n.endswith(".topk_weight"):
             names[g].append(n)
     missing, bad, out = [], [], {}
+    if "spec.final_tokens" in expected:  # a speculative case
+        out, missing, bad = accepted_token_agreement(expected, actual, temperature)
     for g, members in names.items():
         if not members:
             continue
@@ -198,12 +210,105 @@ def _group_stats(g: str, names: list, expected: dict, actual: dict) -> dict:
     return st
 
 
-def accepted_token_agreement(expected: dict, actual: dict) -> dict:
-    """HOOK for speculative cases (kind "speculative", not shipped yet): the fraction of steps
-    whose number of accepted drafts and emitted tokens agree, to be added to :func:`statistics`
-    and to ``TENSOR_KINDS`` once such cases exist, with its threshold derived like the others."""
-    raise GoldenError("--precision does not judge speculative cases yet: accepted-token agreement "
-                      "is the hook refmtp.verification.golden.precision.accepted_token_agreement")
+def _step_ints(t: dict, name: str):
+    return None if name not in t else [int(v) for v in np.asarray(t[name]).reshape(-1)]
+
+
+def _prob_kl(e, a):
+    """Per row KL(e || a) of probability rows (nats): inf where a has no mass on e's support."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(e > 0, e * (np.log(np.where(e > 0, e, 1.0)) - np.log(np.maximum(a, 0.0))), 0.0)
+    kl = np.sum(terms, axis=-1)
+    kl = np.where(np.all(np.isfinite(a), axis=-1), kl, np.inf)
+    return np.maximum(np.nan_to_num(kl, nan=np.inf), 0.0)
+
+
+def _steps_of(t: dict) -> list:
+    """The step indices s = 0, 1, ... for which ``t`` holds spec.{s}.tokens (in order, no gaps)."""
+    s = 0
+    while f"spec.{s}.tokens" in t:
+        s += 1
+    return list(range(s))
+
+
+def accepted_token_agreement(expected: dict, actual: dict, temperature: float = 0.0) -> tuple[dict, list, list]:
+    """Speculative cases (kind "speculative"): ``({group: {statistic: value}}, missing, bad)``.
+
+    The emitted sequence diverges at the first position where ``spec.final_tokens`` differ (the
+    common prefix, length c of N). Each golden step s starts at offset o_s of that sequence
+    (the tokens emitted before it); the steps with o_s <= c are compared, each with the
+    outputs' step that starts at the same offset (none: it disagrees). Statistics of group
+    ``spec_greedy`` (temperature 0) or ``spec_sampled`` (temperature > 0):
+
+        step_agreement   compared steps whose num_accepted and emitted tokens agree / compared steps
+        final_prefix     c / N
+
+    Sampled cases add groups ``spec_p`` and ``spec_q``: on the compared steps whose drafts
+    agree too (their verifier reads the same tokens after the same prefix), the rows the rule
+    read, p rows 0..A and q rows 0..min(A, K-1) (A, K the golden's): ``max_rel_err`` /
+    ``mean_rel_err`` (worst step, scale = RMS of the step's rows) and ``kl_mean`` / ``kl_max``
+    of ``KL(e || a)`` per row (nats, the probabilities compared directly). At temperature 0 p
+    and q are one-hot and say no more than the tokens. The logits and the cache lengths are not
+    judged here (float64 ``verify`` checks them)."""
+    ints = _step_ints
+    e_steps, a_steps = _steps_of(expected), _steps_of(actual)
+    missing, bad = [], []
+    e_fin = ints(expected, "spec.final_tokens") or []
+    a_fin = ints(actual, "spec.final_tokens")
+    if a_fin is None:
+        missing.append("spec.final_tokens")
+        a_fin = [t for s in a_steps for t in ints(actual, f"spec.{s}.tokens")]
+    common = next((i for i, (x, y) in enumerate(zip(e_fin, a_fin)) if x != y), min(len(e_fin), len(a_fin)))
+    a_at, off = {}, 0  # offset -> the outputs' step starting there
+    for s in a_steps:
+        a_at[off] = s
+        off += len(ints(actual, f"spec.{s}.tokens"))
+    compared, agree, same_drafts, off = 0, 0, [], 0
+    for s in e_steps:
+        o, off = off, off + len(ints(expected, f"spec.{s}.tokens"))
+        if o > common:
+            break
+        compared += 1
+        t = a_at.get(o)
+        if t is None:
+            continue
+        if f"spec.{t}.num_accepted" not in actual:
+            missing.append(f"spec.{t}.num_accepted")
+            continue
+        agree += all(ints(expected, f"spec.{s}.{f}") == ints(actual, f"spec.{t}.{f}")
+                     for f in ("num_accepted", "tokens"))
+        if ints(expected, f"spec.{s}.drafts") == ints(actual, f"spec.{t}.drafts"):
+            same_drafts.append((s, t))
+    group = "spec_greedy" if float(temperature) == 0 else "spec_sampled"
+    stats = {group: {"step_agreement": agree / compared if compared else 1.0,
+                     "final_prefix": common / len(e_fin) if e_fin else 1.0}}
+    if group == "spec_greedy":
+        return stats, missing, bad
+    for g, field_ in (("spec_p", "p"), ("spec_q", "q")):
+        st, kls = {"max_rel_err": 0.0, "mean_rel_err": 0.0}, []
+        for s, t in same_drafts:
+            n, m = f"spec.{s}.{field_}", f"spec.{t}.{field_}"
+            if n not in expected:
+                continue
+            if m not in actual:
+                missing.append(m)
+                continue
+            e, a = np.asarray(expected[n], dtype=np.float64), np.asarray(actual[m], dtype=np.float64)
+            if a.shape != e.shape:
+                bad.append(f"{m}: shape {tuple(a.shape)}, expected {tuple(e.shape)}")
+                continue
+            A = int(np.asarray(expected[f"spec.{s}.num_accepted"]))
+            e, a = e[:A + 1], a[:A + 1]  # p: rows 0..A; q (K rows): rows 0..min(A, K-1)
+            if not e.size:
+                continue
+            mx, mean = _errors(e, a, _rms(e) or 1.0)
+            st["max_rel_err"], st["mean_rel_err"] = max(st["max_rel_err"], mx), max(st["mean_rel_err"], mean)
+            kls.append(_prob_kl(e, a))
+        kl = np.concatenate(kls) if kls else np.zeros(0)
+        st["kl_mean"] = float(kl.mean()) if kl.size else 0.0
+        st["kl_max"] = float(kl.max()) if kl.size else 0.0
+        stats[g] = st
+    return stats, missing, bad
 
 
 # -------------------------------------------------------------------------------------------
@@ -252,16 +357,19 @@ def read_outputs(path) -> dict:
 def _tensor_manifest(case_dir: Path) -> dict:
     m = read_manifest(case_dir)
     check_files(case_dir, m)
-    if m["kind"] == "speculative":
-        accepted_token_agreement({}, {})
     if m["kind"] not in TENSOR_KINDS:
         raise GoldenError(f"{m['case']} is a {m['kind']} case: --precision judges "
-                          f"{' and '.join(TENSOR_KINDS)} cases")
+                          f"model, decode and speculative cases")
     return m
 
 
+def _temperature(m: dict) -> float:
+    """A speculative case's temperature (0 for the other kinds)."""
+    return float((m.get("speculative") or {}).get("temperature", 0.0))
+
+
 def emulated_outputs(case_dir, precision: str) -> dict:
-    """refmtp's own reduced-precision run of a model or decode case: float32 math, weights and
+    """refmtp's own reduced-precision run of a model, decode or speculative case: float32 math, weights and
     activations rounded to ``precision`` (:mod:`refmtp.precision`), golden key names."""
     case_dir = Path(case_dir)
     m = _tensor_manifest(case_dir)
@@ -280,18 +388,18 @@ def _threshold(stat: str, worst: float, precision: str) -> float:
 
 
 def derive_thresholds(root=None, precisions=PRECISIONS, log=None) -> dict:
-    """Emulate every model and decode case under ``root`` (default: the shipped golden/) in each
+    """Emulate every model, decode and speculative case under ``root`` (default: the shipped golden/) in each
     precision, take the worst statistic per group over the cases, apply the margins."""
     root = Path(root) if root is not None else shipped_dir()
     cases = [d for d in case_dirs(root) if read_manifest(d)["kind"] in TENSOR_KINDS]
     if not cases:
-        raise GoldenError(f"{root} holds no model or decode case to derive thresholds from")
+        raise GoldenError(f"{root} holds no model, decode or speculative case to derive thresholds from")
     table = {}
     for p in precisions:
         worst: dict = {}
         for d in cases:
             expected = read_tensors(d / "expected.safetensors", "golden file")
-            stats, missing, bad = statistics(expected, emulated_outputs(d, p))
+            stats, missing, bad = statistics(expected, emulated_outputs(d, p), _temperature(read_manifest(d)))
             if missing or bad:
                 raise AssertionError(f"emulated run of {d.name} lacks {missing[:3]} {bad[:3]}")
             for g, st in stats.items():
@@ -394,7 +502,7 @@ class PrecisionReport:
 def verify_precision(case_dir, against, precision: str, *, allow_missing: bool = False,
                      thresholds=None) -> PrecisionReport:
     """Judge ``against`` (another implementation's outputs, golden key names, any float dtype
-    including BF16) against the float64 goldens of a model or decode case with the derived
+    including BF16) against the float64 goldens of a model, decode or speculative case with the derived
     thresholds of ``precision``. GoldenError (exit 2) for unreadable input or a bad precision."""
     if precision not in PRECISIONS:
         raise GoldenError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -405,7 +513,7 @@ def verify_precision(case_dir, against, precision: str, *, allow_missing: bool =
         raise GoldenError(f"the thresholds file has no {precision} entry: regenerate it with `{COMMAND}`")
     expected = read_tensors(case_dir / "expected.safetensors", "golden file")
     _refuse_json_outputs(against, m)
-    stats, missing, bad = statistics(expected, read_outputs(against))
+    stats, missing, bad = statistics(expected, read_outputs(against), _temperature(m))
     report = PrecisionReport(m["case"], str(case_dir), m["kind"], precision, str(against),
                              missing=missing, bad=bad, allow_missing=allow_missing)
     for g, _ in GROUPS:
