@@ -98,3 +98,19 @@ def test_independent_implementation_with_a_catalog_bug_gets_it_as_first_cause(bu
     first = lines[i + 1].split()[0]
     same = set(prints["mutants"][bug][name]) == set(prints["mutants"].get(first, {}).get(name, {"?": 0}))
     assert first == bug or same, text
+
+
+@pytest.mark.slow
+def test_docs_torch_example_passes_the_v3_geometry_cases(tmp_path, monkeypatch):
+    """The same documented example on DeepSeek-V3's geometry (kv_lora_rank 512, 256 experts in
+    8 groups, YaRN factor 40), generated on demand into a temporary directory."""
+    from refmtp.verification.golden.recipe import generate
+
+    names = [n for n, e in RECIPE["cases"].items() if e.get("on_demand") and e.get("kind", "model") == "model"]
+    generate(tmp_path / "golden", only=names)
+    for name in names:
+        work = tmp_path / f"work-{name}"
+        work.mkdir()
+        out = run_example(docs_torch_example(), tmp_path / "golden" / name, work, monkeypatch)
+        res = CliRunner().invoke(cli, ["golden", "verify", str(tmp_path / "golden" / name), "--against", str(out)])
+        assert res.exit_code == 0, res.output

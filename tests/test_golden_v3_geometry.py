@@ -68,3 +68,17 @@ def test_generate_reproduces_the_hashes_and_verifies(tmp_path):
         assert report.status == "pass", name
         manifest = json.loads((tmp_path / name / "manifest.json").read_text())
         assert manifest["recipe"]["on_demand"] is True
+
+
+def test_generate_refuses_cases_too_long_or_too_large(tmp_path):
+    """A recipe case is sized before any work: positions and memory (one line, exit 2)."""
+    recipe = json.loads((shipped_dir() / "recipe.json").read_text())
+    long_case = dict(recipe["cases"]["tiny_d1"], seq_len=10_000)
+    huge_case = dict(recipe["cases"]["tiny_d1"], overrides={"vocab_size": 10**11})
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({**recipe, "cases": {"long": long_case, "huge": huge_case}}))
+    for name, msg in (("long", "exceed max_position_embeddings"), ("huge", "needs at least")):
+        res = CliRunner().invoke(cli, ["golden", "generate", "--recipe", str(path), "--case", name,
+                                       "--out", str(tmp_path / "out")])
+        assert res.exit_code == 2 and msg in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1

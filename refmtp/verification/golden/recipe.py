@@ -8,6 +8,7 @@ from importlib.resources import files as resource_files
 from pathlib import Path
 
 from refmtp.config import ConfigError, ModelConfig, preset
+from refmtp.memory import check_memory, forward_bytes
 from refmtp.verification.golden.acceptance import acceptance_record, export_acceptance_case
 from refmtp.verification.golden.cases import (DEFAULT_BIAS_STD, DEFAULT_INIT_STD, export_decode_case,
                                               export_model_case, export_trajectory_case)
@@ -154,6 +155,29 @@ def builder(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def case_tokens(entry: dict) -> tuple[int, int]:
+    """(batch, tokens per sequence) a tensor case runs: T+1 columns, a decode schedule's appends,
+    or a speculative generation's prompt + new tokens (+ K draft slots)."""
+    kind = entry.get("kind", "model")
+    if kind == "decode":
+        return int(entry.get("batch", 1)), sum(int(op.get("n", 0)) for op in entry.get("schedule", []))
+    if kind == "speculative":
+        sp = entry.get("speculative", {})
+        return 1, int(sp.get("prompt_len", 0)) + int(sp.get("max_new_tokens", 0)) + int(sp.get("k", 0)) + 1
+    return int(entry.get("batch", 1)), int(entry.get("seq_len", 0)) + 1
+
+
+def check_case_size(name: str, entry: dict, cfg) -> None:
+    """Before any work: the case's sequences fit max_position_embeddings and its weights,
+    gradients and activations fit the memory (refmtp.memory); one-line ValueError otherwise."""
+    batch, T = case_tokens(entry)
+    if T > cfg.max_position_embeddings:
+        raise ValueError(f"case {name}: {T} positions exceed max_position_embeddings="
+                         f"{cfg.max_position_embeddings}: shorten it in the recipe")
+    check_memory(forward_bytes(cfg, batch, T, entry.get("dtype", "float64"), gradients=True),
+                 f"case {name}", "golden cases are for small configs: shrink it in the recipe")
+
+
 def generate_case(out_root, name: str, entry: dict) -> dict:
     """(Re)make one recipe case under ``out_root/name``; returns its manifest."""
     command = f"refmtp golden generate --case {name}"
@@ -164,6 +188,7 @@ def generate_case(out_root, name: str, entry: dict) -> dict:
                                       description=entry.get("description", ""), command=command,
                                       extra=common)
     cfg = config_from_recipe(entry)
+    check_case_size(name, entry, cfg)
     if entry.get("kind") == "trajectory":
         return export_trajectory_case(
             Path(out_root) / name, cfg, seed=entry["seed"], steps=entry["steps"],
