@@ -189,35 +189,23 @@ def generate_case(out_root, name: str, entry: dict) -> dict:
                                       extra=common)
     cfg = config_from_recipe(entry)
     check_case_size(name, entry, cfg)
-    if entry.get("kind") == "trajectory":
-        return export_trajectory_case(
-            Path(out_root) / name, cfg, seed=entry["seed"], steps=entry["steps"],
-            train=entry["train"], batch=entry["batch"], seq_len=entry["seq_len"],
-            dtype=entry["dtype"], name=name, description=entry["description"], command=command,
-            init_std=entry.get("init_std", DEFAULT_INIT_STD),
-            bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), extra=common)
-    if entry.get("kind") == "speculative":
-        return export_speculative_case(
-            Path(out_root) / name, cfg, seed=entry["seed"], spec=entry["speculative"],
-            dtype=entry["dtype"], name=name, description=entry["description"], command=command,
-            init_std=entry.get("init_std", DEFAULT_INIT_STD),
-            bias_std=entry.get("bias_std", DEFAULT_BIAS_STD),
-            lm_head_rank1=float(entry.get("lm_head_rank1", 0.0)), extra=common)
-    if entry.get("kind") == "decode":
-        return export_decode_case(
-            Path(out_root) / name, cfg, seed=entry["seed"], schedule=entry["schedule"],
-            batch=entry["batch"], dtype=entry["dtype"], name=name,
-            description=entry["description"], command=command,
-            init_std=entry.get("init_std", DEFAULT_INIT_STD),
-            bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), perturb=_perturbations(entry),
-            extra=common)
-    return export_model_case(
-        Path(out_root) / name, cfg, seed=entry["seed"], batch=entry["batch"],
-        seq_len=entry["seq_len"], dtype=entry["dtype"], name=name,
-        description=entry["description"], command=command,
-        init_std=entry.get("init_std", DEFAULT_INIT_STD),
-        bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), perturb=_perturbations(entry),
-        extra=common)
+    out_dir = Path(out_root) / name
+    # what every tensor case takes from its recipe entry
+    kw = dict(seed=entry["seed"], dtype=entry["dtype"], name=name, description=entry["description"],
+              command=command, init_std=entry.get("init_std", DEFAULT_INIT_STD),
+              bias_std=entry.get("bias_std", DEFAULT_BIAS_STD), extra=common)
+    kind = entry.get("kind", "model")
+    if kind == "trajectory":
+        return export_trajectory_case(out_dir, cfg, steps=entry["steps"], train=entry["train"],
+                                      batch=entry["batch"], seq_len=entry["seq_len"], **kw)
+    if kind == "speculative":
+        return export_speculative_case(out_dir, cfg, spec=entry["speculative"],
+                                       lm_head_rank1=float(entry.get("lm_head_rank1", 0.0)), **kw)
+    if kind == "decode":
+        return export_decode_case(out_dir, cfg, schedule=entry["schedule"], batch=entry["batch"],
+                                  perturb=_perturbations(entry), **kw)
+    return export_model_case(out_dir, cfg, batch=entry["batch"], seq_len=entry["seq_len"],
+                             perturb=_perturbations(entry), **kw)
 
 
 def check_hashes(case_dir: Path, entry: dict) -> None:
