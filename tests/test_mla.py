@@ -299,6 +299,20 @@ def test_mla_rejects_bad_input(backend):
                     cfg, pos)
 
 
+def mla_parity_outputs(bk, cfg) -> dict:
+    """One MLA forward and backward on backend ``bk`` (fixed seeds), as host arrays: what the
+    backend-parity tests (cupy here, array_api_strict in tests/test_strict_lane.py) compare."""
+    h = bk.to_numpy
+    p = _params(bk, cfg, seed=17)
+    rng = np.random.default_rng(18)
+    x = bk.asarray(rng.standard_normal((2, 5, cfg.hidden_size)))
+    d = bk.asarray(rng.standard_normal((2, 5, cfg.hidden_size)))
+    out, cache = mla_forward(x, p, cfg, _positions(bk, cfg, 5))
+    dx, grads = mla_backward(d, cache)
+    return {"out": h(out), "c_kv": h(cache.c_kv), "k_pe": h(cache.k_pe), "p": h(cache.attn.p),
+            "dx": h(dx), **{f"grad.{k}": h(v) for k, v in grads.items()}}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "plain"])
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -310,15 +324,7 @@ def test_cupy_matches_numpy_float64(variant, kernels):
     cfg = _cfg(variant)
 
     def fn(bk):
-        h = bk.to_numpy
-        p = _params(bk, cfg, seed=17)
-        rng = np.random.default_rng(18)
-        x = bk.asarray(rng.standard_normal((2, 5, cfg.hidden_size)))
-        d = bk.asarray(rng.standard_normal((2, 5, cfg.hidden_size)))
-        out, cache = mla_forward(x, p, cfg, _positions(bk, cfg, 5))
-        dx, grads = mla_backward(d, cache)
-        return {"out": h(out), "c_kv": h(cache.c_kv), "k_pe": h(cache.k_pe), "p": h(cache.attn.p),
-                "dx": h(dx), **{f"grad.{k}": h(v) for k, v in grads.items()}}
+        return mla_parity_outputs(bk, cfg)
 
     want = run_on(get_backend("numpy"), fn, kernels=False)
     got = run_on(get_backend("cupy"), fn, kernels=kernels)

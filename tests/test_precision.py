@@ -12,15 +12,14 @@ import struct
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from refmtp.cli.main import cli
 from refmtp.mutation import mutation
 from refmtp.precision import emulate, round_to, round_weights, rounded
 from refmtp.verification.golden import precision as P
 from refmtp.verification.golden.files import read_tensors, save_tensors
 from refmtp.verification.golden.manifest import read_manifest
 from refmtp.verification.golden.recipe import case_dirs, shipped_dir
+from tests.test_golden_cli import one_error_line, run
 
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="the bf16 emulation needs ml_dtypes (test extra)")
 
@@ -29,18 +28,6 @@ TENSOR_CASES = [d.name for d in case_dirs(ROOT) if read_manifest(d)["kind"] in P
 OTHER_CASES = [d.name for d in case_dirs(ROOT) if read_manifest(d)["kind"] not in P.TENSOR_KINDS]
 MUTANTS = ["router.no_scaling", "mla.no_causal_mask", "rope.neox_pairs"]
 SPEC_CASES = [c for c in TENSOR_CASES if read_manifest(ROOT / c)["kind"] == "speculative"]
-
-
-def run(*args):
-    res = CliRunner().invoke(cli, ["golden", *map(str, args)])
-    return res.exit_code, res.output
-
-
-def one_error_line(out: str) -> str:
-    lines = [ln for ln in out.splitlines() if ln.strip()]
-    assert "Traceback" not in out
-    assert len(lines) == 1 and lines[0].startswith("error: "), out
-    return lines[0]
 
 
 def emulated_file(tmp_path, case, precision, *mutants):

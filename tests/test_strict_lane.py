@@ -61,23 +61,10 @@ def test_ops_forward_backward(op):
 
 @pytest.mark.parametrize("variant", ["tiny", "no_q_lora", "yarn"])
 def test_mla_forward_backward(variant):
-    from refmtp.model.mla import mla_backward, mla_forward
-    from tests.test_mla import _cfg, _params, _positions
+    from tests.test_mla import _cfg, mla_parity_outputs
 
     cfg = _cfg(variant)
-
-    def fn(bk):
-        h = bk.to_numpy
-        p = _params(bk, cfg, seed=17)
-        rng = np.random.default_rng(18)
-        x = bk.asarray(rng.standard_normal((2, 5, cfg.hidden_size)))
-        d = bk.asarray(rng.standard_normal((2, 5, cfg.hidden_size)))
-        out, cache = mla_forward(x, p, cfg, _positions(bk, cfg, 5))
-        dx, grads = mla_backward(d, cache)
-        return {"out": h(out), "c_kv": h(cache.c_kv), "k_pe": h(cache.k_pe), "p": h(cache.attn.p),
-                "dx": h(dx), **{f"grad.{k}": h(v) for k, v in grads.items()}}
-
-    _both(fn, f"mla {variant}")
+    _both(lambda bk: mla_parity_outputs(bk, cfg), f"mla {variant}")
 
 
 def _moe_names():
