@@ -301,9 +301,12 @@ def test_decoding_runs_the_training_block(monkeypatch, variant):
     seen = []
     real = wiring.block_forward
 
-    def spy(x, p, c, layer, positions, attend=None):
+    modes = []
+
+    def spy(x, p, c, layer, positions, attend=None, *, train=True):
         seen.append(layer)
-        return real(x, p, c, layer, positions, attend)
+        modes.append(train)
+        return real(x, p, c, layer, positions, attend, train=train)
 
     monkeypatch.setattr(wiring, "block_forward", spy)
     monkeypatch.setattr(mtp_module, "block_forward", spy)
@@ -315,6 +318,7 @@ def test_decoding_runs_the_training_block(monkeypatch, variant):
     else:
         dec.mtp(1, ids, out.hidden, k_cache)
     assert seen[-1] == cfg.num_hidden_layers  # module / head 1 ran the same block function
+    assert not any(modes)  # in inference mode: no balance loss, no backward caches
 
     def broken(*a, **k):
         raise RuntimeError("the training block is broken")
