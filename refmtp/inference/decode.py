@@ -81,7 +81,7 @@ def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int, tables=None):
     first = 0 if on("decode.positions_restart") else start  # RoPE positions first..first+T-1
     positions = xp.arange(first, first + T, dtype=xp.int64)  # (T,) RoPE positions of the new tokens
     if tables is not None:
-        tables = (tables[0][first:first + T], tables[1][first:first + T])  # (T, Dr/2) each
+        tables = (tables[0][first:first + T, :], tables[1][first:first + T, :])  # (T, Dr/2) each
     scale = softmax_scale(cfg)  # qk_head_dim^-1/2 * mscale^2 in BOTH modes (docs/deepseek-v3.md §2.5, §2.7)
     q_nope, q_pe = mla_query(x, p, cfg, positions, tables)  # (B,H,T,Dn), (B,H,T,Dr), q_pe rotated
     c_kv, k_pe = mla_latent_kv(x, p, cfg, positions, tables)  # (B,T,Rkv) post-norm, (B,T,Dr) post-RoPE
