@@ -12,7 +12,8 @@ float32): never trained, which timing does not need. Speculative decoding: bench
 For each model, in one process (docs/performance.md "Decoding" explains the columns):
 
 * **time per token**: greedy plain cached decoding (``refmtp.inference.decode.generate``, absorbed
-  latent cache, batch 1) of a ``--prompt-len`` token prompt; per round ``(t(generate N) -
+  latent cache, batch 1) of a ``--prompt-len`` token prompt (a held-out window of the
+  checkpoint's data; a fixed byte pattern for random weights); per round ``(t(generate N) -
   t(generate 1)) / (N - 1)``, so the prefill is left out; the median over ``--rounds``.
 * **bytes read per token**: every weight a decoded token reads (embedding row, per layer the MLA
   projections and norms, the dense MLP or the router + shared expert + K of the E routed
@@ -34,6 +35,7 @@ Writes ``benchmarks/results/decode.json``. Not a test.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import sys
 import time
@@ -61,8 +63,9 @@ def find_checkpoint(runs_dir: Path) -> Path | None:
 
 
 def load_model(name: str, ckpt: str | None, runs: str):
-    """(cfg, params, description) of ``name``: a checkpoint for small when there is one, else
-    the preset with random weights (seed 0, float32)."""
+    """(cfg, params, description, checkpoint path or None) of ``name``: a checkpoint for small
+    when there is one, else the preset with random weights (seed 0, float32). The description
+    names the checkpoint by its run and directory only (no machine paths in the results)."""
     from refmtp.checkpoint import load_checkpoint
     from refmtp.config import preset
     from refmtp.model import init_params
@@ -71,9 +74,26 @@ def load_model(name: str, ckpt: str | None, runs: str):
         path = Path(ckpt) if ckpt else find_checkpoint(Path(runs))
         if path is not None:
             cfg, params = load_checkpoint(path, backend="numpy")
-            return cfg, params, f"checkpoint {path}"
+            return cfg, params, f"checkpoint {path.parent.name}/{path.name}", path
     cfg = preset(name)
-    return cfg, init_params(cfg, seed=0, backend="numpy", dtype="float32"), f"preset {name}, random weights"
+    params = init_params(cfg, seed=0, backend="numpy", dtype="float32")
+    return cfg, params, f"preset {name}, random weights", None
+
+
+def prompts_for(cfg, path, n: int, length: int) -> tuple[list, str]:
+    """Held-out windows of the checkpoint's data (never trained on), or fixed byte patterns
+    for random weights (``path`` None)."""
+    from refmtp.training.data import heldout_windows, load_corpus
+
+    if path is not None:
+        import json
+
+        run_json = Path(path).parent / "run.json"
+        data = json.loads(run_json.read_text()).get("settings", {}).get("data") if run_json.is_file() else None
+        corpus = load_corpus(data)
+        where = re.sub(r" \(/[^)]*\)", "", corpus.description)  # no machine paths in the results
+        return [[int(b) for b in w] for w in heldout_windows(corpus.heldout, length - 1, n)], where
+    return [[(7 * i + 13 * j + 11) % cfg.vocab_size for i in range(length)] for j in range(n)], "fixed byte patterns"
 
 
 # -------------------------------------------------------------------------------------------
@@ -170,11 +190,11 @@ def time_per_token(dec, prompt, new_tokens: int, rounds: int) -> list:
 def measure(name, args) -> dict:
     from refmtp.inference.decode import Decoder, generate
 
-    cfg, params, where = load_model(name, args.ckpt, args.runs)
+    cfg, params, where, path = load_model(name, args.ckpt, args.runs)
     dec = Decoder(params, cfg)
     new = args.max_new_tokens or (8 if name == "decode-membound" else 64) // (2 if args.quick else 1)
     rounds = args.rounds or (3 if args.quick else 5)
-    prompt = [(7 * i + 11) % cfg.vocab_size for i in range(args.prompt_len)]
+    prompt = prompts_for(cfg, path, 1, args.prompt_len)[0][0]  # a held-out window for a checkpoint
     generate(dec, prompt, 4)  # warm-up: kernel compilation, RoPE tables
     layers = list(range(cfg.num_hidden_layers))
     context = args.prompt_len + new / 2

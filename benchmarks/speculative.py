@@ -46,25 +46,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from decode import MODELS, load_model  # noqa: E402
+from decode import MODELS, load_model, prompts_for  # noqa: E402
 from gemm_peak import add_common_args, blas_threads, run_context  # noqa: E402
 
 REPO = HERE.parent
-
-
-def prompts_for(cfg, source: str, n: int, length: int) -> tuple[list, str]:
-    """Held-out windows of the checkpoint's data (never trained on), or fixed byte patterns
-    for random weights."""
-    from refmtp.training.data import heldout_windows, load_corpus
-
-    if source.startswith("checkpoint "):
-        import json
-
-        run_json = Path(source.split(" ", 1)[1]).parent / "run.json"
-        data = json.loads(run_json.read_text()).get("settings", {}).get("data") if run_json.is_file() else None
-        corpus = load_corpus(data)
-        return [[int(b) for b in w] for w in heldout_windows(corpus.heldout, length - 1, n)], corpus.description
-    return [[(7 * i + 13 * j + 11) % cfg.vocab_size for i in range(length)] for j in range(n)], "fixed byte patterns"
 
 
 def runners_for(ks, temperature):
@@ -166,14 +151,14 @@ def measure(name, args):
     from refmtp.inference.decode import Decoder, generate
     from refmtp.inference.speculative import spec_metrics, speculative_generate
 
-    cfg, params, source = load_model(name, args.ckpt, args.runs)
+    cfg, params, source, path = load_model(name, args.ckpt, args.runs)
     dec = Decoder(params, cfg)
     membound = name == "decode-membound"
     samples = args.samples or (1 if membound else (2 if args.quick else 4))
     new = args.max_new_tokens or (16 if membound else (48 if args.quick else 96))
     rounds = args.rounds or (3 if args.quick else 6)
     temps = [0.0] if membound else args.temperatures
-    prompts, where = prompts_for(cfg, source, samples, args.prompt_len)
+    prompts, where = prompts_for(cfg, path, samples, args.prompt_len)
     generate(dec, prompts[0], 4)  # warm-up (kernels, RoPE tables)
     for k in args.ks:
         speculative_generate(dec, prompts[0], 4, k=k, reuse_last_module=k > cfg.D)
