@@ -148,12 +148,13 @@ def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr
     }
     if resume_dir is not None and grad_accum is None:
         requested["microbatches"] = None  # the run's own; the trainer checks the ranks divide it
-    try:
+    def prepare():
+        """Every check this rank can make on its own; returns how to build the trainer."""
         if resume_dir is None and (grad_accum or 1) * world.size > 1:
             from refmtp.training.step import check_microbatches
 
             check_microbatches(batch_size or TrainSettings.batch_size, world.size * (grad_accum or 1),
-                               f"--grad-accum {grad_accum or 1}" if world.size == 1 else
+                               "--grad-accum" if world.size == 1 else
                                f"{world.size} ranks x --grad-accum {grad_accum or 1} =")
         if preset_name is not None and config_file is not None:
             raise InputError("give --preset or --config, not both")
@@ -168,27 +169,41 @@ def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr
                                  "in the --resume directory)")
             if requested["data"] is not None:
                 requested["data"] = str(Path(data).expanduser().resolve())
-            trainer = Trainer.distributed(world, lambda: Trainer.resume(resume_dir, requested, cfg))
-        else:
-            settings = TrainSettings()
-            settings.preset = preset_name if config_file is None else None
-            settings.config_file = str(Path(config_file).resolve()) if config_file else None
-            if settings.preset is None and settings.config_file is None:
-                settings.preset = "small"
-            for key, value in requested.items():
-                if value is not None:
-                    setattr(settings, key, value)
-            if data is not None:
-                settings.data = str(Path(data).expanduser().resolve())
-            if cfg is None:
-                cfg = get_preset(settings.preset)
-            name = settings.preset or Path(config_file).stem
-            out_dir = Path(out) if out is not None else _default_out(name)
-            if world.size > 1 and out is None:
-                out_dir = Path(world.bcast(str(out_dir)))  # rank 0's time stamp
-            settings.validate()  # every rank: the same settings, the same verdict
-            trainer = Trainer.distributed(world, lambda: Trainer.new(settings, cfg, out_dir))
-    except (ConfigError, RunError, BackendUnavailable, ValueError, OSError) as exc:
+            return lambda: Trainer.resume(resume_dir, requested, cfg)
+        settings = TrainSettings()
+        settings.preset = preset_name if config_file is None else None
+        settings.config_file = str(Path(config_file).resolve()) if config_file else None
+        if settings.preset is None and settings.config_file is None:
+            settings.preset = "small"
+        for key, value in requested.items():
+            if value is not None:
+                setattr(settings, key, value)
+        if data is not None:
+            settings.data = str(Path(data).expanduser().resolve())
+        if cfg is None:
+            cfg = get_preset(settings.preset)
+        name = settings.preset or Path(config_file).stem
+        out_dir = Path(out) if out is not None else _default_out(name)  # rank 0's is used
+        settings.validate()
+        return lambda: Trainer.new(settings, cfg, out_dir)
+
+    errors = (ConfigError, RunError, BackendUnavailable, ValueError, OSError)
+    problem = build = None
+    try:
+        build = prepare()
+    except InputError as exc:
+        problem = one_line_text(exc.format_message())
+    except errors as exc:
+        problem = one_line(exc)
+    if world.size > 1:  # agree before any collective work: a rank with bad input stops all
+        said = world.allgather(problem)
+        bad = [(rank, line) for rank, line in enumerate(said) if line]
+        problem = None if not bad else bad[0][1] if bad[0][0] == 0 else f"rank {bad[0][0]}: {bad[0][1]}"
+    if problem is not None:
+        raise _everyone(InputError(problem))
+    try:
+        trainer = Trainer.distributed(world, build)  # rank 0 builds; its error is every rank's
+    except errors as exc:
         raise _everyone(InputError(one_line(exc))) from None
 
     try:
