@@ -88,12 +88,15 @@ def _fmt_step(rec: dict) -> str:
               help="metrics.jsonl line every N steps (10).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=None,
               help="Checkpoint every N steps (250; 0: only at the end and on Ctrl-C).")
+@click.option("--expert-parallel", type=click.IntRange(min=1), default=None,
+              help="Shard the routed experts over N ranks (launch with mpiexec -n N; "
+                   "docs/distributed.md).")
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None,
               help="Microbatches per step on each process, summed in order (1); "
                    "ranks x N must divide --batch-size.")
 def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
           decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
-          checkpoint_every, grad_accum):
+          checkpoint_every, expert_parallel, grad_accum):
     """Train a DeepSeek-V3-style model (MLA + MoE + MTP) on byte-level text.
 
     With no options: the `small` preset on the Python standard library source, numpy, float32
@@ -103,20 +106,27 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
     """
     from refmtp.training.distributed import detect_world
 
+    from refmtp.training.distributed import import_mpi
+
     try:
         world = detect_world()
+        if (expert_parallel or 1) > 1 and world.size == 1:
+            import_mpi(f"--expert-parallel {expert_parallel}")  # the install line when absent
+            raise InputError(f"--expert-parallel {expert_parallel} shards the experts over "
+                             f"{expert_parallel} ranks: launch it with mpiexec -n {expert_parallel} "
+                             "refmtp train ...")
     except ValueError as exc:
         raise InputError(one_line(exc)) from None
     if world.size == 1:
         return _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr,
                       warmup_steps, decay_steps, backend, dtype, seed, out, resume_dir,
-                      eval_every, log_every, checkpoint_every, grad_accum)
+                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum)
     if not world.writes:
         world.silence()  # rank 0 speaks for the run
     try:
         return _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr,
                       warmup_steps, decay_steps, backend, dtype, seed, out, resume_dir,
-                      eval_every, log_every, checkpoint_every, grad_accum)
+                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum)
     except click.ClickException as exc:  # said once by rank 0 when every rank has it
         if not getattr(exc, "all_ranks", False):
             world.abort(one_line_text(exc.format_message()), exc.exit_code)
@@ -135,7 +145,7 @@ def _everyone(exc):
 
 def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
            decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
-           checkpoint_every, grad_accum):
+           checkpoint_every, expert_parallel, grad_accum):
     from refmtp.training.trainer import Aborted, NonFiniteError, RunError, Trainer, TrainSettings
 
     requested = {
@@ -143,6 +153,7 @@ def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr
         "warmup_steps": warmup_steps, "decay_steps": decay_steps, "backend": backend,
         "dtype": dtype, "seed": seed, "eval_every": eval_every, "log_every": log_every,
         "checkpoint_every": checkpoint_every,
+        "expert_parallel": expert_parallel,
         "microbatches": None if grad_accum is None and world.size == 1 else
         world.size * (grad_accum or 1),
     }
@@ -169,7 +180,7 @@ def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr
                                  "in the --resume directory)")
             if requested["data"] is not None:
                 requested["data"] = str(Path(data).expanduser().resolve())
-            return lambda: Trainer.resume(resume_dir, requested, cfg)
+            return lambda: Trainer.resume(resume_dir, requested, cfg, world=world)
         settings = TrainSettings()
         settings.preset = preset_name if config_file is None else None
         settings.config_file = str(Path(config_file).resolve()) if config_file else None
@@ -185,7 +196,7 @@ def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr
         name = settings.preset or Path(config_file).stem
         out_dir = Path(out) if out is not None else _default_out(name)  # rank 0's is used
         settings.validate()
-        return lambda: Trainer.new(settings, cfg, out_dir)
+        return lambda: Trainer.new(settings, cfg, out_dir, world=world)
 
     errors = (ConfigError, RunError, BackendUnavailable, ValueError, OSError)
     problem = build = None

@@ -257,3 +257,54 @@ def test_grad_accum_step_is_the_full_batch_step_within_rounding(text_file):  # n
             assert np.array_equal(res[n].load[layer], res[1].load[layer])  # global loads
         for name in params[1]:
             assert np.allclose(params[n][name], params[1][name], rtol=0, atol=1e-12), name
+
+
+def _tensors(run: Path, step: int = 4) -> dict:
+    from safetensors.numpy import load_file
+
+    return load_file(str(run / f"checkpoint-{step:07d}" / "model.safetensors"))
+
+
+def test_expert_parallel_run_equals_grad_accum_within_rounding(tmp_path, text_file):  # noqa: F811
+    """`mpiexec -n 2 refmtp train --expert-parallel 2` against `--grad-accum 2` (float64): each
+    expert's gradient is one block over both ranks' tokens instead of a sum of two microbatch
+    blocks, so the parameters agree to rounding (docs/distributed.md: |diff| <= 1e-12 here)."""
+    ep, ga = tmp_path / "ep", tmp_path / "ga"
+    proc = _mpi(2, _args(text_file, ep, expert_parallel=2, dtype="float64"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _single(_args(text_file, ga, grad_accum=2, dtype="float64"))
+    assert proc.returncode == 0, proc.stderr
+    a, b = _tensors(ep), _tensors(ga)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert np.allclose(a[name], b[name], rtol=0, atol=1e-12), name
+    for ma, mb in zip(_metrics(ep), _metrics(ga)):
+        assert ma["step"] == mb["step"]
+        for term, value in mb["loss"].items():
+            assert abs(ma["loss"][term] - value) <= 1e-12 * max(1.0, abs(value)), term
+
+
+def test_expert_parallel_needs_its_ranks(tmp_path, text_file):  # noqa: F811
+    proc = _single(_args(text_file, tmp_path / "x", expert_parallel=2))
+    assert proc.returncode == 2 and not (tmp_path / "x").exists()
+    assert proc.stderr.strip().splitlines() == [
+        "Error: --expert-parallel 2 shards the experts over 2 ranks: launch it with mpiexec -n 2 "
+        "refmtp train ..."]
+    shim = tmp_path / "shim" / "mpi4py"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('No module named mpi4py')\n")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(shim.parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(_refmtp(*_args(text_file, tmp_path / "y", expert_parallel=2)),
+                          capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and 'pip install "refmtp[mpi]"' in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_expert_parallel_on_four_ranks_rejects_then_runs(tmp_path, text_file):  # noqa: F811
+    """4 ranks: --expert-parallel 2 does not match the ranks (one line, exit 2); 4 does."""
+    proc = _mpi(4, _args(text_file, tmp_path / "x", expert_parallel=2))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--expert-parallel 2 shards the experts over 2 ranks; this run has 4" in proc.stderr
+    proc = _mpi(4, _args(text_file, tmp_path / "ep4", expert_parallel=4, dtype="float64"))
+    assert proc.returncode == 0, proc.stderr

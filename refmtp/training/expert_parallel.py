@@ -32,12 +32,14 @@ rank's share (a sum over its tokens), which the data-parallel reduction adds up.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np  # host buffers for MPI and the row bookkeeping of the exchange
 
 from refmtp.backends import backend_of
+from refmtp.model import moe
 from refmtp.model.balance import balance_loss_backward, balance_loss_forward
 from refmtp.model.moe import (PROJ, moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
                               moe_permute_backward_ref, moe_permute_ref)
@@ -93,7 +95,7 @@ def _exchange(shard: ExpertShard, rows: np.ndarray, counts: np.ndarray, kind: st
 
 
 @dataclass(frozen=True)
-class EPCache:
+class EPCache:  # also read by refmtp.model.model like a MoECache: topk_idx, topk_weight, load
     shard: ExpertShard
     router: Any  # RouterCache of this rank's tokens
     balance: Any  # BalanceCache or None
@@ -104,8 +106,23 @@ class EPCache:
     blocks: tuple  # (expert, lo, hi, SwiGLUCache or None) over the permuted received rows
     ys: Any  # (S, d) expert outputs of this rank's slots, in ``order``
     shared: Any  # SwiGLUCache or None
-    topk_weight: Any  # (N_tok, K)
+    weight: Any  # (N_tok, K) gate values
     x_shape: tuple  # (B, T, d)
+    topk_idx: Any  # (B, T, K) routed experts
+    topk_weight: Any  # (B, T, K) gate values
+    load: Any  # (E,) int64 this rank's tokens routed to each expert
+
+    def backward(self, dout, daux):
+        """:func:`ep_moe_backward`, with zero gradients for the experts other ranks own (the
+        parameters are replicated for the optimizer: the data-parallel sum adds the owner's)."""
+        dx, grads = ep_moe_backward(dout, daux, self)
+        xp = backend_of(dout).xp
+        I, d = self.shard.cfg.moe_intermediate_size, self.x_shape[2]
+        for e in range(self.shard.cfg.n_routed_experts):
+            if e not in self.shard.experts:
+                for w, shape in zip(PROJ, ((I, d), (I, d), (d, I))):
+                    grads[f"experts.{e}.{w}.weight"] = xp.zeros(shape, dtype=self.ys.dtype)
+        return dx, dict(sorted(grads.items()))
 
 
 def ep_moe_forward(x, p: dict, shard: ExpertShard):
@@ -152,8 +169,10 @@ def ep_moe_forward(x, p: dict, shard: ExpertShard):
         scache, out = None, routed
     cache = EPCache(shard=shard, router=rcache, balance=bcache, order=order,
                     send_counts=send_counts, recv_counts=recv_counts, perm=perm,
-                    blocks=tuple(blocks), ys=ys, shared=scache, topk_weight=topk_weight,
-                    x_shape=(B, T, d))
+                    blocks=tuple(blocks), ys=ys, shared=scache, weight=topk_weight,
+                    x_shape=(B, T, d), topk_idx=xp.reshape(topk_idx, (B, T, K)),
+                    topk_weight=xp.reshape(topk_weight, (B, T, K)),
+                    load=xp.astype(offsets[1:] - offsets[:-1], xp.int64))
     return xp.reshape(out, (B, T, d)), aux, cache
 
 
@@ -167,7 +186,7 @@ def ep_moe_backward(dout, daux, cache: EPCache):
     N = B * T
     dy = xp.reshape(dout, (N, d))
     grads = {}
-    dys, dweight = moe_combine_backward_ref(dy, c.ys, c.order, c.topk_weight)  # (S, d), (N, K)
+    dys, dweight = moe_combine_backward_ref(dy, c.ys, c.order, c.weight)  # (S, d), (N, K)
     dys_recv, _ = _exchange(shard, bk.to_numpy(dys), c.send_counts, "combine")  # to the owners
     dys_sorted = dys_recv[c.perm]
     dxs_sorted = np.zeros_like(dys_sorted)
@@ -199,6 +218,35 @@ def ep_moe_backward(dout, daux, cache: EPCache):
         grads["shared_experts.up_proj.weight"] = g.dup_proj
         grads["shared_experts.down_proj.weight"] = g.ddown_proj
     return xp.reshape(dx, (B, T, d)), dict(sorted(grads.items()))
+
+
+class _Layer:
+    """What refmtp.model.moe.SHARDED holds while :func:`sharded` is active."""
+
+    def __init__(self, shard: ExpertShard):
+        self.shard = shard
+
+    def forward(self, x, p: dict, cfg):
+        if cfg.n_routed_experts != self.shard.cfg.n_routed_experts:
+            raise ValueError("expert parallel: the layer's config is not the shard's")
+        return ep_moe_forward(x, p, self.shard)
+
+
+@contextmanager
+def sharded(shard: ExpertShard):
+    """Every MoE layer of the model runs expert-parallel inside the block (training steps only:
+    evaluation and decoding run the single-process layer on the replicated parameters)."""
+    previous = moe.SHARDED
+    moe.SHARDED = _Layer(shard)
+    try:
+        yield
+    finally:
+        moe.SHARDED = previous
+
+
+def active() -> bool:
+    """True inside :func:`sharded` (the forward takes part in collectives)."""
+    return moe.SHARDED is not None
 
 
 def expected_bytes(topk_idx_per_rank: list, shard: ExpertShard, itemsize: int, d: int) -> dict:

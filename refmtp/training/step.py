@@ -42,6 +42,7 @@ import numpy as np  # host copies of the loads exchanged between ranks
 from refmtp.backends import backend_of
 from refmtp.model import backward, forward, update_expert_bias
 from refmtp.training.distributed import SINGLE, World, flatten, unflatten
+from refmtp.training.expert_parallel import active as expert_parallel_active
 from refmtp.training.optim import clip_grads, first_nonfinite, global_grad_norm
 
 LOSS_ORDER = ("main", "mtp", "balance", "total")  # order in which non-finite terms are named
@@ -80,10 +81,12 @@ class _Micro:
     grads: dict | None  # backward of total / M, None after an error
 
 
-def _microbatch(params, cfg, tokens, n_micro: int, on_forward, mark) -> tuple[_Micro, Any]:
+def _microbatch(params, cfg, tokens, n_micro: int, on_forward, mark, world) -> tuple[_Micro, Any]:
     try:
         out, cache = forward(params, cfg, tokens)
     except ValueError as exc:  # inputs are validated by the caller: this is overflow (e.g. NaN router scores)
+        if expert_parallel_active():  # the other ranks wait inside this forward's exchanges
+            world.abort(f"the forward pass failed ({exc})", 1)
         bad = first_nonfinite(params)
         return _Micro(f"parameter {bad!r} is not finite ({exc})" if bad
                       else f"the forward pass failed ({exc})", {}, {}, None), None
@@ -124,7 +127,7 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
     micros, out = [], None
     grads = None
     for m in mine:
-        mb, out_m = _microbatch(params, cfg, tokens[m * b:(m + 1) * b], n_micro, on_forward, mark)
+        mb, out_m = _microbatch(params, cfg, tokens[m * b:(m + 1) * b], n_micro, on_forward, mark, world)
         out = out_m if out_m is not None else out
         micros.append(mb)
         if mb.error is not None:

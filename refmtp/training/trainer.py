@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,7 @@ from refmtp.training.rundir import (LOCK_FILE, RUN_FORMAT, RUN_FORMAT_VERSION, S
                                    latest_checkpoint, repair_latest, run_checkpoints,
                                    truncate_metrics, write_checkpoint, write_json_atomic)
 from refmtp.training.distributed import SINGLE, World
+from refmtp.training.expert_parallel import ExpertShard, sharded
 from refmtp.training.step import NonFinite, check_microbatches, train_step
 
 HASHED_FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
@@ -103,13 +104,15 @@ class TrainSettings:
     log_every: int = 10  # one metrics.jsonl line every N steps
     checkpoint_every: int = 250  # checkpoint every N steps (0: only at the end / on Ctrl-C)
     microbatches: int = 1  # slices of each batch = MPI ranks x --grad-accum (docs/distributed.md)
+    expert_parallel: int = 1  # ranks the routed experts are sharded over (1: none)
 
     # settings that may change when a run is resumed; every other one must match
     RESUMABLE = ("steps", "backend", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every")
 
     def validate(self) -> "TrainSettings":
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "microbatches"):
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "microbatches",
+                     "expert_parallel"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
@@ -252,7 +255,7 @@ class Trainer:
         self.run_id = run_id
         self.lock = lock if lock is not None else RunLock(self.out_dir)
         self.world = world  # rank 0 writes run.json, metrics, checkpoints; every rank computes
-        self._check_world()  # sets grad_accum, the microbatches of this rank
+        self.grad_accum, self.shard = parallel_plan(settings, cfg, world)
         self.backend = get_backend(settings.backend)
         self.schedule = settings.schedule()
         self.stop_requested = False
@@ -269,7 +272,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     @classmethod
     def new(cls, settings: TrainSettings, cfg: ModelConfig, out_dir, *, corpus=None,
-            overrides=()) -> "Trainer":
+            overrides=(), world: World = SINGLE) -> "Trainer":
         """A fresh run writing into ``out_dir`` (which must not exist or be empty).
 
         Validates settings, config, memory, backend and data BEFORE creating anything on disk;
@@ -286,6 +289,7 @@ class Trainer:
         cfg, more = byte_level_config(cfg.validate())
         overrides = list(overrides) + more
         _check_seq_len(settings, cfg)
+        parallel_plan(settings, cfg, world)
         check_training_memory(settings, cfg)
         bk = get_backend(settings.backend)  # BackendUnavailable before any file is written
         out_dir = Path(out_dir)
@@ -314,11 +318,11 @@ class Trainer:
             lock.release()
             raise
         return cls(settings, cfg, out_dir, corpus, params, opt, sampler, 0, overrides=overrides,
-                   run_id=run_id, lock=lock)
+                   run_id=run_id, lock=lock, world=world)
 
     @classmethod
     def resume(cls, run_dir, requested: dict | None = None, cfg: ModelConfig | None = None,
-               ) -> "Trainer":
+               world: World = SINGLE) -> "Trainer":
         """Continue the run in ``run_dir`` from its newest checkpoint.
 
         ``requested`` holds the options the user gave (None = not given). Those in
@@ -382,17 +386,19 @@ class Trainer:
                     "drop --preset/--config to resume, or start a new run with --out"
                 )
         _check_seq_len(settings, stored_cfg)
+        parallel_plan(settings, stored_cfg, world)
         check_training_memory(settings, stored_cfg)
         bk = get_backend(settings.backend)
         lock = RunLock(run_dir).acquire()
         try:
-            return cls._resume_locked(run_dir, run, settings, stored, stored_cfg, bk, lock)
+            return cls._resume_locked(run_dir, run, settings, stored, stored_cfg, bk, lock, world)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    def _resume_locked(cls, run_dir, run, settings, stored, stored_cfg, bk, lock) -> "Trainer":
+    def _resume_locked(cls, run_dir, run, settings, stored, stored_cfg, bk, lock,
+                       world) -> "Trainer":
         run_file = run_dir / "run.json"
         ckpt = latest_checkpoint(run_dir)
         corpus = load_corpus(settings.data)
@@ -416,7 +422,7 @@ class Trainer:
             truncate_metrics(run_dir / "metrics.jsonl", -1)
             _store_settings(run_file, run, settings, stored)
             return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, 0,
-                       overrides=run.get("overrides", []), run_id=run_id, lock=lock)
+                       overrides=run.get("overrides", []), run_id=run_id, lock=lock, world=world)
         if ckpt.resolve().parent != run_dir.resolve():
             raise RunError(f"checkpoint {ckpt} lies outside the run directory {run_dir}: "
                            "refusing to resume from it")
@@ -443,11 +449,12 @@ class Trainer:
         return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, step,
                    overrides=run.get("overrides", []), tokens_seen=state["tokens_seen"],
                    elapsed_s=float(state["elapsed_s"]), resumed_from=ckpt, run_id=run_id,
-                   lock=lock)
+                   lock=lock, world=world)
 
     @classmethod
     def distributed(cls, world: World, build) -> "Trainer":
-        """The trainer of every rank: rank 0 runs ``build()`` (:meth:`new` or :meth:`resume`, the
+        """The trainer of every rank: rank 0 runs ``build()`` (:meth:`new` or :meth:`resume` with
+        ``world``, the
         only place that reads or writes the run directory) and sends the result to the other
         ranks, which hold the same parameters, optimizer state and sampler but write nothing.
         An error of ``build`` is raised on every rank (:class:`RunError` with rank 0's line)."""
@@ -470,8 +477,6 @@ class Trainer:
                 "sampler": t.sampler.state(), "step": t.step, "overrides": t.overrides,
                 "tokens_seen": t.tokens_seen, "elapsed_s": t.elapsed_s,
                 "resumed_from": t.resumed_from, "run_id": t.run_id}))
-            trainer.world = world
-            trainer._check_world()
             return trainer
         kind, snap = world.bcast(None)
         if kind == "error":
@@ -490,16 +495,7 @@ class Trainer:
                       snap["step"], overrides=snap["overrides"], tokens_seen=snap["tokens_seen"],
                       elapsed_s=snap["elapsed_s"], resumed_from=snap["resumed_from"],
                       run_id=snap["run_id"], world=world)
-        trainer._check_world()
         return trainer
-
-    def _check_world(self) -> None:
-        s, w = self.settings, self.world
-        if s.microbatches % w.size:
-            raise RunError(f"the run takes {s.microbatches} microbatch(es) per step: they cannot "
-                           f"be split over {w.size} ranks (ranks x --grad-accum must be "
-                           f"{s.microbatches})")
-        self.grad_accum = s.microbatches // w.size
 
     # ---------------------------------------------------------------------------------------
     # description
@@ -630,8 +626,9 @@ class Trainer:
         tokens = self.sampler.next(s.batch_size)  # (B, T+1) int64 on the backend
         lr = self.schedule(self.step)
         try:
-            r = train_step(self.params, self.cfg, tokens, self.opt, lr, s.grad_clip,
-                           grad_accum=self.grad_accum, world=self.world, commit=self._commit)
+            with sharded(self.shard) if self.shard is not None else nullcontext():
+                r = train_step(self.params, self.cfg, tokens, self.opt, lr, s.grad_clip,
+                               grad_accum=self.grad_accum, world=self.world, commit=self._commit)
         except NonFinite as exc:
             raise NonFiniteError(f"step {number}: {exc}; stopped without saving, "
                                  f"{self._last_good()}; lower --lr or check the data") from None
@@ -756,6 +753,24 @@ def _check_seq_len(settings: TrainSettings, cfg: ModelConfig) -> None:
             f"seq_len={settings.seq_len} exceeds max_position_embeddings="
             f"{cfg.max_position_embeddings}"
         )
+
+
+def parallel_plan(settings: TrainSettings, cfg: ModelConfig, world: World):
+    """(microbatches of this rank, ExpertShard or None) of a run on ``world``; RunError /
+    ValueError when the run's microbatches or --expert-parallel do not fit the ranks."""
+    s, w = settings, world
+    if s.microbatches % w.size:
+        raise RunError(f"the run takes {s.microbatches} microbatch(es) per step: they cannot "
+                       f"be split over {w.size} ranks (ranks x --grad-accum must be "
+                       f"{s.microbatches})")
+    shard = None
+    if s.expert_parallel > 1:
+        if s.expert_parallel != w.size:
+            raise RunError(f"--expert-parallel {s.expert_parallel} shards the experts over "
+                           f"{s.expert_parallel} ranks; this run has {w.size}: launch it with "
+                           f"mpiexec -n {s.expert_parallel}")
+        shard = ExpertShard(cfg, w)  # ValueError for an uneven split
+    return s.microbatches // w.size, shard
 
 
 def check_training_memory(settings: TrainSettings, cfg: ModelConfig) -> None:
