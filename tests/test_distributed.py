@@ -265,6 +265,7 @@ def _tensors(run: Path, step: int = 4) -> dict:
     return load_file(str(run / f"checkpoint-{step:07d}" / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_expert_parallel_run_equals_grad_accum_within_rounding(tmp_path, text_file):  # noqa: F811
     """`mpiexec -n 2 refmtp train --expert-parallel 2` against `--grad-accum 2` (float64): each
     expert's gradient is one block over both ranks' tokens instead of a sum of two microbatch
