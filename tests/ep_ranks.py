@@ -1,6 +1,7 @@
 """Run under ``mpiexec -n N`` by tests/test_expert_parallel.py: the expert-parallel MoE layer
 (refmtp.training.expert_parallel) on N ranks against refmtp.model.moe on the concatenation of the
-ranks' tokens in one process. Prints one ``ok`` line on rank 0, or exits 1 naming the mismatch.
+ranks' tokens in one process, and (float64) its backward against central differences of the
+distributed loss. Prints one ``ok`` line on rank 0, or exits 1 naming the mismatch.
 
     mpiexec -n 2 python tests/ep_ranks.py [topk_group] [dtype]
 """
@@ -17,6 +18,47 @@ from refmtp.training.distributed import detect_world
 from refmtp.training.expert_parallel import ExpertShard, ep_moe_backward, ep_moe_forward, expected_bytes
 
 B, T = 2, 5  # each rank's sequences
+
+
+def central_differences(world, shard, x, dout, p, h=1e-6):
+    """(what, numeric, analytic) for a few coordinates: the loss sum_ranks <out_r, dout_r> (+ the
+    mean balance loss), perturbed on one rank, every rank running the forward (its exchanges)."""
+    N = world.size
+
+    def loss(xv, pv):
+        out, aux, _ = ep_moe_forward(xv, pv, shard)
+        return sum(world.allgather(float(np.sum(out * dout)) + float(aux) / N))
+
+    _, _, cache = ep_moe_forward(x, p, shard)
+    dx, grads = ep_moe_backward(dout, 1.0 / N, cache)
+    e = shard.experts[0]  # the names differ per rank, the loop over q keeps the calls in step
+    checks = [("x", (0, 1, 3)), ("x", (1, 4, 0)), (f"experts.{e}.down_proj.weight", (2, 1)),
+              (f"experts.{e}.gate_proj.weight", (1, 5)), ("gate.weight", (3, 2))]
+    found = []
+    for q in range(N):  # x and the experts: rank q's own coordinates, the others unperturbed
+        for name, idx in checks:
+            if name == "gate.weight" and q > 0:
+                continue
+            here = world.rank == q or name == "gate.weight"  # gate.weight: replicated, all ranks
+            plus, minus = x.copy(), x.copy()
+            pp, pm = dict(p), dict(p)
+            if name == "x":
+                if here:
+                    plus[idx] += h
+                    minus[idx] -= h
+                analytic = float(dx[idx])
+            else:
+                pp[name], pm[name] = p[name].copy(), p[name].copy()
+                if here:
+                    pp[name][idx] += h
+                    pm[name][idx] -= h
+                analytic = float(grads[name][idx])
+            numeric = (loss(plus, pp) - loss(minus, pm)) / (2 * h)
+            if name == "gate.weight":  # every rank's share: the total gradient is their sum
+                analytic = sum(world.allgather(analytic))
+            if world.rank == q:
+                found.append((f"{name}{list(idx)} on rank {q}", numeric, analytic))
+    return [f for rank in world.allgather(found) for f in rank]
 
 
 def main() -> int:
@@ -45,6 +87,7 @@ def main() -> int:
     got = world.allgather((out, float(aux), dx, grads, dict(shard.bytes)))
     topk = [ref_cache.topk_idx[r * B:(r + 1) * B] for r in range(N)]
     want_bytes = world.allgather(expected_bytes(topk, shard, np.dtype(dtype).itemsize, d))
+    fd = central_differences(world, shard, x_all[mine], dout_all[mine], local) if dtype == "float64" else []
     if world.rank != 0:
         return 0
 
@@ -76,12 +119,15 @@ def main() -> int:
     limit = topk_group * max(1, N // cfg.n_group)  # a routing group spans N / n_group ranks
     if ranks_per_token > limit:
         problems.append(f"a token reached {ranks_per_token} ranks > {limit} (node-limited routing)")
+    for what, numeric, analytic in fd:  # float64 central differences of the distributed loss
+        if abs(numeric - analytic) > 1e-6 * max(1.0, abs(analytic)):
+            problems.append(f"d loss / d {what}: central difference {numeric:.9g}, backward {analytic:.9g}")
     if problems:
         print("; ".join(problems), file=sys.stderr)
         return 1
     sent = sum(g[4]["dispatch"] + g[4]["combine"] for g in got)
     print(f"ok: {N} ranks, topk_group={topk_group}, {dtype}: forward and expert gradients "
-          f"bit-identical, dx within {tol}; {sent} bytes exchanged (= formula); at most "
+          f"bit-identical, dx within {tol}, {len(fd)} central differences; {sent} bytes exchanged (= formula); at most "
           f"{ranks_per_token} rank(s) per token")
     return 0
 
