@@ -48,11 +48,11 @@ def test_mean_std_and_matched_steps():
 
 def test_quick_plumbing(tmp_path, monkeypatch):
     out = tmp_path / "exp"
-    res = _invoke(["experiment", "mtp", "--quick", "--steps", "3", "--seeds", "2",
+    res = _invoke(["experiment", "mtp", "--quick", "--steps", "2", "--seeds", "2",
                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     data = read_results(out / "results.json")
-    assert data["complete"] and data["plan"]["steps"] == 3 and data["seeds"] == [0, 1]
+    assert data["complete"] and data["plan"]["steps"] == 2 and data["seeds"] == [0, 1]
     names = [v.name for v in VARIANTS]
     same = [(r["variant"], r["seed"]) for r in data["runs"] if r["budget"] == "tokens"]
     assert same == [(n, s) for s in (0, 1) for n in names]  # variants alternate per seed
@@ -60,7 +60,7 @@ def test_quick_plumbing(tmp_path, monkeypatch):
     assert [(r["variant"], r["seed"]) for r in wall] == [(n, s) for s in (0, 1) for n in names[1:]]
     times = {n: data["summary"][n]["step_time_s"]["median"] for n in names}
     for r in wall:
-        assert r["steps"] == matched_steps(3, times["D=0"], times[r["variant"]])
+        assert r["steps"] == matched_steps(2, times["D=0"], times[r["variant"]])
     for r in data["runs"]:
         v = next(v for v in VARIANTS if v.name == r["variant"])
         assert set(r["acc"]) == {"main"} | {f"mtp.{k}" for k in range(1, v.D + 1)}
@@ -145,3 +145,25 @@ def test_docs_page_table_is_generated_from_the_committed_results():
         pytest.skip(f"the full run's results are not committed yet ({COMMITTED}); the page's "
                     "block is a placeholder until `refmtp experiment table ... --write`")
     assert generated_block(text) == page_block(read_results(ROOT / COMMITTED), COMMITTED)
+
+
+def test_interrupted_run_stops_the_experiment(tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM during a run: the trainer saves, then the experiment stops (no further
+    runs, no decoding) with the signal's Aborted."""
+    from refmtp.training.trainer import Aborted, Trainer
+    from refmtp.verification import experiment_mtp
+
+    original = Trainer.run
+
+    def run_with_signal(self, on_step=None, on_log=None):
+        self.stop_requested, self.stop_signal = True, 15  # as the SIGTERM handler does
+        return original(self, on_step=on_step, on_log=on_log)
+
+    monkeypatch.setattr(Trainer, "run", run_with_signal)
+    plan = dataclasses.replace(PLANS["quick"], steps=2)
+    with pytest.raises(Aborted) as info:
+        experiment_mtp.run_experiment(plan, tmp_path / "exp", [0], log=lambda line: None)
+    assert info.value.signum == 15
+    runs = sorted(p.name for p in (tmp_path / "exp" / "runs").iterdir())
+    assert runs == ["D0-seed0"]  # the first run only, and it saved its step-0 checkpoint
+    assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "exp" / "runs" / runs[0]).iterdir())

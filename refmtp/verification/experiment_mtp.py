@@ -25,6 +25,9 @@ Method (docs/experiments.md has the reasons):
   D = 0 needs for the full budget, and compared with the same-token D = 0 runs (paired by seed).
 
 ``std`` is the sample standard deviation over seeds (ddof = 1; None with one seed).
+``results.json`` is rewritten after every run (``"complete": false`` until the last); Ctrl-C or
+SIGTERM lets the current run save its checkpoint, then stops the experiment
+(:class:`refmtp.training.trainer.Aborted`, exit 128 + N through the CLI's guard).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from refmtp.config import preset
 from refmtp.inference.decode import Decoder
 from refmtp.inference.speculative import spec_metrics, speculative_generate
 from refmtp.training.data import heldout_windows, load_corpus
-from refmtp.training.trainer import Trainer, TrainSettings, byte_level_config
+from refmtp.training.trainer import Aborted, Trainer, TrainSettings, byte_level_config
 
 FORMAT = "refmtp-experiment-mtp"
 FORMAT_VERSION = 1
@@ -90,7 +93,7 @@ PLANS = {
                  eval_batches=4, samples=16, prompt_len=64, max_new_tokens=48),
     # plumbing and a first look in a few minutes: the tiny model, 80 steps
     "quick": Plan("mtp-quick", model="tiny", steps=80, batch_size=8, seq_len=64, evals=4,
-                  eval_batches=2, samples=4, prompt_len=32, max_new_tokens=24),
+                  eval_batches=2, samples=4, prompt_len=32, max_new_tokens=16),
 }
 
 
@@ -135,6 +138,8 @@ def train_run(plan: Plan, v: Variant, seed: int, steps: int, run_dir: Path, corp
                           "loss": record["eval_loss"], "acc": record["eval_acc"]})
 
     result = trainer.run(on_step=on_step, on_log=on_log)
+    if result.status == "interrupted":  # Ctrl-C / SIGTERM: the run saved; the experiment stops
+        raise Aborted(result.signum)
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]  # (steps-1,) one step + any logging
     ev = trainer.last_eval
     return {
