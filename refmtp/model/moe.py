@@ -175,12 +175,19 @@ def check_moe(x, p: dict, cfg) -> None:
             raise ValueError(f"moe_forward: {name} is {a.dtype}, expected {want}: {why}")
 
 
+# The routed experts sharded over MPI ranks (refmtp.training.expert_parallel.sharded sets it for
+# the training steps of an --expert-parallel run); None: this module's single-process layer.
+SHARDED = None
+
+
 def moe_forward(x, p: dict, cfg):
     """x (B, T, d) post_attention_layernorm'ed -> (out (B, T, d), aux (), MoECache).
 
     ``out`` = shared + routed experts (no residual), V3 eq. 12. ``aux`` is the layer's balance
     loss WITHOUT alpha (cfg.refmtp.balance_loss: "seq" V3 eqs. 17-20, "expert" V2, "none" -> 0).
     """
+    if SHARDED is not None:  # expert parallel: the same layer, experts on their ranks
+        return SHARDED.forward(x, p, cfg)
     bk = backend_of(x)
     xp = bk.xp
     B, T, d = x.shape
@@ -243,6 +250,8 @@ def moe_backward(dout, daux, cache: MoECache):
         router:   dg (and the balance loss' ds) -> dx_gate, dWg     (refmtp.model.router)
         dx = dx_shared + dx_routed + dx_gate
     """
+    if not isinstance(cache, MoECache):  # the cache of the expert-parallel layer (SHARDED)
+        return cache.backward(dout, daux)
     bk = backend_of(dout, cache.ys)
     xp = bk.xp
     c = cache
