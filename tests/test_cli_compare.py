@@ -98,8 +98,9 @@ def test_speculate_compare_table_json_markdown(ckpts, tmp_path):
 def test_speculate_compare_plot(ckpts, tmp_path):
     pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the plot extra)")
     png = tmp_path / "acc.png"
-    result = _run(["speculate", "--ckpt", str(ckpts / "target"), "--data", str(ckpts / "data.txt"), *COMPARE,
-                   "--k", "2", "--draft-ckpt", str(ckpts / "draft"), "--plot", str(png)])
+    result = _run(["speculate", "--ckpt", str(ckpts / "target"), "--data", str(ckpts / "data.txt"), "--compare",
+                   "--samples", "1", "--prompt-len", "8", "--max-new-tokens", "4", "--k", "2",
+                   "--draft-ckpt", str(ckpts / "draft"), "--plot", str(png)])
     assert result.exit_code == 0, result.output
     assert f"wrote {png}" in result.output and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
