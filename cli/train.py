@@ -59,7 +59,7 @@ def _fmt_step(rec: dict) -> str:
 
 @click.command()
 @click.option("--preset", "preset_name", default=None,
-              help="Model preset: tiny, mini, small (default) or deepseek-v3.")
+              help="Model preset: tiny, mini, small (default), draft (a draft model for speculative decoding) or deepseek-v3.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Model config.json (HF DeepSeek-V3 field names) instead of a preset.")
 @click.option("--data", type=click.Path(), default=None,
