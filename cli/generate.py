@@ -7,10 +7,13 @@ Tokens are bytes: the prompt is encoded as UTF-8, the output decoded with ``erro
 and streamed as it is produced (an incremental decoder, so multi-byte characters split across
 steps still print correctly). ``--speculative K`` drafts K tokens per step with the model's MTP
 modules (or parallel heads) and verifies them in one main-model call (refmtp/inference/speculative.py);
-at temperature 0 the text is the same as without it. A one-line summary goes to stderr.
+with ``--draft-ckpt DIR`` an independent draft model on the same tokens drafts them instead
+(refmtp/inference/draft_model.py). At temperature 0 the text is the same as without it. A
+one-line summary goes to stderr.
 
 Exit codes: 2 for input the user can fix (missing or invalid checkpoint, bad K, a prompt byte
-outside the vocabulary, a budget past max_position_embeddings), 1 for other errors.
+outside the vocabulary, a budget past max_position_embeddings, a draft model that does not
+share the target's tokens), 1 for other errors.
 """
 from __future__ import annotations
 
@@ -58,11 +61,29 @@ def load_decoder(path, backend: str, dtype: str | None):
         raise InputError(str(exc).splitlines()[0]) from None
 
 
-def check_k_option(dec, k: int, reuse: bool) -> None:
+def load_draft(path, backend: str, dtype: str | None, target, target_dir: Path):
+    """(draft Decoder, its checkpoint dir) for ``--draft-ckpt``, refused in one line unless it
+    shares the target's tokens (vocabulary, special tokens, tokenizer files)."""
+    from refmtp.checkpoint import tokenizer_metadata
+    from refmtp.inference.draft_model import check_pair
+
+    draft, draft_dir = load_decoder(path, backend, dtype)
+    try:
+        check_pair(tokenizer_metadata(target.cfg, target_dir), tokenizer_metadata(draft.cfg, draft_dir))
+    except ValueError as exc:
+        raise InputError(f"--draft-ckpt {path}: {exc}") from None
+    return draft, draft_dir
+
+
+def check_k_option(dec, k: int, reuse: bool, draft=None) -> None:
+    from refmtp.inference.draft_model import check_draft_k
     from refmtp.inference.speculative import check_k
 
     try:
-        check_k(dec.cfg, k, reuse)
+        if draft is None:
+            check_k(dec.cfg, k, reuse)
+        else:
+            check_draft_k(k)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -79,8 +100,10 @@ def fmt_rates(rates) -> str:
 @click.option("--speculative", "k", type=int, default=0, show_default=True,
               help="Drafts per step from the MTP modules / parallel heads (0 = plain cached decoding).")
 @click.option("--reuse", is_flag=True, help="Reuse the last MTP module for drafts past D (K > D).")
+@click.option("--draft-ckpt", default=None,
+              help="Draft the --speculative K tokens with this independent draft model (same tokens).")
 @click.option("--sample-drafts", is_flag=True,
-              help="Sample drafts from the MTP distribution at --temperature (default: argmax drafts).")
+              help="Sample drafts from the drafter's distribution at --temperature (default: argmax drafts).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Seed of the sampling coins (RNG-v1).")
 @click.option("--mode", type=click.Choice(["absorbed", "naive"]), default="absorbed", show_default=True,
@@ -88,8 +111,8 @@ def fmt_rates(rates) -> str:
 @click.option("--backend", type=click.Choice(["numpy", "cupy"]), default="numpy", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default=None,
               help="Compute dtype (default: the checkpoint's).")
-def generate(ckpt, prompt, max_new_tokens, temperature, k, reuse, sample_drafts, seed, mode, backend,
-             dtype):
+def generate(ckpt, prompt, max_new_tokens, temperature, k, reuse, draft_ckpt, sample_drafts, seed, mode,
+             backend, dtype):
     """Generate text from a checkpoint (byte-level), optionally with self-speculative decoding."""
     from refmtp.inference.decode import check_budget, check_prompt
     from refmtp.inference.decode import generate as plain_generate
@@ -104,12 +127,17 @@ def generate(ckpt, prompt, max_new_tokens, temperature, k, reuse, sample_drafts,
         raise InputError("--prompt is not valid UTF-8 text: pass the prompt as UTF-8") from None
     if k < 0:
         raise InputError(f"--speculative {k} must be >= 0 (the number of drafts per step)")
-    dec, _ = load_decoder(ckpt, backend, dtype)
-    check_k_option(dec, k, reuse)
+    if draft_ckpt is not None and k == 0:
+        raise InputError("--draft-ckpt drafts --speculative K tokens per step: give --speculative K >= 1")
+    dec, ckpt_dir = load_decoder(ckpt, backend, dtype)
+    draft = None if draft_ckpt is None else load_draft(draft_ckpt, backend, dtype, dec, ckpt_dir)[0]
+    check_k_option(dec, k, reuse, draft)
     ids = list(prompt_bytes)
     try:
         check_prompt(ids, dec.cfg)
         check_budget(max_new_tokens, len(ids), dec.cfg, extra=k)
+        if draft is not None:
+            check_budget(max_new_tokens, len(ids), draft.cfg, extra=k)
     except ValueError as exc:
         raise InputError(str(exc)) from None
 
@@ -128,7 +156,7 @@ def generate(ckpt, prompt, max_new_tokens, temperature, k, reuse, sample_drafts,
         else:
             res = speculative_generate(dec, ids, max_new_tokens, k=k, temperature=temperature,
                                        seed=seed, sample_drafts=sample_drafts,
-                                       reuse_last_module=reuse, mode=mode, on_tokens=stream)
+                                       reuse_last_module=reuse, mode=mode, on_tokens=stream, draft=draft)
             tokens = res.tokens
     except ValueError as exc:
         raise click.ClickException(str(exc).splitlines()[0]) from None
@@ -138,6 +166,6 @@ def generate(ckpt, prompt, max_new_tokens, temperature, k, reuse, sample_drafts,
     if res is not None:
         m = spec_metrics(res.steps, k)
         tau = "-" if m["tau"] is None else f"{m['tau']:.2f}"
-        line += (f"; speculative K={k}: {m['steps']} verification steps, {tau} tokens/step, "
+        line += (f"; speculative K={k}{' (draft model)' if draft is not None else ''}: {m['steps']} verification steps, {tau} tokens/step, "
                  f"P(A>=i) {fmt_rates(m['acceptance_per_position'])}")
     click.echo(line, err=True)

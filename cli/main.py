@@ -25,6 +25,7 @@ COMMANDS = [
     ("speculate", "speculate"),
     ("golden", "golden"),
     ("audit", "audit"),
+    ("experiment", "experiment"),
 ]
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from refmtp.backends import BackendUnavailable
-from refmtp.cli.common import InputError, one_line
+from refmtp.cli.common import InputError, one_line, one_line_text
 from refmtp.config import ConfigError, ModelConfig, preset as get_preset
 
 
@@ -59,7 +59,7 @@ def _fmt_step(rec: dict) -> str:
 
 @click.command()
 @click.option("--preset", "preset_name", default=None,
-              help="Model preset: tiny, small (default) or deepseek-v3.")
+              help="Model preset: tiny, mini, small (default), draft (a draft model for speculative decoding) or deepseek-v3.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="Model config.json (HF DeepSeek-V3 field names) instead of a preset.")
 @click.option("--data", type=click.Path(), default=None,
@@ -88,14 +88,64 @@ def _fmt_step(rec: dict) -> str:
               help="metrics.jsonl line every N steps (10).")
 @click.option("--checkpoint-every", type=click.IntRange(min=0), default=None,
               help="Checkpoint every N steps (250; 0: only at the end and on Ctrl-C).")
+@click.option("--expert-parallel", type=click.IntRange(min=1), default=None,
+              help="Shard the routed experts over N ranks (launch with mpiexec -n N; "
+                   "docs/distributed.md).")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=None,
+              help="Microbatches per step on each process, summed in order (1); "
+                   "ranks x N must divide --batch-size.")
 def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
           decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
-          checkpoint_every):
+          checkpoint_every, expert_parallel, grad_accum):
     """Train a DeepSeek-V3-style model (MLA + MoE + MTP) on byte-level text.
 
     With no options: the `small` preset on the Python standard library source, numpy, float32
     (about 10 minutes on 2 CPU cores). Checkpoints, metrics.jsonl and run.json go to --out.
+    Under `mpiexec -n N` every rank computes 1/N of each batch (data parallel,
+    docs/distributed.md); rank 0 writes and prints.
     """
+    from refmtp.training.distributed import detect_world
+
+    from refmtp.training.distributed import import_mpi
+
+    try:
+        world = detect_world()
+        if (expert_parallel or 1) > 1 and world.size == 1:
+            import_mpi(f"--expert-parallel {expert_parallel}")  # the install line when absent
+            raise InputError(f"--expert-parallel {expert_parallel} shards the experts over "
+                             f"{expert_parallel} ranks: launch it with mpiexec -n {expert_parallel} "
+                             "refmtp train ...")
+    except ValueError as exc:
+        raise InputError(one_line(exc)) from None
+    if world.size == 1:
+        return _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr,
+                      warmup_steps, decay_steps, backend, dtype, seed, out, resume_dir,
+                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum)
+    if not world.writes:
+        world.silence()  # rank 0 speaks for the run
+    try:
+        return _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr,
+                      warmup_steps, decay_steps, backend, dtype, seed, out, resume_dir,
+                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum)
+    except click.ClickException as exc:  # said once by rank 0 when every rank has it
+        if not getattr(exc, "all_ranks", False):
+            world.abort(one_line_text(exc.format_message()), exc.exit_code)
+        raise
+    except SystemExit as exc:  # the end of an interrupted run: every rank agreed on the stop
+        raise exc
+    except BaseException as exc:  # one rank failed alone: stop every rank, no hang
+        world.abort(f"{type(exc).__name__}: {one_line(exc)}", 1)
+
+
+def _everyone(exc):
+    """Mark an error that every rank raises at the same point (rank 0 says it, the others exit)."""
+    exc.all_ranks = True
+    return exc
+
+
+def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
+           decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
+           checkpoint_every, expert_parallel, grad_accum):
     from refmtp.training.trainer import Aborted, NonFiniteError, RunError, Trainer, TrainSettings
 
     requested = {
@@ -103,8 +153,20 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
         "warmup_steps": warmup_steps, "decay_steps": decay_steps, "backend": backend,
         "dtype": dtype, "seed": seed, "eval_every": eval_every, "log_every": log_every,
         "checkpoint_every": checkpoint_every,
+        "expert_parallel": expert_parallel,
+        "microbatches": None if grad_accum is None and world.size == 1 else
+        world.size * (grad_accum or 1),
     }
-    try:
+    if resume_dir is not None and grad_accum is None:
+        requested["microbatches"] = None  # the run's own; the trainer checks the ranks divide it
+    def prepare():
+        """Every check this rank can make on its own; returns how to build the trainer."""
+        if resume_dir is None and (grad_accum or 1) * world.size > 1:
+            from refmtp.training.step import check_microbatches
+
+            check_microbatches(batch_size or TrainSettings.batch_size, world.size * (grad_accum or 1),
+                               "--grad-accum" if world.size == 1 else
+                               f"{world.size} ranks x --grad-accum {grad_accum or 1} =")
         if preset_name is not None and config_file is not None:
             raise InputError("give --preset or --config, not both")
         cfg = None
@@ -118,25 +180,42 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
                                  "in the --resume directory)")
             if requested["data"] is not None:
                 requested["data"] = str(Path(data).expanduser().resolve())
-            trainer = Trainer.resume(resume_dir, requested, cfg)
-        else:
-            settings = TrainSettings()
-            settings.preset = preset_name if config_file is None else None
-            settings.config_file = str(Path(config_file).resolve()) if config_file else None
-            if settings.preset is None and settings.config_file is None:
-                settings.preset = "small"
-            for key, value in requested.items():
-                if value is not None:
-                    setattr(settings, key, value)
-            if data is not None:
-                settings.data = str(Path(data).expanduser().resolve())
-            if cfg is None:
-                cfg = get_preset(settings.preset)
-            name = settings.preset or Path(config_file).stem
-            out_dir = Path(out) if out is not None else _default_out(name)
-            trainer = Trainer.new(settings, cfg, out_dir)
-    except (ConfigError, RunError, BackendUnavailable, ValueError, OSError) as exc:
-        raise InputError(one_line(exc)) from None
+            return lambda: Trainer.resume(resume_dir, requested, cfg, world=world)
+        settings = TrainSettings()
+        settings.preset = preset_name if config_file is None else None
+        settings.config_file = str(Path(config_file).resolve()) if config_file else None
+        if settings.preset is None and settings.config_file is None:
+            settings.preset = "small"
+        for key, value in requested.items():
+            if value is not None:
+                setattr(settings, key, value)
+        if data is not None:
+            settings.data = str(Path(data).expanduser().resolve())
+        if cfg is None:
+            cfg = get_preset(settings.preset)
+        name = settings.preset or Path(config_file).stem
+        out_dir = Path(out) if out is not None else _default_out(name)  # rank 0's is used
+        settings.validate()
+        return lambda: Trainer.new(settings, cfg, out_dir, world=world)
+
+    errors = (ConfigError, RunError, BackendUnavailable, ValueError, OSError)
+    problem = build = None
+    try:
+        build = prepare()
+    except InputError as exc:
+        problem = one_line_text(exc.format_message())
+    except errors as exc:
+        problem = one_line(exc)
+    if world.size > 1:  # agree before any collective work: a rank with bad input stops all
+        said = world.allgather(problem)
+        bad = [(rank, line) for rank, line in enumerate(said) if line]
+        problem = None if not bad else bad[0][1] if bad[0][0] == 0 else f"rank {bad[0][0]}: {bad[0][1]}"
+    if problem is not None:
+        raise _everyone(InputError(problem))
+    try:
+        trainer = Trainer.distributed(world, build)  # rank 0 builds; its error is every rank's
+    except errors as exc:
+        raise _everyone(InputError(one_line(exc))) from None
 
     try:
         for line in trainer.describe():
@@ -184,8 +263,8 @@ def _run(trainer, NonFiniteError, Aborted):
                     result = trainer.run(on_step=on_step, on_log=on_log)
             else:
                 result = trainer.run(on_log=on_log)
-    except NonFiniteError as exc:
-        raise click.ClickException(one_line(exc)) from None
+    except NonFiniteError as exc:  # found by every rank (refmtp.training.step)
+        raise _everyone(click.ClickException(one_line(exc))) from None
     except Aborted as exc:
         from refmtp.training.rundir import latest_checkpoint
 
@@ -194,6 +273,8 @@ def _run(trainer, NonFiniteError, Aborted):
                  f"{trainer.out_dir}" if ckpt else
                  f"no checkpoint yet; restart with: refmtp train --resume {trainer.out_dir}")
         click.echo(f"\naborted by a second signal at step {trainer.step}; {where}", err=True)
+        if trainer.world.size > 1:  # the other ranks may wait in a collective: stop them too
+            trainer.world.abort("aborted by a second signal", 128 + exc.signum)
         sys.exit(128 + exc.signum)
     except (ValueError, OSError) as exc:  # CheckpointError is a ValueError
         raise click.ClickException(f"training stopped: {one_line(exc)}") from None

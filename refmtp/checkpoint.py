@@ -28,6 +28,7 @@ host copies (``bk.to_numpy``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -58,6 +59,13 @@ HF_DEFAULTS = {
     "eos_token_id": 1,
     "use_cache": True,
 }
+
+
+# What fixes the meaning of the token ids besides vocab_size: the special-token ids of config.json
+# and, for checkpoints that carry one, the tokenizer's files (refmtp's own tokens are bytes).
+SPECIAL_TOKEN_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model")
 
 
 class CheckpointError(ValueError):
@@ -135,6 +143,23 @@ def save_checkpoint(path, cfg: ModelConfig, params: dict) -> None:
                   lambda p: save_file(dict(sorted(tensors.items())), str(p), metadata={"format": "pt"}))
     text = json.dumps(out_cfg.to_dict(), indent=2) + "\n"
     _atomic_write(path / CONFIG_FILE, lambda p: p.write_text(text))
+
+
+def tokenizer_metadata(cfg: ModelConfig, path=None) -> dict:
+    """The tokenizer facts two models must share to exchange token ids (a draft model and its
+    target): ``vocab_size``, the special-token ids of config.json (None when absent) and
+    ``tokenizer``: the sha256 of each tokenizer file in the checkpoint directory ``path``, or
+    "bytes" when there is none (refmtp's byte-level tokens; docs/inference.md)."""
+    meta = {"vocab_size": cfg.vocab_size}
+    for name in SPECIAL_TOKEN_FIELDS:
+        meta[name] = cfg.extra.get(name)
+    files = {}
+    for name in TOKENIZER_FILES if path is not None else ():
+        f = Path(path) / name
+        if f.is_file():
+            files[name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    meta["tokenizer"] = files or "bytes"
+    return meta
 
 
 # -------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def test_published_v3_config_loads_and_keeps_every_field(tmp_path):
     assert ModelConfig.load(tmp_path / "again.json") == cfg
 
 
-@pytest.mark.parametrize("name", ["tiny", "small", "deepseek-v3"])
+@pytest.mark.parametrize("name", ["tiny", "mini", "small", "deepseek-v3"])
 def test_presets_validate_and_round_trip(name, tmp_path):
     cfg = preset(name)
     cfg.save(tmp_path / "c.json")

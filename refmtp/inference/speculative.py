@@ -24,6 +24,8 @@ One step with K drafts (K capped so the step cannot overshoot ``max_new_tokens``
    them from committed inputs: the MTP caches always hold committed rows only.
    Parallel heads (mtp_kind "parallel", Stern et al. / Gloeckle et al.): head k's output at the
    last verified row predicts x_{n-1+k}; the heads run on the trunk rows of every verify call.
+   An independent draft model (``draft=``, refmtp/inference/draft_model.py) drafts K tokens
+   autoregressively from its own cache instead; everything below is the same for it.
 2. verify: ONE main-model call on ``[x_{n-1}, d_1..d_K]`` (positions n-1..n-1+K) gives the K+1
    target rows ``p_1..p_{K+1}``.
 3. accept (``rule``): "lossless" = :func:`refmtp.inference.acceptance.verify_drafts` (RNG-v1; greedy R1
@@ -46,6 +48,7 @@ from dataclasses import dataclass, field
 from refmtp.backends import backend_of
 from refmtp.inference.cache import RowStore
 from refmtp.inference.decode import Decoder, check_budget, check_prompt
+from refmtp.inference.draft_model import DraftModelDrafter, check_draft_k
 from refmtp.inference.acceptance import verify_drafts, verify_greedy
 from refmtp.inference.sampling import icdf, processed_probs, rng_v1_draws
 from refmtp.inference.other_rules import verify_typical
@@ -182,6 +185,9 @@ class MTPDrafter:
     def commit(self, main_out, A: int, n: int) -> None:
         return None
 
+    def cache_lengths(self) -> dict:
+        return {f"mtp.{k}": c.length for k, c in enumerate(self.caches, 1)}
+
 
 class HeadsDrafter:
     """Parallel heads (mtp_kind "parallel"): head k at row j predicts x_{j+k+1}; drafts are
@@ -210,6 +216,9 @@ class HeadsDrafter:
         for c in self.caches:
             c.truncate(n + A)
 
+    def cache_lengths(self) -> dict:
+        return {f"mtp.{k}": c.length for k, c in enumerate(self.caches, 1)}
+
 
 # -------------------------------------------------------------------------------------------
 # the loop
@@ -237,7 +246,7 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
                          reuse_last_module: bool = False, stop_token: int | None = None,
                          mode: str = "absorbed", typical_eps: float | None = None,
                          typical_delta: float | None = None, on_tokens=None,
-                         trace: bool = False) -> SpecResult:
+                         trace: bool = False, draft: Decoder | None = None) -> SpecResult:
     """Generate up to ``max_new_tokens`` tokens after ``prompt`` with K drafts per step.
 
     ``rule``: "lossless" (RNG-v1 ``verify_drafts``; output = plain decoding token for token at
@@ -250,12 +259,16 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
     ``logits`` (K+1 target rows), ``p`` (softmax(logits / T), None at T = 0), the coins
     ``u_draft`` (sampled drafts), ``u_accept``, ``u_sample`` (None where not drawn),
     ``num_accepted``, ``tokens`` (emitted) and ``cache_lengths`` after the rollback
-    (``{"main": n + A, "mtp.k": ...}``). See the module docstring for the state and the step.
+    (``{"main": n + A, "mtp.k": ...}``, or ``"draft"``). See the module docstring for the state and the step.
+    ``draft``: a :class:`Decoder` of an independent draft model on the same tokens
+    (refmtp/inference/draft_model.py) drafts instead of the MTP modules / heads; any K >= 0.
     """
     cfg = dec.cfg
     seq = check_prompt(prompt, cfg)
-    K = check_k(cfg, k, reuse_last_module)
+    K = check_k(cfg, k, reuse_last_module) if draft is None else check_draft_k(k)
     check_budget(max_new_tokens, len(seq), cfg, extra=K)
+    if draft is not None:
+        check_budget(max_new_tokens, len(seq), draft.cfg, extra=K)
     if rule not in RULES:
         raise ValueError(f"rule={rule!r} is not known: choose one of {', '.join(RULES)}")
     if not (isinstance(temperature, (int, float)) and temperature >= 0):
@@ -268,7 +281,9 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
     cache = dec.new_cache("main", mode=mode, capacity=cap)
     like = dec.params["model.embed_tokens.weight"]
     h0 = RowStore(cfg.hidden_size, like=like, capacity=cap)  # h^0 rows of the main cache
-    if cfg.refmtp.mtp_kind == "causal":
+    if draft is not None:
+        drafter = DraftModelDrafter(draft, dec, mode, cap)
+    elif cfg.refmtp.mtp_kind == "causal":
         drafter = MTPDrafter(dec, mode, cap)
     else:
         drafter = HeadsDrafter(dec, mode, cap)
@@ -300,7 +315,7 @@ def speculative_generate(dec: Decoder, prompt, max_new_tokens: int, *, k: int, t
         if stop_token is not None and stop_token in emitted:
             emitted = emitted[: emitted.index(stop_token) + 1]
         if trace:
-            lengths = {"main": cache.length, **{f"mtp.{k}": c.length for k, c in enumerate(drafter.caches, 1)}}
+            lengths = {"main": cache.length, **drafter.cache_lengths()}
             res.trace.append({"n": n, "drafts": list(drafts), "q": q, "draft_logits": rows,
                               "logits": logits, "p": seen.get("p"), "u_draft": list(choose.coins) or None,
                               "u_accept": seen.get("u_accept"), "u_sample": seen.get("u_sample"),

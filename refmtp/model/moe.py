@@ -175,6 +175,11 @@ def check_moe(x, p: dict, cfg) -> None:
             raise ValueError(f"moe_forward: {name} is {a.dtype}, expected {want}: {why}")
 
 
+# The routed experts sharded over MPI ranks (refmtp.training.expert_parallel.sharded sets it for
+# the training steps of an --expert-parallel run); None: this module's single-process layer.
+SHARDED = None
+
+
 def moe_forward(x, p: dict, cfg, *, train: bool = True):
     """x (B, T, d) post_attention_layernorm'ed -> (out (B, T, d), aux (), MoECache).
 
@@ -183,6 +188,8 @@ def moe_forward(x, p: dict, cfg, *, train: bool = True):
     ``train=False`` (decoding) computes ``out`` only: no balance loss, no load statistics, no
     backward cache; it returns ``(out, None, None)`` and ``out`` is the same numbers.
     """
+    if SHARDED is not None:  # expert parallel (training steps only): the same layer, experts on their ranks
+        return SHARDED.forward(x, p, cfg)
     bk = backend_of(x)
     xp = bk.xp
     B, T, d = x.shape
@@ -248,6 +255,8 @@ def moe_backward(dout, daux, cache: MoECache):
         router:   dg (and the balance loss' ds) -> dx_gate, dWg     (refmtp.model.router)
         dx = dx_shared + dx_routed + dx_gate
     """
+    if not isinstance(cache, MoECache):  # the cache of the expert-parallel layer (SHARDED)
+        return cache.backward(dout, daux)
     bk = backend_of(dout, cache.ys)
     xp = bk.xp
     c = cache

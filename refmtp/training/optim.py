@@ -218,10 +218,35 @@ class AdamW:
 
 
 def save_optimizer(path, opt: AdamW) -> None:
-    """Write ``m``, ``v`` and the step count of ``opt`` to one safetensors file (no pickle)."""
+    """Write ``m``, ``v`` and the step count of ``opt`` to one safetensors file (no pickle).
+
+    The same state gives the same bytes: safetensors writes the metadata entries in a
+    per-process hash order, so they are put in sorted order afterwards (:func:`_sort_metadata`)."""
     from safetensors.numpy import save_file
 
     save_file(opt.state_tensors(), str(path), metadata=opt.metadata())
+    _sort_metadata(path)
+
+
+def _sort_metadata(path) -> None:
+    """Rewrite the ``__metadata__`` object of a safetensors header in sorted key order.
+
+    The header (8-byte little-endian length, then compact JSON) keeps its length: only the order
+    of the entries changes, every other byte of the file stays."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        text = raw.rstrip(b" ").decode("utf-8")
+        header = json.loads(text, object_pairs_hook=dict)
+        meta = header.get("__metadata__")
+        if not meta:
+            return
+        header["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(new) != len(text.encode("utf-8")):  # never expected: leave the file as written
+            return
+        f.seek(8)
+        f.write(new)
 
 
 def load_optimizer(path, params: dict, backend=None) -> AdamW:

@@ -1,7 +1,9 @@
 """The one training step: forward -> backward -> clip -> AdamW -> expert-bias update.
 
     result = train_step(params, cfg, tokens, opt, lr, grad_clip)   # params updated in place
-    result.losses, result.grad_norm, result.out.load
+    result.losses, result.grad_norm, result.load
+    train_step(..., grad_accum=2)                 # two microbatches of B/2 windows, summed in order
+    train_step(..., world=world)                  # under MPI: rank r computes its slice (data parallel)
 
 Every caller takes its steps through :func:`train_step`: the trainer (refmtp.training.trainer),
 the golden trajectory case (refmtp.verification.golden.cases) and the training benchmarks. In
@@ -12,6 +14,15 @@ order (docs/training.md)::
     grads = clip(grads, grad_clip)                   # global-norm clipping; the norm before it is kept
     opt.step(params, grads, lr)                      # AdamW
     update_expert_bias(params, out.load, gamma)      # aux-loss-free balancing (V3 section 2.1.2)
+
+Microbatches (docs/distributed.md): the batch of B windows is cut into M = world.size *
+grad_accum equal slices, slice m = rows m*B/M .. (m+1)*B/M - 1; rank r computes slices
+r*grad_accum .. (r+1)*grad_accum - 1. Each slice's backward is that of ``total / M`` (every
+loss term is a mean over the slice's rows, or over its sequences, so the mean of the M slice
+losses is the loss of the batch); the gradients are summed ``((g_0 + g_1) + g_2) + ...`` in slice
+order on every rank, after an Allgather when there are several ranks, so a run on N ranks and
+a single process with ``grad_accum=N`` take bit-identical steps. The reported losses are the
+means of the slices' terms; the expert-bias update uses the summed (global) loads.
 
 A non-finite loss term or gradient raises :class:`NonFinite` before anything is updated, so the
 parameters are those of the last good step. ``commit`` is a context manager around the two
@@ -26,7 +37,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np  # host copies of the loads exchanged between ranks
+
+from refmtp.backends import backend_of
 from refmtp.model import backward, forward, update_expert_bias
+from refmtp.training.distributed import SINGLE, World, flatten, unflatten
+from refmtp.training.expert_parallel import active as expert_parallel_active
 from refmtp.training.optim import clip_grads, first_nonfinite, global_grad_norm
 
 LOSS_ORDER = ("main", "mtp", "balance", "total")  # order in which non-finite terms are named
@@ -38,9 +54,10 @@ class NonFinite(ArithmeticError):
 
 @dataclass(frozen=True)
 class StepResult:
-    out: Any  # ModelOutput of the forward (losses as arrays, load, routing, logits)
-    losses: dict  # {term: host float} of the forward, before the update
+    out: Any  # ModelOutput of this process's last microbatch forward (logits, routing, ...)
+    losses: dict  # {term: host float} of the forward, before the update (mean over microbatches)
     grad_norm: float  # global gradient norm BEFORE clipping
+    load: dict  # {MoE layer: (E,) int64} tokens routed to each expert, summed over the batch
 
 
 def _loss_rank(name: str):
@@ -48,35 +65,103 @@ def _loss_rank(name: str):
     return (LOSS_ORDER.index(head) if head in LOSS_ORDER else len(LOSS_ORDER), name)
 
 
-def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
-               commit: Callable = nullcontext, mark: Callable | None = None,
-               on_forward: Callable | None = None) -> StepResult:
-    """Take one update of ``params`` (in place) on ``tokens`` (B, T+1); see the module docstring."""
+def check_microbatches(batch_size: int, n: int, what: str = "--grad-accum") -> int:
+    """B / n windows per microbatch; ValueError (one line) when n does not divide B."""
+    if n < 1 or batch_size % n:
+        raise ValueError(f"{what} {n} must divide --batch-size {batch_size} (every microbatch "
+                         "has the same number of windows)")
+    return batch_size // n
+
+
+@dataclass
+class _Micro:
+    error: str | None  # why the microbatch's forward is not usable (NonFinite message)
+    losses: dict  # {term: host float}
+    load: dict  # {layer: (E,) host int64}
+    grads: dict | None  # backward of total / M, None after an error
+
+
+def _microbatch(params, cfg, tokens, n_micro: int, on_forward, mark, world) -> tuple[_Micro, Any]:
     try:
         out, cache = forward(params, cfg, tokens)
     except ValueError as exc:  # inputs are validated by the caller: this is overflow (e.g. NaN router scores)
+        if expert_parallel_active():  # the other ranks wait inside this forward's exchanges
+            world.abort(f"the forward pass failed ({exc})", 1)
         bad = first_nonfinite(params)
-        raise NonFinite(f"parameter {bad!r} is not finite ({exc})" if bad
-                        else f"the forward pass failed ({exc})") from None
+        return _Micro(f"parameter {bad!r} is not finite ({exc})" if bad
+                      else f"the forward pass failed ({exc})", {}, {}, None), None
     losses = {k: float(v) for k, v in out.losses.items()}  # one host read per term
     for name in sorted(losses, key=_loss_rank):
         if not math.isfinite(losses[name]):
-            raise NonFinite(f"loss term {name!r} is {losses[name]} (not finite)")
+            return _Micro(f"loss term {name!r} is {losses[name]} (not finite)", losses, {}, None), out
     if on_forward is not None:
         on_forward(out, cache)
     if mark is not None:
         mark("forward")
-    grads = backward(cache)
+    load = {layer: backend_of(c).to_numpy(c) for layer, c in out.load.items()}  # (E,) host
+    grads = backward(cache, {"total": 1.0 / n_micro})  # d (total / M) / d params
     del cache
     if mark is not None:
         mark("backward")
+    return _Micro(None, losses, load, grads), out
+
+
+def _summed(acc, new: dict) -> dict:
+    """``acc + new`` per tensor (``new`` alone first): THE order of the accumulation."""
+    if acc is None:
+        return dict(new)
+    return {name: acc[name] + new[name] for name in acc}
+
+
+def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
+               grad_accum: int = 1, world: World = SINGLE,
+               commit: Callable = nullcontext, mark: Callable | None = None,
+               on_forward: Callable | None = None) -> StepResult:
+    """Take one update of ``params`` (in place) on ``tokens`` (B, T+1); see the module docstring.
+
+    Under MPI every rank passes the same global batch and the same parameters; each computes
+    its own slices and every rank takes the same update."""
+    n_micro = world.size * grad_accum
+    b = check_microbatches(int(tokens.shape[0]), n_micro, "ranks x --grad-accum")
+    mine = range(world.rank * grad_accum, (world.rank + 1) * grad_accum)
+    micros, out = [], None
+    grads = None
+    for m in mine:
+        mb, out_m = _microbatch(params, cfg, tokens[m * b:(m + 1) * b], n_micro, on_forward, mark, world)
+        out = out_m if out_m is not None else out
+        micros.append(mb)
+        if mb.error is not None:
+            break
+        if world.size == 1:  # accumulate at once: one set of gradients alive at a time
+            grads = _summed(grads, mb.grads)
+            mb.grads = None
+    if world.size == 1:
+        if micros[-1].error is not None:
+            raise NonFinite(micros[-1].error)
+        everyone = micros
+    else:  # every rank learns every microbatch's losses, loads and errors, in slice order
+        meta = world.allgather([(mb.error, mb.losses, mb.load) for mb in micros])
+        everyone = [_Micro(e, lo, ld, None) for rank in meta for e, lo, ld in rank]
+        for mb in everyone:
+            if mb.error is not None:
+                raise NonFinite(mb.error)  # the same message on every rank: nobody waits
+        names = sorted(micros[0].grads)
+        rows = world.allgather_rows(np.stack([flatten(mb.grads, names) for mb in micros]))
+        bk = backend_of(tokens)
+        for row in rows:  # slice order 0 .. M-1
+            grads = _summed(grads, unflatten(row, micros[0].grads, names, bk))
+    losses = {name: sum(mb.losses[name] for mb in everyone) / n_micro for name in everyone[0].losses}
+    layers = sorted(everyone[0].load)
+    load_host = {layer: sum(mb.load[layer] for mb in everyone) for layer in layers}  # exact integers
+    bk = backend_of(tokens)
+    load = {layer: bk.asarray(load_host[layer], dtype="int64") for layer in layers}
     norm = global_grad_norm(grads)
     if not math.isfinite(norm):
         raise NonFinite(f"gradient of {first_nonfinite(grads)!r} is not finite (grad norm {norm})")
     grads, norm = clip_grads(grads, grad_clip, norm)
     with commit():
         opt.step(params, grads, lr)
-        update_expert_bias(params, out.load, cfg.refmtp.bias_update_gamma)
+        update_expert_bias(params, load, cfg.refmtp.bias_update_gamma)
     if mark is not None:
         mark("update")
-    return StepResult(out=out, losses=losses, grad_norm=norm)
+    return StepResult(out=out, losses=losses, grad_norm=norm, load=load)

@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +56,9 @@ from refmtp.training.rundir import (LOCK_FILE, RUN_FORMAT, RUN_FORMAT_VERSION, S
                                    CheckpointWriteError, RunError, RunLock, checkpoint_step,
                                    latest_checkpoint, repair_latest, run_checkpoints,
                                    truncate_metrics, write_checkpoint, write_json_atomic)
-from refmtp.training.step import NonFinite, train_step
+from refmtp.training.distributed import SINGLE, World
+from refmtp.training.expert_parallel import ExpertShard, sharded
+from refmtp.training.step import NonFinite, check_microbatches, train_step
 
 HASHED_FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
 STOP_SIGNALS = ("SIGINT", "SIGTERM")  # both: finish the step, save, exit 128 + signal number
@@ -101,13 +103,16 @@ class TrainSettings:
     eval_batches: int = 4  # held-out windows = eval_batches * batch_size
     log_every: int = 10  # one metrics.jsonl line every N steps
     checkpoint_every: int = 250  # checkpoint every N steps (0: only at the end / on Ctrl-C)
+    microbatches: int = 1  # slices of each batch = MPI ranks x --grad-accum (docs/distributed.md)
+    expert_parallel: int = 1  # ranks the routed experts are sharded over (1: none)
 
     # settings that may change when a run is resumed; every other one must match
     RESUMABLE = ("steps", "backend", "eval_every", "eval_batches", "log_every",
                  "checkpoint_every")
 
     def validate(self) -> "TrainSettings":
-        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every"):
+        for name in ("steps", "batch_size", "seq_len", "eval_batches", "log_every", "microbatches",
+                     "expert_parallel"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}={v!r} must be an integer >= 1")
@@ -132,6 +137,7 @@ class TrainSettings:
             raise ValueError(f"dtype {self.dtype!r} is not supported: choose float32 or float64")
         if not (isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip)):
             raise ValueError(f"grad_clip={self.grad_clip!r} must be a finite number")
+        check_microbatches(self.batch_size, self.microbatches, "microbatches (ranks x --grad-accum)")
         self.schedule()  # lr, warmup, decay, min ratio
         AdamWSettings(self.beta1, self.beta2, self.eps, self.weight_decay)
         return self
@@ -233,7 +239,7 @@ class Trainer:
     def __init__(self, settings: TrainSettings, cfg: ModelConfig, out_dir: Path, corpus,
                  params: dict, opt: AdamW, sampler: WindowSampler, step: int, *,
                  overrides=(), tokens_seen: int = 0, elapsed_s: float = 0.0, resumed_from=None,
-                 run_id: str | None = None, lock: RunLock | None = None):
+                 run_id: str | None = None, lock: RunLock | None = None, world: World = SINGLE):
         self.settings = settings
         self.cfg = cfg
         self.out_dir = Path(out_dir)
@@ -248,6 +254,8 @@ class Trainer:
         self.resumed_from = resumed_from
         self.run_id = run_id
         self.lock = lock if lock is not None else RunLock(self.out_dir)
+        self.world = world  # rank 0 writes run.json, metrics, checkpoints; every rank computes
+        self.grad_accum, self.shard = parallel_plan(settings, cfg, world)
         self.backend = get_backend(settings.backend)
         self.schedule = settings.schedule()
         self.stop_requested = False
@@ -264,7 +272,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
     @classmethod
     def new(cls, settings: TrainSettings, cfg: ModelConfig, out_dir, *, corpus=None,
-            overrides=()) -> "Trainer":
+            overrides=(), world: World = SINGLE) -> "Trainer":
         """A fresh run writing into ``out_dir`` (which must not exist or be empty).
 
         Validates settings, config, memory, backend and data BEFORE creating anything on disk;
@@ -281,6 +289,7 @@ class Trainer:
         cfg, more = byte_level_config(cfg.validate())
         overrides = list(overrides) + more
         _check_seq_len(settings, cfg)
+        parallel_plan(settings, cfg, world)
         check_training_memory(settings, cfg)
         bk = get_backend(settings.backend)  # BackendUnavailable before any file is written
         out_dir = Path(out_dir)
@@ -309,11 +318,11 @@ class Trainer:
             lock.release()
             raise
         return cls(settings, cfg, out_dir, corpus, params, opt, sampler, 0, overrides=overrides,
-                   run_id=run_id, lock=lock)
+                   run_id=run_id, lock=lock, world=world)
 
     @classmethod
     def resume(cls, run_dir, requested: dict | None = None, cfg: ModelConfig | None = None,
-               ) -> "Trainer":
+               world: World = SINGLE) -> "Trainer":
         """Continue the run in ``run_dir`` from its newest checkpoint.
 
         ``requested`` holds the options the user gave (None = not given). Those in
@@ -350,12 +359,17 @@ class Trainer:
                 continue
             if key in TrainSettings.RESUMABLE:
                 setattr(settings, key, value)
-            elif key not in run["settings"]:
+            elif key not in run["settings"] and key not in TrainSettings.__dataclass_fields__:
                 raise RunError(f"unknown training setting {key!r}")
-            elif _normalise(key, value) != _normalise(key, run["settings"][key]):
+            elif key == "microbatches" and value != stored.microbatches:
+                raise RunError(
+                    f"ranks x --grad-accum = {value} differs from the resumed run's "
+                    f"{stored.microbatches} microbatches per step ({run_dir}): resume with ranks x "
+                    f"--grad-accum = {stored.microbatches} (the same slices, the same bits)")
+            elif _normalise(key, value) != _normalise(key, getattr(stored, key)):
                 raise RunError(
                     f"--{key.replace('_', '-')} {value} differs from the resumed run's "
-                    f"{run['settings'][key]!r} ({run_dir}): drop the option to resume, or "
+                    f"{getattr(stored, key)!r} ({run_dir}): drop the option to resume, or "
                     "start a new run with --out"
                 )
         settings.validate()
@@ -372,17 +386,19 @@ class Trainer:
                     "drop --preset/--config to resume, or start a new run with --out"
                 )
         _check_seq_len(settings, stored_cfg)
+        parallel_plan(settings, stored_cfg, world)
         check_training_memory(settings, stored_cfg)
         bk = get_backend(settings.backend)
         lock = RunLock(run_dir).acquire()
         try:
-            return cls._resume_locked(run_dir, run, settings, stored, stored_cfg, bk, lock)
+            return cls._resume_locked(run_dir, run, settings, stored, stored_cfg, bk, lock, world)
         except BaseException:
             lock.release()
             raise
 
     @classmethod
-    def _resume_locked(cls, run_dir, run, settings, stored, stored_cfg, bk, lock) -> "Trainer":
+    def _resume_locked(cls, run_dir, run, settings, stored, stored_cfg, bk, lock,
+                       world) -> "Trainer":
         run_file = run_dir / "run.json"
         ckpt = latest_checkpoint(run_dir)
         corpus = load_corpus(settings.data)
@@ -406,7 +422,7 @@ class Trainer:
             truncate_metrics(run_dir / "metrics.jsonl", -1)
             _store_settings(run_file, run, settings, stored)
             return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, 0,
-                       overrides=run.get("overrides", []), run_id=run_id, lock=lock)
+                       overrides=run.get("overrides", []), run_id=run_id, lock=lock, world=world)
         if ckpt.resolve().parent != run_dir.resolve():
             raise RunError(f"checkpoint {ckpt} lies outside the run directory {run_dir}: "
                            "refusing to resume from it")
@@ -433,7 +449,53 @@ class Trainer:
         return cls(settings, stored_cfg, run_dir, corpus, params, opt, sampler, step,
                    overrides=run.get("overrides", []), tokens_seen=state["tokens_seen"],
                    elapsed_s=float(state["elapsed_s"]), resumed_from=ckpt, run_id=run_id,
-                   lock=lock)
+                   lock=lock, world=world)
+
+    @classmethod
+    def distributed(cls, world: World, build) -> "Trainer":
+        """The trainer of every rank: rank 0 runs ``build()`` (:meth:`new` or :meth:`resume` with
+        ``world``, the
+        only place that reads or writes the run directory) and sends the result to the other
+        ranks, which hold the same parameters, optimizer state and sampler but write nothing.
+        An error of ``build`` is raised on every rank (:class:`RunError` with rank 0's line)."""
+        if world.size == 1:
+            return build()
+        if world.rank == 0:
+            try:
+                trainer = build()
+            except Exception as exc:
+                world.bcast(("error", str(exc).strip().splitlines()[0] if str(exc).strip()
+                             else type(exc).__name__))
+                raise
+            t = trainer
+            world.bcast(("ok", {
+                "settings": t.settings, "cfg": t.cfg, "out_dir": str(t.out_dir), "corpus": t.corpus,
+                "params": {n: t.backend.to_numpy(a) for n, a in t.params.items()},
+                "opt": (t.opt.settings, t.opt.step_count,
+                        {n: t.backend.to_numpy(a) for n, a in t.opt.m.items()},
+                        {n: t.backend.to_numpy(a) for n, a in t.opt.v.items()}),
+                "sampler": t.sampler.state(), "step": t.step, "overrides": t.overrides,
+                "tokens_seen": t.tokens_seen, "elapsed_s": t.elapsed_s,
+                "resumed_from": t.resumed_from, "run_id": t.run_id}))
+            return trainer
+        kind, snap = world.bcast(None)
+        if kind == "error":
+            raise RunError(snap)
+        bk = get_backend(snap["settings"].backend)
+        params = {n: bk.asarray(a, dtype=str(a.dtype)) for n, a in snap["params"].items()}
+        opt_settings, opt_step, m, v = snap["opt"]
+        opt = AdamW(opt_settings)
+        opt.step_count = opt_step
+        opt.m = {n: bk.asarray(a, dtype=str(a.dtype)) for n, a in m.items()}
+        opt.v = {n: bk.asarray(a, dtype=str(a.dtype)) for n, a in v.items()}
+        s = snap["settings"]
+        sampler = WindowSampler(snap["corpus"].train, s.seq_len, s.seed + 1, bk)
+        sampler.set_state(snap["sampler"])
+        trainer = cls(s, snap["cfg"], Path(snap["out_dir"]), snap["corpus"], params, opt, sampler,
+                      snap["step"], overrides=snap["overrides"], tokens_seen=snap["tokens_seen"],
+                      elapsed_s=snap["elapsed_s"], resumed_from=snap["resumed_from"],
+                      run_id=snap["run_id"], world=world)
+        return trainer
 
     # ---------------------------------------------------------------------------------------
     # description
@@ -498,14 +560,16 @@ class Trainer:
         window_time, window_tokens = 0.0, 0
         interrupted = False
         self._pending_data = None
-        self.lock.acquire()
+        writes = self.world.writes
+        if writes:
+            self.lock.acquire()
         try:
             with _deferred_signals(self):
                 try:
-                    if self.step == 0 and s.eval_every > 0 and self.resumed_from is None:
+                    if self.step == 0 and s.eval_every > 0 and self.resumed_from is None and writes:
                         self._log({"step": 0, "tokens": 0, **self._eval_record()}, on_log)
                     while self.step < s.steps:
-                        if self.stop_requested:
+                        if self.world.any(self.stop_requested):  # every rank stops at one step
                             interrupted = True
                             break
                         t0 = time.perf_counter()
@@ -522,7 +586,8 @@ class Trainer:
                             on_step(self.step, record)
                         do_eval = s.eval_every > 0 and self.step % s.eval_every == 0
                         do_eval = do_eval or self.step == s.steps
-                        if self.step % s.log_every == 0 or do_eval or self.step == s.steps:
+                        if writes and (self.step % s.log_every == 0 or do_eval
+                                       or self.step == s.steps):
                             if do_eval:
                                 record.update(self._eval_record())
                             self._log(record, on_log)
@@ -537,10 +602,11 @@ class Trainer:
                     if self._pending_data is not None:  # the interrupted step committed nothing
                         self.sampler.set_state(self._pending_data)
                         self._pending_data = None
-                interrupted = interrupted or self.stop_requested
+                interrupted = interrupted or self.world.any(self.stop_requested)
                 ckpt = self.save()
         finally:
-            self.lock.release()
+            if writes:
+                self.lock.release()
         elapsed = time.perf_counter() - t_start
         trained = self.tokens_seen - tokens_before
         return TrainResult(
@@ -552,15 +618,17 @@ class Trainer:
 
     def close(self) -> None:
         """Release the run directory (done by :meth:`run` when it returns)."""
-        self.lock.release()
+        if self.world.writes:
+            self.lock.release()
 
     def _train_step(self) -> dict:
         s, number = self.settings, self.step + 1
         tokens = self.sampler.next(s.batch_size)  # (B, T+1) int64 on the backend
         lr = self.schedule(self.step)
         try:
-            r = train_step(self.params, self.cfg, tokens, self.opt, lr, s.grad_clip,
-                           commit=self._commit)
+            with sharded(self.shard) if self.shard is not None else nullcontext():
+                r = train_step(self.params, self.cfg, tokens, self.opt, lr, s.grad_clip,
+                               grad_accum=self.grad_accum, world=self.world, commit=self._commit)
         except NonFinite as exc:
             raise NonFiniteError(f"step {number}: {exc}; stopped without saving, "
                                  f"{self._last_good()}; lower --lr or check the data") from None
@@ -569,7 +637,7 @@ class Trainer:
         self._pending_data = None  # the sampler's advance is now part of the run
         record = {"step": number, "tokens": self.tokens_seen, "lr": lr, "grad_norm": r.grad_norm,
                   "loss": r.losses}
-        imbalance = _imbalance(self.backend, r.out.load)
+        imbalance = _imbalance(self.backend, r.load)
         if imbalance:
             record["imbalance"] = imbalance
             record["imbalance_max"] = max(imbalance.values())
@@ -644,7 +712,9 @@ class Trainer:
         """Write a checkpoint of the current step (refmtp.training.rundir.write_checkpoint).
 
         Refuses (NonFiniteError) to write a parameter or optimizer moment that is not finite,
-        so every checkpoint of a run is a good one."""
+        so every checkpoint of a run is a good one. Only rank 0 writes (None on the others)."""
+        if not self.world.writes:
+            return None
         bad = first_nonfinite(self.params) or first_nonfinite(
             {f"optimizer {k}.{n}": a for k, d in (("m", self.opt.m), ("v", self.opt.v))
              for n, a in d.items()})
@@ -683,6 +753,24 @@ def _check_seq_len(settings: TrainSettings, cfg: ModelConfig) -> None:
             f"seq_len={settings.seq_len} exceeds max_position_embeddings="
             f"{cfg.max_position_embeddings}"
         )
+
+
+def parallel_plan(settings: TrainSettings, cfg: ModelConfig, world: World):
+    """(microbatches of this rank, ExpertShard or None) of a run on ``world``; RunError /
+    ValueError when the run's microbatches or --expert-parallel do not fit the ranks."""
+    s, w = settings, world
+    if s.microbatches % w.size:
+        raise RunError(f"the run takes {s.microbatches} microbatch(es) per step: they cannot "
+                       f"be split over {w.size} ranks (ranks x --grad-accum must be "
+                       f"{s.microbatches})")
+    shard = None
+    if s.expert_parallel > 1:
+        if s.expert_parallel != w.size:
+            raise RunError(f"--expert-parallel {s.expert_parallel} shards the experts over "
+                           f"{s.expert_parallel} ranks; this run has {w.size}: launch it with "
+                           f"mpiexec -n {s.expert_parallel}")
+        shard = ExpertShard(cfg, w)  # ValueError for an uneven split
+    return s.microbatches // w.size, shard
 
 
 def check_training_memory(settings: TrainSettings, cfg: ModelConfig) -> None:

@@ -1,0 +1,262 @@
+"""Expert parallelism: the DeepSeekMoE layer with its routed experts sharded over the ranks of a
+World, tokens sent to the experts' ranks by ``Alltoallv`` and back for the combine
+(docs/distributed.md §3; the layer itself: refmtp.model.moe, docs/deepseek-v3.md §3).
+
+    layer = ExpertShard(cfg, world)                   # rank r owns experts r*E/N .. (r+1)*E/N - 1
+    out, aux, cache = ep_moe_forward(x, p, layer)     # x: this rank's (B, T, d) tokens
+    dx, grads = ep_moe_backward(dout, daux, cache)    # grads: gate / shared (this rank's part), own experts
+    layer.bytes                                       # {"dispatch": ..., "combine": ...} sent so far
+
+``p`` holds the local parameter names of refmtp.model.moe (gate.weight, the bias, the shared
+experts) and ``experts.{e}.*`` for the experts this rank owns only. Node-limited routing: the
+n_group routing groups are laid over the ranks (group g on rank g // (n_group / N)), so a token
+whose top-K lies in ``topk_group`` = M groups reaches at most M ranks (V3 section 3.2.2).
+
+One forward, on rank r (every step in a fixed order)::
+
+    topk_idx, g = router(x)                           the model's router, on r's tokens
+    order = stable sort of r's slots by expert        moe_dispatch_plan_ref: also sorted by rank
+    xs = x[order // K]                                moe_permute_ref
+    Alltoallv(xs, expert ids) -> owners               dispatch, source ranks in rank order
+    owner: per expert, its rows in (source rank, slot) order = the single process's block
+    ys = SwiGLU_e(block)                              the model's swiglu_forward
+    Alltoallv(ys) -> home ranks                       combine, one row per slot
+    y = combine(ys, order, g)                         moe_combine_ref: the single process's order
+
+The backward runs the same plan in reverse: dys = g dy to the owners, the experts' SwiGLU
+backward, dxs back, then the permute's transpose. Because every expert sees the block the
+single process would build and every token adds its slots in the single process's order, the
+routed output, dx and the owned experts' gradients are bit-identical to refmtp.model.moe on the
+concatenation of all ranks' tokens; gate.weight and the shared experts' gradients are this
+rank's share (a sum over its tokens), which the data-parallel reduction adds up.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np  # host buffers for MPI and the row bookkeeping of the exchange
+
+from refmtp.backends import backend_of
+from refmtp.model import moe
+from refmtp.model.balance import balance_loss_backward, balance_loss_forward
+from refmtp.model.moe import (PROJ, moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
+                              moe_permute_backward_ref, moe_permute_ref)
+from refmtp.model.router import router_backward, router_forward
+from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
+from refmtp.params import BIAS
+from refmtp.training.distributed import World
+
+
+@dataclass
+class ExpertShard:
+    """Which experts this rank owns, and the bytes its exchanges sent to other ranks."""
+
+    cfg: Any
+    world: World
+    bytes: dict = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
+
+    def __post_init__(self):
+        E, N, G = self.cfg.n_routed_experts, self.world.size, self.cfg.n_group
+        if E % N:
+            raise ValueError(f"--expert-parallel {N} must divide n_routed_experts={E} (every rank "
+                             "holds the same number of experts)")
+        if G > 1 and G % N and N % G:
+            raise ValueError(f"n_group={G} and --expert-parallel {N}: one must divide the other "
+                             "(routing groups are laid over whole ranks)")
+        self.per_rank = E // N
+
+    def owner(self, e):
+        """The rank of expert e (also of an array of expert ids)."""
+        return e // self.per_rank
+
+    @property
+    def experts(self) -> range:
+        r = self.world.rank
+        return range(r * self.per_rank, (r + 1) * self.per_rank)
+
+
+def _exchange(shard: ExpertShard, rows: np.ndarray, counts: np.ndarray, kind: str):
+    """Alltoallv: ``rows`` (S, w) sorted by destination, ``counts[q]`` rows for rank q ->
+    (received rows in source-rank order, received counts). Bytes to other ranks go to ``kind``."""
+    world, q = shard.world, shard.world.rank
+    rows = np.ascontiguousarray(rows)
+    width = int(np.prod(rows.shape[1:])) if rows.ndim > 1 else 1
+    counts = np.asarray(counts, dtype=np.int64)
+    recv_counts = np.empty_like(counts)
+    world.comm.Alltoall(counts, recv_counts)
+    send_displ = np.concatenate([[0], np.cumsum(counts)[:-1]]) * width
+    recv_displ = np.concatenate([[0], np.cumsum(recv_counts)[:-1]]) * width
+    out = np.empty((int(recv_counts.sum()),) + rows.shape[1:], dtype=rows.dtype)
+    world.comm.Alltoallv([rows, (counts * width, send_displ)], [out, (recv_counts * width, recv_displ)])
+    shard.bytes[kind] += int((counts.sum() - counts[q]) * width * rows.itemsize)
+    return out, recv_counts
+
+
+@dataclass(frozen=True)
+class EPCache:  # also read by refmtp.model.model like a MoECache: topk_idx, topk_weight, load
+    shard: ExpertShard
+    router: Any  # RouterCache of this rank's tokens
+    balance: Any  # BalanceCache or None
+    order: Any  # (S,) this rank's slots sorted by expert (= by owner rank)
+    send_counts: np.ndarray  # (N,) slots sent to each rank
+    recv_counts: np.ndarray  # (N,) rows received from each rank
+    perm: np.ndarray  # received rows -> expert blocks (stable)
+    blocks: tuple  # (expert, lo, hi, SwiGLUCache or None) over the permuted received rows
+    ys: Any  # (S, d) expert outputs of this rank's slots, in ``order``
+    shared: Any  # SwiGLUCache or None
+    weight: Any  # (N_tok, K) gate values
+    x_shape: tuple  # (B, T, d)
+    topk_idx: Any  # (B, T, K) routed experts
+    topk_weight: Any  # (B, T, K) gate values
+    load: Any  # (E,) int64 this rank's tokens routed to each expert
+
+    def backward(self, dout, daux):
+        """:func:`ep_moe_backward`, with zero gradients for the experts other ranks own (the
+        parameters are replicated for the optimizer: the data-parallel sum adds the owner's)."""
+        dx, grads = ep_moe_backward(dout, daux, self)
+        xp = backend_of(dout).xp
+        I, d = self.shard.cfg.moe_intermediate_size, self.x_shape[2]
+        for e in range(self.shard.cfg.n_routed_experts):
+            if e not in self.shard.experts:
+                for w, shape in zip(PROJ, ((I, d), (I, d), (d, I))):
+                    grads[f"experts.{e}.{w}.weight"] = xp.zeros(shape, dtype=self.ys.dtype)
+        return dx, dict(sorted(grads.items()))
+
+
+def ep_moe_forward(x, p: dict, shard: ExpertShard):
+    """x (B, T, d) of this rank -> (out (B, T, d), aux, EPCache); see the module docstring."""
+    bk = backend_of(x)
+    xp = bk.xp
+    cfg = shard.cfg
+    B, T, d = x.shape
+    N, E, K = B * T, cfg.n_routed_experts, cfg.num_experts_per_tok
+    x2 = xp.reshape(x, (N, d))
+    topk_idx, topk_weight, rcache = router_forward(x2, p["gate.weight"], p.get(BIAS), cfg)
+    aux, bcache = balance_loss_forward(xp.reshape(rcache.s, (B, T, E)),
+                                       xp.reshape(topk_idx, (B, T, K)), cfg.refmtp.balance_loss)
+    order, offsets = moe_dispatch_plan_ref(topk_idx, E)  # sorted by expert, so by owner rank
+    xs = bk.to_numpy(moe_permute_ref(x2, order, K))  # (S, d) host rows to send
+    experts = bk.to_numpy(xp.take(xp.reshape(topk_idx, (-1,)), order))  # (S,) expert of each row
+    off = bk.to_numpy(offsets)
+    send_counts = np.array([off[(q + 1) * shard.per_rank] - off[q * shard.per_rank]
+                            for q in range(shard.world.size)], dtype=np.int64)
+    xr, recv_counts = _exchange(shard, xs, send_counts, "dispatch")
+    er, _ = _exchange(shard, experts, send_counts, "dispatch")  # expert ids (int64) ride along
+    perm = np.argsort(er, kind="stable")  # expert blocks, rows in (source rank, slot) order
+    er_sorted = er[perm]
+    ys_sorted = np.empty_like(xr)
+    blocks = []
+    for e in shard.experts:
+        lo, hi = np.searchsorted(er_sorted, e, "left"), np.searchsorted(er_sorted, e, "right")
+        if hi == lo:
+            blocks.append((e, lo, hi, None))
+            continue
+        y_e, c_e = swiglu_forward(bk.asarray(xr[perm[lo:hi]], dtype=str(x.dtype)),
+                                  *(p[f"experts.{e}.{w}.weight"] for w in PROJ))  # (n_e, d)
+        ys_sorted[lo:hi] = bk.to_numpy(y_e)
+        blocks.append((e, lo, hi, c_e))
+    ys_recv = np.empty_like(ys_sorted)
+    ys_recv[perm] = ys_sorted  # back to the order rows arrived in
+    ys_home, _ = _exchange(shard, ys_recv, recv_counts, "combine")  # (S, d) in ``order``
+    ys = bk.asarray(ys_home, dtype=str(x.dtype))
+    routed = moe_combine_ref(ys, order, topk_weight)  # (N, d) the single process's sums
+    if cfg.n_shared_experts > 0:
+        shared, scache = swiglu_forward(x2, *(p[f"shared_experts.{w}.weight"] for w in PROJ))
+        out = shared + routed
+    else:
+        scache, out = None, routed
+    cache = EPCache(shard=shard, router=rcache, balance=bcache, order=order,
+                    send_counts=send_counts, recv_counts=recv_counts, perm=perm,
+                    blocks=tuple(blocks), ys=ys, shared=scache, weight=topk_weight,
+                    x_shape=(B, T, d), topk_idx=xp.reshape(topk_idx, (B, T, K)),
+                    topk_weight=xp.reshape(topk_weight, (B, T, K)),
+                    load=xp.astype(offsets[1:] - offsets[:-1], xp.int64))
+    return xp.reshape(out, (B, T, d)), aux, cache
+
+
+def ep_moe_backward(dout, daux, cache: EPCache):
+    """dout (B, T, d) -> (dx (B, T, d), grads): the backward of refmtp.model.moe.moe_backward,
+    with the experts' part on their owners (module docstring)."""
+    bk = backend_of(dout, cache.ys)
+    xp = bk.xp
+    c, shard = cache, cache.shard
+    B, T, d = c.x_shape
+    N = B * T
+    dy = xp.reshape(dout, (N, d))
+    grads = {}
+    dys, dweight = moe_combine_backward_ref(dy, c.ys, c.order, c.weight)  # (S, d), (N, K)
+    dys_recv, _ = _exchange(shard, bk.to_numpy(dys), c.send_counts, "combine")  # to the owners
+    dys_sorted = dys_recv[c.perm]
+    dxs_sorted = np.zeros_like(dys_sorted)
+    I, dt = shard.cfg.moe_intermediate_size, str(c.ys.dtype)
+    for e, lo, hi, ce in c.blocks:
+        names = [f"experts.{e}.{w}.weight" for w in PROJ]
+        if ce is None:  # no token chose the expert: zero gradients
+            grads[names[0]] = xp.zeros((I, d), dtype=dt)
+            grads[names[1]] = xp.zeros((I, d), dtype=dt)
+            grads[names[2]] = xp.zeros((d, I), dtype=dt)
+            continue
+        g = swiglu_backward(bk.asarray(dys_sorted[lo:hi], dtype=dt), ce)
+        dxs_sorted[lo:hi] = bk.to_numpy(g.dx)
+        grads[names[0]], grads[names[1]], grads[names[2]] = g.dgate_proj, g.dup_proj, g.ddown_proj
+    dxs_recv = np.empty_like(dxs_sorted)
+    dxs_recv[c.perm] = dxs_sorted
+    dxs, _ = _exchange(shard, dxs_recv, c.recv_counts, "dispatch")  # back home, in ``order``
+    dx = moe_permute_backward_ref(bk.asarray(dxs, dtype=dt), c.order, N)  # (N, d)
+    ds = None
+    if c.balance is not None and daux is not None:
+        ds = xp.reshape(balance_loss_backward(bk.asarray(daux, dtype=dt), c.balance), (N, -1))
+    rg = router_backward(dweight, c.router, ds)
+    grads["gate.weight"] = rg.dweight  # this rank's tokens only
+    dx = dx + rg.dx
+    if c.shared is not None:
+        g = swiglu_backward(dy, c.shared)
+        dx = dx + g.dx
+        grads["shared_experts.gate_proj.weight"] = g.dgate_proj
+        grads["shared_experts.up_proj.weight"] = g.dup_proj
+        grads["shared_experts.down_proj.weight"] = g.ddown_proj
+    return xp.reshape(dx, (B, T, d)), dict(sorted(grads.items()))
+
+
+class _Layer:
+    """What refmtp.model.moe.SHARDED holds while :func:`sharded` is active."""
+
+    def __init__(self, shard: ExpertShard):
+        self.shard = shard
+
+    def forward(self, x, p: dict, cfg):
+        if cfg.n_routed_experts != self.shard.cfg.n_routed_experts:
+            raise ValueError("expert parallel: the layer's config is not the shard's")
+        return ep_moe_forward(x, p, self.shard)
+
+
+@contextmanager
+def sharded(shard: ExpertShard):
+    """Every MoE layer of the model runs expert-parallel inside the block (training steps only:
+    evaluation and decoding run the single-process layer on the replicated parameters)."""
+    previous = moe.SHARDED
+    moe.SHARDED = _Layer(shard)
+    try:
+        yield
+    finally:
+        moe.SHARDED = previous
+
+
+def active() -> bool:
+    """True inside :func:`sharded` (the forward takes part in collectives)."""
+    return moe.SHARDED is not None
+
+
+def expected_bytes(topk_idx_per_rank: list, shard: ExpertShard, itemsize: int, d: int) -> dict:
+    """docs/distributed.md §3's formula: with S_q the slots of rank q whose expert lives on
+    another rank, rank q sends per forward + backward
+    ``dispatch = S_q (d itemsize + 8) + S'_q d itemsize`` and ``combine = S'_q d itemsize +
+    S_q d itemsize``, S'_q = the rows rank q receives from other ranks (it returns them)."""
+    q = shard.world.rank
+    owners = [shard.owner(np.asarray(t).reshape(-1)) for t in topk_idx_per_rank]
+    s_out = int(np.sum(owners[q] != q))  # q's slots served elsewhere
+    s_in = int(sum(np.sum(o == q) for r, o in enumerate(owners) if r != q))  # others' slots q serves
+    row = d * itemsize
+    return {"dispatch": s_out * (row + 8) + s_in * row, "combine": s_in * row + s_out * row}
