@@ -80,30 +80,42 @@ def available_backends() -> dict[str, str]:
 def backend_of(*arrays) -> Backend:
     """The backend that owns ``arrays`` (all must live on the same one).
 
-    Mixed numpy/cupy inputs raise TypeError with advice, as thinc does.
+    Mixed numpy/cupy inputs raise TypeError with advice, as thinc does. Called on every op of
+    a decoded token, so the kind of each array type is looked up once (``_TYPE_KIND``).
     """
     kinds = set()
     for a in arrays:
-        if a is None or isinstance(a, (int, float, bool)):
+        if a is None:
             continue
-        mod = type(a).__module__.split(".")[0]
-        if mod == "numpy":
-            kinds.add("numpy")
-        elif mod == "cupy":
-            kinds.add("cupy")
-        elif mod == "array_api_strict":
-            kinds.add("strict")
-        else:
-            raise TypeError(
-                f"refmtp got an array of type {type(a).__name__} ({type(a).__module__}); "
-                "pass numpy or cupy arrays (move data with backend.asarray)"
-            )
+        kind = _TYPE_KIND.get(type(a))
+        if kind is None:
+            kind = _TYPE_KIND[type(a)] = _kind_of_type(type(a))
+        if kind:
+            kinds.add(kind)
     if len(kinds) > 1:
         raise TypeError(
             f"refmtp got {' and '.join(sorted(kinds))} arrays in one call: move every input to "
             "one backend with backend.asarray(...) first"
         )
-    return get_backend(kinds.pop() if kinds else "numpy")
+    name = kinds.pop() if kinds else "numpy"
+    return _cache.get(name) or get_backend(name)
+
+
+_TYPE_KIND: dict[type, str] = {}  # array type -> "numpy" | "cupy" | "strict" ("" for Python numbers)
+
+
+def _kind_of_type(t: type) -> str:
+    if issubclass(t, (int, float, bool)):
+        return ""
+    mod = t.__module__.split(".")[0]
+    if mod in ("numpy", "cupy"):
+        return mod
+    if mod == "array_api_strict":
+        return "strict"
+    raise TypeError(
+        f"refmtp got an array of type {t.__name__} ({t.__module__}); "
+        "pass numpy or cupy arrays (move data with backend.asarray)"
+    )
 
 
 def array_namespace(*arrays):

@@ -33,7 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-ORDER = ("gemm_peak", "train_step", "vs_torch", "scaling", "decode")
+ORDER = ("gemm_peak", "train_step", "vs_torch", "scaling", "decode", "speculative")
 BLAS_VARIANT_BENCHMARKS = ("gemm_peak", "train_step", "vs_torch")
 AUTO = "_auto-blas"
 
@@ -83,10 +83,14 @@ def summarize(names, suffix: str = "") -> dict:
         s["scaling_exponents"] = {k: {"time": v["time_exponent"], "flops": v["flop_exponent"]}
                                   for k, v in r["sweeps"].items()}
     r = _load("decode") if "decode" in names else None
-    if r:
-        s["decode"] = [{k: row.get(k) for k in ("temperature", "runner", "tokens_per_s",
-                                                "speedup_vs_plain_absorbed", "tau",
-                                                "draft_acceptance_rate")} for row in r["results"]]
+    if r and "results" in r:
+        s["decode"] = [{k: row.get(k) for k in ("model", "ms_per_token", "roofline_ms_large",
+                                                "python_overhead_share")} for row in r["results"]]
+    r = _load("speculative") if "speculative" in names else None
+    if r and "models" in r:
+        s["speculative"] = [{"model": m["model"], **{k: row.get(k) for k in (
+            "temperature", "runner", "speedup_median", "speedup_min", "speedup_max", "tau", "identical")}}
+            for m in r["models"] for row in m["rows"] if row["K"]]
     return s
 
 
@@ -165,9 +169,12 @@ def _print_summary(summary: dict) -> None:
     for k, v in summary.get("scaling_exponents", {}).items():
         print(f"scaling {k:8}: time ~ x^{v['time']:.2f} (FLOPs ~ x^{v['flops']:.2f})")
     for row in summary.get("decode", []):
-        tau = f" tau {row['tau']:.2f} accept {row['draft_acceptance_rate']:.2f}" if row.get("tau") else ""
-        print(f"decode T={row['temperature']:.1f} {row['runner']:15} {row['tokens_per_s']:7.1f} tokens/s "
-              f"{row['speedup_vs_plain_absorbed']:5.2f}x{tau}")
+        print(f"decode {row['model']:16} {row['ms_per_token']:8.3f} ms/token, roofline "
+              f"{row['roofline_ms_large']:.3f} ms, Python {100 * row['python_overhead_share']:.0f}%")
+    for row in summary.get("speculative", []):
+        print(f"speculative {row['model']:16} T={row['temperature']:.1f} {row['runner']:16} "
+              f"{row['speedup_median']:5.2f}x ({row['speedup_min']:.2f}-{row['speedup_max']:.2f}) "
+              f"tau {row['tau']:.2f}{' same ' + row['identical'] if row.get('identical') else ''}")
 
 
 if __name__ == "__main__":

@@ -402,6 +402,21 @@ def _draft() -> ModelConfig:
     ).validate()
 
 
+def _decode_membound() -> ModelConfig:
+    # A decoding-speed probe, never trained (random weights are fine for timing): the small
+    # preset's layout (4 layers, 1 dense + 3 MoE, one MTP module, bytes) widened to d = 2048 so
+    # the weights (327M parameters, 1.3 GB in float32) and the ~137M read per decoded token
+    # (~550 MB) are far larger than the CPU caches: decoding streams them from memory
+    # (benchmarks/decode.py, docs/performance.md "Decoding").
+    return ModelConfig(
+        vocab_size=256, hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1024,
+        num_hidden_layers=4, num_nextn_predict_layers=1, num_attention_heads=16,
+        q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=2,
+        routed_scaling_factor=2.5, first_k_dense_replace=1, max_position_embeddings=4096,
+    ).validate()
+
+
 def _deepseek_v3() -> ModelConfig:
     # The published dimensions (for shapes and audits only: 671B parameters).
     return ModelConfig(
@@ -422,11 +437,12 @@ def _deepseek_v3() -> ModelConfig:
     ).validate()
 
 
-PRESETS = {"tiny": _tiny, "mini": _mini, "small": _small, "draft": _draft, "deepseek-v3": _deepseek_v3}
+PRESETS = {"tiny": _tiny, "mini": _mini, "small": _small, "draft": _draft,
+           "decode-membound": _decode_membound, "deepseek-v3": _deepseek_v3}
 
 
 def preset(name: str) -> ModelConfig:
-    """A fresh copy of a named preset: tiny, mini, small, draft or deepseek-v3."""
+    """A fresh copy of a named preset: tiny, mini, small, draft, decode-membound or deepseek-v3."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

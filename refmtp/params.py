@@ -50,9 +50,42 @@ def mtp_layer(cfg: ModelConfig, k: int) -> int:
 
 
 def sub_params(p: dict, prefix: str) -> dict:
-    """The entries of ``p`` under ``prefix``, with the prefix stripped."""
+    """The entries of ``p`` under ``prefix``, with the prefix stripped (:class:`FrozenParams`
+    keep the views they have made: decoding asks for the same ones on every token)."""
+    if isinstance(p, FrozenParams):
+        return p.sub(prefix)
     n = len(prefix)
     return {k[n:]: v for k, v in p.items() if k.startswith(prefix)}
+
+
+class FrozenParams(dict):
+    """A read-only copy of a parameter dict that remembers its :func:`sub_params` views.
+
+    Splitting the flat checkpoint dict by layer prefix costs a pass over every name, and the
+    model does it for each layer on each call: negligible for a training step, a measurable
+    share of a decoded token (:class:`refmtp.inference.decode.Decoder` holds its params as
+    FrozenParams). Read-only, so a remembered view can never go stale; the arrays are shared.
+    """
+
+    __slots__ = ("_subs",)
+
+    def __init__(self, params: dict):
+        super().__init__(params)
+        self._subs = {}
+
+    def sub(self, prefix: str) -> "FrozenParams":
+        view = self._subs.get(prefix)
+        if view is None:
+            n = len(prefix)
+            view = self._subs[prefix] = FrozenParams({k[n:]: v for k, v in self.items()
+                                                      if k.startswith(prefix)})
+        return view
+
+    def _read_only(self, *args, **kwargs):
+        raise TypeError("FrozenParams are read-only: change a plain dict and build a new Decoder")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _read_only
+    __ior__ = _read_only
 
 
 # -------------------------------------------------------------------------------------------

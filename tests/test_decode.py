@@ -301,9 +301,12 @@ def test_decoding_runs_the_training_block(monkeypatch, variant):
     seen = []
     real = wiring.block_forward
 
-    def spy(x, p, c, layer, positions, attend=None):
+    modes = []
+
+    def spy(x, p, c, layer, positions, attend=None, *, train=True):
         seen.append(layer)
-        return real(x, p, c, layer, positions, attend)
+        modes.append(train)
+        return real(x, p, c, layer, positions, attend, train=train)
 
     monkeypatch.setattr(wiring, "block_forward", spy)
     monkeypatch.setattr(mtp_module, "block_forward", spy)
@@ -315,6 +318,7 @@ def test_decoding_runs_the_training_block(monkeypatch, variant):
     else:
         dec.mtp(1, ids, out.hidden, k_cache)
     assert seen[-1] == cfg.num_hidden_layers  # module / head 1 ran the same block function
+    assert not any(modes)  # in inference mode: no balance loss, no backward caches
 
     def broken(*a, **k):
         raise RuntimeError("the training block is broken")
@@ -343,3 +347,92 @@ def test_inference_composes_no_wiring_of_its_own():
         hits = [line for line in path.read_text().splitlines()
                 if forbidden.search(line) and not line.lstrip().startswith("#")]
         assert not hits, f"{path.name} composes model wiring itself: {hits[:3]}"
+
+
+# -------------------------------------------------------------------------------------------
+# decoding without training work (issue 20 req. 1; docs/inference.md "Decoding cost")
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["tiny", "parallel"])
+def test_inference_mode_is_the_same_forward_without_training_work(variant):
+    """train=False through the one wiring gives bit-identical outputs and skips the balance
+    loss, the load statistics and every backward cache."""
+    from refmtp.model.model import depth_forward, head_forward, trunk_forward
+
+    cfg = _cfg(variant)
+    params = _params(cfg)
+    ids = np.asarray(_tokens(cfg, 2, 6))
+    pos = np.arange(6, dtype=np.int64)
+    tr, ti = (trunk_forward(params, cfg, ids, pos, train=t) for t in (True, False))
+    for name in ("logits", "h0", "z"):
+        np.testing.assert_array_equal(getattr(tr, name), getattr(ti, name))
+    assert len(tr.blocks) == cfg.num_hidden_layers and ti.blocks == []
+    if variant == "parallel":
+        dr, di = (head_forward(params, cfg, 1, tr.z, pos, train=t) for t in (True, False))
+    else:
+        dr, di = (depth_forward(params, cfg, 1, ids, tr.h0, pos, train=t) for t in (True, False))
+    for name in ("logits", "n", "y"):
+        np.testing.assert_array_equal(getattr(dr, name), getattr(di, name))
+    assert dr.aux is not None and dr.block is not None  # layer L is MoE in tiny: a balance loss
+    assert di.aux is None and di.block is None and di.mtp is None
+
+
+def test_moe_inference_mode_skips_balance_and_load():
+    from refmtp.model.moe import moe_forward
+    from refmtp.params import layer_prefix, sub_params
+
+    cfg = preset("tiny")
+    params = _params(cfg)
+    p = sub_params(params, layer_prefix(1) + "mlp.")
+    x = np.random.default_rng(3).standard_normal((2, 5, cfg.hidden_size))
+    out, aux, cache = moe_forward(x, p, cfg)
+    out_i, aux_i, cache_i = moe_forward(x, p, cfg, train=False)
+    np.testing.assert_array_equal(out, out_i)
+    assert aux is not None and cache.load is not None and aux_i is None and cache_i is None
+
+
+def test_decoder_rope_tables_once_per_length_bucket():
+    """The decoder's RoPE tables are built for a power-of-two bucket and reused; every row
+    equals the table built for that position alone (YaRN included), bit for bit."""
+    from refmtp.model.ops.rope import rope_tables
+
+    cfg = _cfg("no_q_lora_yarn")
+    dec = Decoder(_params(cfg), cfg)
+    cos, sin = dec.rope_tables(10)
+    assert cos.shape[0] == Decoder.ROPE_BUCKET_MIN and dec.rope_tables(64)[0] is cos  # reused
+    cos2, _ = dec.rope_tables(65)
+    assert cos2.shape[0] == 128
+    want_c, want_s = rope_tables(cfg, np.asarray([0, 37, 127]), dec.params["lm_head.weight"])
+    np.testing.assert_array_equal(cos2[[0, 37, 127]], want_c)
+    np.testing.assert_array_equal(dec.rope_tables(100)[1][[0, 37, 127]], want_s)
+    assert dec.rope_tables(cfg.max_position_embeddings)[0].shape[0] == cfg.max_position_embeddings
+
+
+def test_decoder_params_are_frozen_views():
+    """The decoder keeps its parameters read-only, with the per-layer views made once."""
+    from refmtp.params import FrozenParams, sub_params
+
+    cfg = preset("tiny")
+    params = _params(cfg)
+    dec = Decoder(params, cfg)
+    assert isinstance(dec.params, FrozenParams)
+    view = sub_params(dec.params, "model.layers.1.")
+    assert view is sub_params(dec.params, "model.layers.1.")  # remembered
+    plain = sub_params(params, "model.layers.1.")
+    assert view.keys() == plain.keys() and all(view[k] is plain[k] for k in plain)
+    with pytest.raises(TypeError, match="read-only"):
+        dec.params["lm_head.weight"] = params["lm_head.weight"]
+    with pytest.raises(TypeError, match="read-only"):
+        view.update({})
+
+
+def test_membound_preset_outgrows_the_caches():
+    """decode-membound exists to be memory-bound: its weights are > 1 GB in float32 and a
+    decoded token reads > 300 MB of FFN weights alone (benchmarks/decode.py counts ~525 MB)."""
+    from refmtp.params import param_count
+
+    cfg = preset("decode-membound")
+    assert param_count(cfg) * 4 > 1e9
+    d, moe_i = cfg.hidden_size, cfg.moe_intermediate_size
+    per_moe_layer = 3 * d * moe_i * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    dense = 3 * d * cfg.intermediate_size
+    assert 4 * (dense + (cfg.num_hidden_layers - 1) * per_moe_layer) > 3e8

@@ -53,9 +53,9 @@ from refmtp.model.mla import mla_kv_b_heads, mla_kv_up, mla_latent_kv, mla_query
 from refmtp.model.model import chained_state, depth_forward, head_forward, trunk_forward
 from refmtp.model.ops.attention import attention_forward
 from refmtp.model.ops.linear import linear_forward
-from refmtp.model.ops.rope import softmax_scale
+from refmtp.model.ops.rope import rope_tables, softmax_scale
 from refmtp.mutation import on
-from refmtp.params import mtp_layer
+from refmtp.params import FrozenParams, mtp_layer
 
 __all__ = ["CachedMLA", "Decoder", "KVCache", "RowStore", "MainOut", "MTPOut", "mla_decode",
            "generate", "next_token", "check_prompt", "check_budget"]
@@ -64,23 +64,27 @@ __all__ = ["CachedMLA", "Decoder", "KVCache", "RowStore", "MainOut", "MTPOut", "
 # -------------------------------------------------------------------------------------------
 # one MLA layer over the cache
 # -------------------------------------------------------------------------------------------
-def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int):
+def mla_decode(x, p, cfg, cache: KVCache, layer: int, start: int, tables=None):
     """MLA for ``T`` new tokens at positions ``start..start+T-1`` attending to the cached
     ``start`` tokens and themselves (causal).  x (B,T,d) post-input_layernorm -> (B,T,d).
 
-    Appends the new tokens' entries to ``cache`` (layer ``layer``); does not move ``cache.length``.
+    ``tables``: RoPE ``(cos, sin)`` of positions ``0..n-1`` with ``n >= start+T``
+    (:meth:`Decoder.rope_tables`, built once per length bucket), sliced here; None builds
+    them for the T positions. Appends the new tokens' entries to ``cache`` (layer ``layer``);
+    does not move ``cache.length``.
     """
     xp = backend_of(x).xp
     B, T, _ = x.shape
     H, Dr, Dv = cfg.num_attention_heads, cfg.qk_rope_head_dim, cfg.v_head_dim
     Rkv = cfg.kv_lora_rank
     S = start + T
-    positions = xp.arange(start, S, dtype=xp.int64)  # (T,) RoPE positions of the new tokens
-    if on("decode.positions_restart"):
-        positions = xp.arange(0, T, dtype=xp.int64)
+    first = 0 if on("decode.positions_restart") else start  # RoPE positions first..first+T-1
+    positions = xp.arange(first, first + T, dtype=xp.int64)  # (T,) RoPE positions of the new tokens
+    if tables is not None:
+        tables = (tables[0][first:first + T, :], tables[1][first:first + T, :])  # (T, Dr/2) each
     scale = softmax_scale(cfg)  # qk_head_dim^-1/2 * mscale^2 in BOTH modes (docs/deepseek-v3.md §2.5, §2.7)
-    q_nope, q_pe = mla_query(x, p, cfg, positions)  # (B,H,T,Dn), (B,H,T,Dr), q_pe rotated
-    c_kv, k_pe = mla_latent_kv(x, p, cfg, positions)  # (B,T,Rkv) post-norm, (B,T,Dr) post-RoPE
+    q_nope, q_pe = mla_query(x, p, cfg, positions, tables)  # (B,H,T,Dn), (B,H,T,Dr), q_pe rotated
+    c_kv, k_pe = mla_latent_kv(x, p, cfg, positions, tables)  # (B,T,Rkv) post-norm, (B,T,Dr) post-RoPE
     if on("decode.cache_latent_before_norm") or on("decode.cache_k_pe_unrotated"):
         raw = x @ p["kv_a_proj_with_mqa.weight"].T  # (B,T,Rkv+Dr) before the norm and RoPE
         if on("decode.cache_latent_before_norm"):
@@ -122,11 +126,11 @@ class CachedMLA:
     of the full-sequence ``mla_forward``; it writes the new tokens' cache rows of ``layer``.
     """
 
-    def __init__(self, cfg, cache: KVCache, start: int):
-        self.cfg, self.cache, self.start = cfg, cache, start
+    def __init__(self, cfg, cache: KVCache, start: int, tables=None):
+        self.cfg, self.cache, self.start, self.tables = cfg, cache, start, tables
 
     def attend(self, a, p_attn: dict, layer: int):
-        return mla_decode(a, p_attn, self.cfg, self.cache, layer, self.start)
+        return mla_decode(a, p_attn, self.cfg, self.cache, layer, self.start, self.tables)
 
 
 # -------------------------------------------------------------------------------------------
@@ -145,14 +149,36 @@ class MTPOut(NamedTuple):
 
 class Decoder:
     """A model prepared for cached decoding: ``params`` validated once, then every call runs the
-    model's own wiring (trunk_forward / depth_forward / head_forward) with :class:`CachedMLA`."""
+    model's own wiring (trunk_forward / depth_forward / head_forward) with :class:`CachedMLA`
+    in inference mode (``train=False``: no balance loss, load statistics or backward caches).
+
+    Prepared once (docs/inference.md, "Decoding cost"): the parameter views of every layer
+    (:class:`refmtp.params.FrozenParams`) and the RoPE tables of positions ``0..n-1``, ``n``
+    the length bucket (a power of two >= 64) of the longest sequence seen so far."""
+
+    ROPE_BUCKET_MIN = 64
 
     def __init__(self, params: dict, cfg):
         cfg.validate()
         check_params(params, cfg)  # once: the per-token calls do not re-validate
-        self.params, self.cfg = params, cfg
+        self.params, self.cfg = FrozenParams(params), cfg
         self.bk = backend_of(params[EMBED])
         self.kind = cfg.refmtp.mtp_kind
+        self._rope = None  # (cos, sin) of positions 0..n-1, n a length bucket (rope_tables)
+
+    def rope_tables(self, length: int):
+        """RoPE ``(cos, sin)`` (n, Dr/2) of positions ``0..n-1``, ``n >= length``: built for the
+        smallest power of two >= max(length, 64) (capped at max_position_embeddings) the
+        first time a sequence gets that long, then reused. Row m equals
+        ``rope_tables(cfg, [m], like)``: the same float64 angle and rounding."""
+        if self._rope is None or self._rope[0].shape[0] < length:
+            n = self.ROPE_BUCKET_MIN
+            while n < length:
+                n *= 2
+            n = max(min(n, self.cfg.max_position_embeddings), length)
+            xp = self.bk.xp
+            self._rope = rope_tables(self.cfg, xp.arange(n, dtype=xp.int64), self.params[EMBED])
+        return self._rope
 
     @property
     def dtype(self):
@@ -196,13 +222,16 @@ class Decoder:
         xp = self.bk.xp
         return xp.arange(cache.length, cache.length + T, dtype=xp.int64)
 
+    def _attention(self, cache, T):
+        return CachedMLA(self.cfg, cache, cache.length, self.rope_tables(cache.length + T)).attend
+
     def main(self, tokens, cache: KVCache) -> MainOut:
         """Append ``tokens`` (B,T) to the main model's cache; logits/states of those T tokens."""
         tokens = self._ids(tokens)
         B, T = tokens.shape
         positions = self._positions(cache, B, T)
-        att = CachedMLA(self.cfg, cache, cache.length)
-        tr = trunk_forward(self.params, self.cfg, tokens, positions, att.attend)
+        tr = trunk_forward(self.params, self.cfg, tokens, positions, self._attention(cache, T),
+                           train=False)
         cache.length += T
         return MainOut(logits=tr.logits, hidden=tr.h0, trunk=tr.z)
 
@@ -220,8 +249,8 @@ class Decoder:
                 f"decode: h_prev {tuple(h_prev.shape)} must be (B, T, d) = {(B, T, self.cfg.hidden_size)}"
             )
         positions = self._positions(cache, B, T)
-        att = CachedMLA(self.cfg, cache, cache.length)
-        d = depth_forward(self.params, self.cfg, k, token_ids, h_prev, positions, att.attend)
+        d = depth_forward(self.params, self.cfg, k, token_ids, h_prev, positions,
+                          self._attention(cache, T), train=False)
         cache.length += T
         return MTPOut(logits=d.logits, carry=chained_state(self.cfg, d))
 
@@ -233,8 +262,8 @@ class Decoder:
         self._module_layer(k)
         B, T, _ = z.shape
         positions = self._positions(cache, B, T)
-        att = CachedMLA(self.cfg, cache, cache.length)
-        d = head_forward(self.params, self.cfg, k, z, positions, att.attend)
+        d = head_forward(self.params, self.cfg, k, z, positions, self._attention(cache, T),
+                         train=False)
         cache.length += T
         return MTPOut(logits=d.logits, carry=d.n)
 

@@ -38,11 +38,13 @@ class BlockCache:
     layer: int  # layer index (main 0..L-1, MTP module k at L+k-1)
 
 
-def block_forward(x, p: dict, cfg, layer: int, positions, attend=None):
+def block_forward(x, p: dict, cfg, layer: int, positions, attend=None, *, train: bool = True):
     """x (B, T, d), positions (T,) int64 -> (y (B, T, d), aux, BlockCache).
 
     ``aux`` is the MoE layer's balance loss without alpha (a scalar array), None for a dense layer.
     ``attend`` (decoding) replaces the full-sequence MLA; the cache then has ``attn=None``.
+    ``train=False`` (decoding) returns ``(y, None, None)``: the same ``y``, no balance loss and
+    no backward cache (the MoE layer skips its load statistics).
     """
     eps = cfg.rms_norm_eps
     a, c_attn_norm = rmsnorm_forward(x, p["input_layernorm.weight"], eps)  # (B, T, d)
@@ -54,12 +56,14 @@ def block_forward(x, p: dict, cfg, layer: int, positions, attend=None):
     m, c_ffn_norm = rmsnorm_forward(h, p["post_attention_layernorm.weight"], eps)  # (B, T, d)
     moe = cfg.is_moe_layer(layer)
     if moe:
-        f, aux, c_ffn = moe_forward(m, sub_params(p, "mlp."), cfg)  # (B, T, d), scalar
+        f, aux, c_ffn = moe_forward(m, sub_params(p, "mlp."), cfg, train=train)  # (B, T, d), scalar
     else:
         f, c_ffn = swiglu_forward(m, p["mlp.gate_proj.weight"], p["mlp.up_proj.weight"],
                                   p["mlp.down_proj.weight"])  # (B, T, d)
         aux = None
     y = rounded(h + f)  # second residual, (B, T, d)
+    if not train:
+        return y, None, None
     return y, aux, BlockCache(attn_norm=c_attn_norm, attn=c_attn, ffn_norm=c_ffn_norm, ffn=c_ffn,
                               moe=moe, layer=layer)
 

@@ -257,19 +257,22 @@ def mla_backward(dout, cache: MLACache):
 # ------------------------------------------------------------------------------------------
 # decoding helpers (forward only; no caches kept)
 # ------------------------------------------------------------------------------------------
-def mla_latent_kv(x, p, cfg, positions):
+def mla_latent_kv(x, p, cfg, positions, tables=None):
     """What the latent KV cache stores per token (docs/deepseek-v3.md §2.7): ``(c_kv (B,T,Rkv), k_pe (B,T,Dr))``.
 
     ``c_kv`` is taken AFTER kv_a_layernorm, ``k_pe`` AFTER RoPE at ``positions`` (T,).
+    ``tables``: ``(cos, sin)`` of exactly these positions when the caller has them already
+    (a decoder slices them from tables built once), else built here with :func:`rope_tables`.
     """
-    cos, sin = rope_tables(cfg, positions, x)
+    cos, sin = rope_tables(cfg, positions, x) if tables is None else tables
     c_kv, k_pe, _ = _latent_forward(x, p, cfg, cos, sin)
     return c_kv, k_pe
 
 
-def mla_query(x, p, cfg, positions):
-    """The query parts ``(q_nope (B,H,T,Dn), q_pe (B,H,T,Dr))``, q_pe rotated at ``positions``."""
-    cos, sin = rope_tables(cfg, positions, x)
+def mla_query(x, p, cfg, positions, tables=None):
+    """The query parts ``(q_nope (B,H,T,Dn), q_pe (B,H,T,Dr))``, q_pe rotated at ``positions``
+    (``tables`` as in :func:`mla_latent_kv`)."""
+    cos, sin = rope_tables(cfg, positions, x) if tables is None else tables
     q_nope, q_pe, _ = _query_forward(x, p, cfg, cos, sin)
     return q_nope, q_pe
 

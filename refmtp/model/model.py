@@ -163,15 +163,17 @@ class TrunkOut:
     head: Any  # LinearCache of lm_head
 
 
-def trunk_forward(params: dict, cfg, ids, positions, attend=None) -> TrunkOut:
+def trunk_forward(params: dict, cfg, ids, positions, attend=None, *, train: bool = True) -> TrunkOut:
     """The main model on ids (B, T) at RoPE ``positions`` (T,): Emb -> L blocks -> model.norm ->
-    lm_head. ``attend``: the blocks' attention (None: full sequence; see refmtp.model.block)."""
+    lm_head. ``attend``: the blocks' attention (None: full sequence; see refmtp.model.block).
+    ``train=False`` (decoding): the same outputs, ``blocks`` empty (no balance loss, no caches)."""
     x, c_emb = embedding_forward(ids, params[EMBED])  # (B, T, d)
     blocks = []
     for layer in range(cfg.num_hidden_layers):
         x, aux_l, bc = block_forward(x, sub_params(params, layer_prefix(layer)), cfg, layer,
-                                     positions, attend)  # (B, T, d)
-        blocks.append((aux_l, bc))
+                                     positions, attend, train=train)  # (B, T, d)
+        if train:
+            blocks.append((aux_l, bc))
     h0, c_norm = rmsnorm_forward(x, params[NORM], cfg.rms_norm_eps)  # h^0 (B, T, d)
     logits, c_head = linear_forward(h0, params[LM_HEAD])  # (B, T, V)
     return TrunkOut(logits=logits, h0=h0, z=x, blocks=blocks, emb=c_emb, norm=c_norm, head=c_head)
@@ -190,25 +192,29 @@ class DepthOut:
     head: Any  # LinearCache of the shared lm_head
 
 
-def depth_forward(params: dict, cfg, k: int, ids, h_prev, positions, attend=None) -> DepthOut:
+def depth_forward(params: dict, cfg, k: int, ids, h_prev, positions, attend=None, *,
+                  train: bool = True) -> DepthOut:
     """Causal MTP depth k (V3 eqs. 21-23): row i reads Emb(ids[:, i]) = Emb(t_{i+k}) and
-    h_prev[:, i] = h^{k-1}_i -> MTP_k -> the shared lm_head."""
+    h_prev[:, i] = h^{k-1}_i -> MTP_k -> the shared lm_head. ``train=False``: aux, block and
+    mtp are None (decoding)."""
     layer = mtp_layer(cfg, k)
     p = sub_params(params, layer_prefix(layer))
     if on("mtp.head_norm_is_model_norm"):
         p = {**p, "shared_head.norm.weight": params[NORM]}
     e, c_e = embedding_forward(ids, params[EMBED])  # SHARED embedding, (B, T', d)
-    n, y, aux_l, c_m = mtp_forward(e, h_prev, p, cfg, layer, positions, attend)
+    n, y, aux_l, c_m = mtp_forward(e, h_prev, p, cfg, layer, positions, attend, train=train)
     logits, c_h = linear_forward(n, params[LM_HEAD])  # SHARED lm_head, (B, T', V)
-    return DepthOut(logits=logits, n=n, y=y, aux=aux_l, block=c_m.block, emb=c_e, mtp=c_m,
-                    norm=None, head=c_h)
+    return DepthOut(logits=logits, n=n, y=y, aux=aux_l, block=None if c_m is None else c_m.block,
+                    emb=c_e, mtp=c_m, norm=None, head=c_h)
 
 
-def head_forward(params: dict, cfg, k: int, z, positions, attend=None) -> DepthOut:
-    """Parallel head k (Gloeckle et al.): Block_{L+k-1}(z) -> the shared model.norm -> lm_head."""
+def head_forward(params: dict, cfg, k: int, z, positions, attend=None, *,
+                 train: bool = True) -> DepthOut:
+    """Parallel head k (Gloeckle et al.): Block_{L+k-1}(z) -> the shared model.norm -> lm_head.
+    ``train=False``: aux and block are None (decoding)."""
     layer = mtp_layer(cfg, k)
     y, aux_l, bc = block_forward(z, sub_params(params, layer_prefix(layer)), cfg, layer,
-                                 positions, attend)  # (B, T', d)
+                                 positions, attend, train=train)  # (B, T', d)
     n, c_n = rmsnorm_forward(y, params[NORM], cfg.rms_norm_eps)  # SHARED model.norm
     logits, c_h = linear_forward(n, params[LM_HEAD])  # SHARED lm_head, (B, T', V)
     return DepthOut(logits=logits, n=n, y=y, aux=aux_l, block=bc, emb=None, mtp=None, norm=c_n,

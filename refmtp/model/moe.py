@@ -180,13 +180,15 @@ def check_moe(x, p: dict, cfg) -> None:
 SHARDED = None
 
 
-def moe_forward(x, p: dict, cfg):
+def moe_forward(x, p: dict, cfg, *, train: bool = True):
     """x (B, T, d) post_attention_layernorm'ed -> (out (B, T, d), aux (), MoECache).
 
     ``out`` = shared + routed experts (no residual), V3 eq. 12. ``aux`` is the layer's balance
     loss WITHOUT alpha (cfg.refmtp.balance_loss: "seq" V3 eqs. 17-20, "expert" V2, "none" -> 0).
+    ``train=False`` (decoding) computes ``out`` only: no balance loss, no load statistics, no
+    backward cache; it returns ``(out, None, None)`` and ``out`` is the same numbers.
     """
-    if SHARDED is not None:  # expert parallel: the same layer, experts on their ranks
+    if SHARDED is not None:  # expert parallel (training steps only): the same layer, experts on their ranks
         return SHARDED.forward(x, p, cfg)
     bk = backend_of(x)
     xp = bk.xp
@@ -195,12 +197,13 @@ def moe_forward(x, p: dict, cfg):
     x2 = xp.reshape(x, (N, d))  # (B, T, d) -> (N, d)
     # router: selection on s + b (group-limited), gate values from s (eqs. 13-16)
     topk_idx, topk_weight, rcache = router_forward(x2, p["gate.weight"], p.get(BIAS), cfg)  # (N, K) x2
-    kind = cfg.refmtp.balance_loss
-    if on("balance.f_from_routed_topk") and kind == "seq":
-        kind = "seq_routed"
-    aux, bcache = balance_loss_forward(
-        xp.reshape(rcache.s, (B, T, E)), xp.reshape(topk_idx, (B, T, K)), kind
-    )  # (), eqs. 17-20 without alpha
+    if train:
+        kind = cfg.refmtp.balance_loss
+        if on("balance.f_from_routed_topk") and kind == "seq":
+            kind = "seq_routed"
+        aux, bcache = balance_loss_forward(
+            xp.reshape(rcache.s, (B, T, E)), xp.reshape(topk_idx, (B, T, K)), kind
+        )  # (), eqs. 17-20 without alpha
     # dispatch: sort the N*K slots by expert, gather their tokens
     order, offsets = _kernel(bk, "moe_dispatch_plan", moe_dispatch_plan_ref)(topk_idx, E)  # (S,), (E+1,)
     xs = _kernel(bk, "moe_permute", moe_permute_ref)(x2, order, K)  # (S, d)
@@ -226,6 +229,8 @@ def moe_forward(x, p: dict, cfg):
     else:
         scache = None
         out = routed
+    if not train:  # decoding: no balance statistics, no backward cache
+        return xp.reshape(out, (B, T, d)), None, None
     load = xp.astype(offsets[1:] - offsets[:-1], xp.int64)  # (E,)
     if on("bias_update.load_unbiased"):
         unbiased, _ = bk.topk(rcache.s, K)  # (N, K)

@@ -40,13 +40,14 @@ class MTPCache:
     d: int  # hidden size, where [e ; hh] is split in backward
 
 
-def mtp_forward(emb, h_prev, p: dict, cfg, layer: int, positions, attend=None):
+def mtp_forward(emb, h_prev, p: dict, cfg, layer: int, positions, attend=None, *, train: bool = True):
     """emb (B, T', d) = Emb(t_{i+k}), h_prev (B, T', d) = h^{k-1}_i for i < T' = T-k,
     positions (T',) -> (n, y, aux, MTPCache) with n = shared_head.norm(y) and y the block
     output, both (B, T', d); aux the block's balance loss (None if the block is dense).
 
     ``p`` has the ``model.layers.{L+k-1}.`` prefix stripped; ``attend`` is the block's attention
     (None: full-sequence MLA; decoding passes the cached one, see refmtp.model.block).
+    ``train=False`` (decoding): the same ``n`` and ``y``, ``aux`` and the cache are None.
     """
     xp = backend_of(emb, h_prev).xp
     if emb.shape != h_prev.shape:
@@ -62,10 +63,12 @@ def mtp_forward(emb, h_prev, p: dict, cfg, layer: int, positions, attend=None):
     hh, c_hnorm = rmsnorm_forward(h_prev, hnorm, eps)  # (B, T', d)
     eh = xp.concat([hh, e] if on("mtp.eh_concat_swapped") else [e, hh], axis=-1)  # (B, T', 2d), embedding first (eq. 21 as released)
     x, c_eh = linear_forward(eh, p["eh_proj.weight"])  # (B, T', 2d) -> (B, T', d)
-    y, aux, c_block = block_forward(x, p, cfg, layer, positions, attend)  # (B, T', d)
+    y, aux, c_block = block_forward(x, p, cfg, layer, positions, attend, train=train)  # (B, T', d)
     n, c_head = rmsnorm_forward(y, p["shared_head.norm.weight"], eps)  # (B, T', d)
     if on("mtp.no_head_norm"):
         n = y
+    if not train:
+        return n, y, None, None
     cache = MTPCache(enorm=c_enorm, hnorm=c_hnorm, eh_proj=c_eh, block=c_block, head_norm=c_head,
                      d=int(emb.shape[-1]))
     return n, y, aux, cache

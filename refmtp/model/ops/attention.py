@@ -69,10 +69,11 @@ def attention_forward(q, k, v, scale: float, start: int = 0):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     s = (q @ xp.matrix_transpose(k)) * scale  # (B, H, T, S)  eq. 10 logits
-    allowed = causal_allowed(T, start, xp)  # (T, S)
-    if on("mla.no_causal_mask"):
-        allowed = xp.ones((T, S), dtype=xp.bool)
-    s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=s.dtype))  # (B, H, T, S) masked
+    if T > 1:  # one query (a decoded token) sees every key: nothing to mask
+        allowed = causal_allowed(T, start, xp)  # (T, S)
+        if on("mla.no_causal_mask"):
+            allowed = xp.ones((T, S), dtype=xp.bool)
+        s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=s.dtype))  # (B, H, T, S) masked
     m = xp.max(s, axis=-1, keepdims=True)  # (B, H, T, 1) row max, finite (key 0 always allowed)
     e = xp.exp(s - m)  # (B, H, T, S), exactly 0 on masked keys
     p = e / xp.sum(e, axis=-1, keepdims=True)  # (B, H, T, S)
