@@ -195,3 +195,14 @@ def check_rmsnorm_rows_backward(dout, x, weight, rstd) -> None:
             or dout.dtype != x.dtype or rstd.dtype != x.dtype:
         raise ValueError(f"rmsnorm kernel: dout must be {tuple(x.shape)} and rstd {tuple(x.shape[:-1]) + (1,)} "
                          f"in {x.dtype}, got {tuple(dout.shape)} {dout.dtype} and {tuple(rstd.shape)} {rstd.dtype}")
+
+
+# -------------------------------------------------------------------------------------------
+# adamw_update (reference: refmtp.training.optim.adamw_update_ref)
+# -------------------------------------------------------------------------------------------
+def check_adamw_update(p, g, m, v) -> None:
+    """p, g, m, v: one shape and one float dtype."""
+    _float(p, "p", "adamw kernel")
+    for name, a in (("g", g), ("m", m), ("v", v)):
+        if tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
+            raise ValueError(f"adamw kernel: {name} is {tuple(a.shape)} {a.dtype}, p is {tuple(p.shape)} {p.dtype}")

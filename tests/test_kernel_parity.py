@@ -29,6 +29,7 @@ from refmtp.model.ops.attention import causal_softmax_backward_ref, causal_softm
 from refmtp.model.ops.rmsnorm import rmsnorm_rows_backward_ref, rmsnorm_rows_ref
 from refmtp.model.ops.rope import rope_apply_ref
 from refmtp.model.ops.swiglu import swiglu_gate_backward_ref, swiglu_gate_ref
+from refmtp.training.optim import adamw_update_ref
 from refmtp.model.ops.xent import xent_backward_ref, xent_forward_ref
 from tests.conftest import BACKEND_PARAMS
 from tests.test_accept_kernels import random_batch
@@ -42,7 +43,7 @@ EXP_TOL = {np.float32: 1e-6, np.float64: 1e-14}  # exp from another libm (a few 
 # Kernels of the numpy backend only (issue 17's CPU speed levers: fused elementwise tails). On
 # cupy these names have no kernel and the plain array path runs; the GPU has no twin to check.
 CPU_ONLY = frozenset({"causal_softmax", "causal_softmax_backward", "swiglu_gate", "swiglu_gate_backward",
-                      "rmsnorm_rows", "rmsnorm_rows_backward"})
+                      "rmsnorm_rows", "rmsnorm_rows_backward", "adamw_update"})
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,23 @@ def rmsnorm_rows_backward_cases():
     return out
 
 
+ADAMW_SHAPES = [(0,), (1,), (7, 5), (3, 4, 2), (4096,)]
+
+
+def adamw_update_cases():
+    out = []
+    for i, sh in enumerate(ADAMW_SHAPES):
+        for dt in DTYPES:
+            rng = np.random.default_rng(40 + i)
+            p, g, m = (rng.standard_normal(sh).astype(dt) for _ in range(3))
+            v = np.abs(rng.standard_normal(sh)).astype(dt) * 1e-3
+            for t, wd in ((1, 0.1), (7, 0.0)):  # first step (m = v = 0 there in training) and later
+                bc1, bc2 = 1 - 0.9 ** t, 1 - 0.95 ** t
+                out.append((f"{'x'.join(map(str, sh))}-t{t}-{np.dtype(dt).name}",
+                            (p, g, m, v, 3e-4, wd, 0.9, 0.95, 1e-8, bc1, bc2)))
+    return out
+
+
 TABLE: dict[str, Entry] = {
     "rope_apply": Entry(rope_apply_ref, rope_cases, exact=(0,)),
     "xent_forward": Entry(xent_forward_ref, xent_forward_cases, exact=(),
@@ -275,6 +293,7 @@ TABLE: dict[str, Entry] = {
     "swiglu_gate_backward": Entry(swiglu_gate_backward_ref, swiglu_gate_backward_cases, exact=(0,)),
     "rmsnorm_rows": Entry(rmsnorm_rows_ref, rmsnorm_rows_cases, exact=(), tol={0: ROWSUM_TOL, 1: ROWSUM_TOL},
                           why="sum(x * x) left to right vs numpy's pairwise mean"),
+    "adamw_update": Entry(adamw_update_ref, adamw_update_cases, exact=(0, 1, 2)),
     "rmsnorm_rows_backward": Entry(rmsnorm_rows_backward_ref, rmsnorm_rows_backward_cases, exact=(1,),
                                    tol={0: ROWSUM_TOL}, why="sum(g * n) left to right vs numpy's pairwise mean"),
 }
@@ -386,6 +405,8 @@ def _bad_cases():
         ("rmsnorm_rows", (np.zeros((3, 4)), np.zeros(5), 1e-6), ValueError, r"weight \(d,\)"),
         ("rmsnorm_rows_backward", (np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(4), np.zeros((3,))), ValueError,
          r"rstd \(3, 1\)"),
+        ("adamw_update", (np.zeros(3), np.zeros(3), np.zeros(4), np.zeros(3), 1e-3, 0.1, 0.9, 0.95, 1e-8, 0.1, 0.05),
+         ValueError, r"m is \(4,\)"),
     ]
 
 
