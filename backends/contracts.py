@@ -130,3 +130,79 @@ def check_moe_combine_backward(dy, ys, order, weight) -> None:
             f"moe combine_backward: dy {tuple(dy.shape)} / ys {tuple(ys.shape)} do not fit weight ({N}, {K})"
         )
     _check_order(order, N * K)
+
+
+# -------------------------------------------------------------------------------------------
+# causal_softmax / causal_softmax_backward (references: refmtp.model.ops.attention.causal_softmax*_ref)
+# -------------------------------------------------------------------------------------------
+def _check_scores(s, start: int, who: str, name: str = "s") -> None:
+    if s.ndim < 2 or isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0 \
+            or s.shape[-1] != start + s.shape[-2]:
+        raise ValueError(f"{who}: expected {name} (..., T, S) with S = start + T and start >= 0, got "
+                         f"{tuple(s.shape)} and start={start!r}")
+    _float(s, name, who)
+
+
+def check_causal_softmax(s, start) -> None:
+    """s (..., T, S) float scores with S = start + T."""
+    _check_scores(s, start, "causal_softmax")
+
+
+def check_causal_softmax_backward(p, dp, start) -> None:
+    """p, dp (..., T, S) of one float dtype, S = start + T."""
+    _check_scores(p, start, "causal_softmax_backward", "p")
+    if tuple(dp.shape) != tuple(p.shape) or dp.dtype != p.dtype:
+        raise ValueError(f"causal_softmax_backward: dp {tuple(dp.shape)} {dp.dtype} must match p "
+                         f"{tuple(p.shape)} {p.dtype}")
+
+
+# -------------------------------------------------------------------------------------------
+# swiglu_gate / swiglu_gate_backward (references: refmtp.model.ops.swiglu.swiglu_gate*_ref)
+# -------------------------------------------------------------------------------------------
+def check_swiglu_gate(ab) -> None:
+    """ab (N, 2I) float: the gate and up projections side by side."""
+    if ab.ndim != 2 or ab.shape[1] % 2:
+        raise ValueError(f"swiglu_gate: expected ab (N, 2I) with an even width, got {tuple(ab.shape)}")
+    _float(ab, "ab", "swiglu_gate")
+
+
+def check_swiglu_gate_backward(dh, ab, sig) -> None:
+    """dh (N, I), ab (N, 2I), sig (N, I), one float dtype."""
+    check_swiglu_gate(ab)
+    half = (ab.shape[0], ab.shape[1] // 2)
+    if tuple(dh.shape) != half or tuple(sig.shape) != half or not (dh.dtype == ab.dtype == sig.dtype):
+        raise ValueError(f"swiglu_gate_backward: dh and sig must be {half} {ab.dtype} like ab's halves, got "
+                         f"{tuple(dh.shape)} {dh.dtype} and {tuple(sig.shape)} {sig.dtype}")
+
+
+# -------------------------------------------------------------------------------------------
+# rmsnorm_rows / rmsnorm_rows_backward (references: refmtp.model.ops.rmsnorm.rmsnorm_rows*_ref)
+# -------------------------------------------------------------------------------------------
+def check_rmsnorm_rows(x, weight) -> None:
+    """x (..., d) float, weight (d,) of the same dtype."""
+    if x.ndim < 1 or tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"rmsnorm kernel: expected x (..., d) and weight (d,), got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)}")
+    _float(x, "x", "rmsnorm kernel")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"rmsnorm kernel: x and weight dtypes differ ({x.dtype}, {weight.dtype})")
+
+
+def check_rmsnorm_rows_backward(dout, x, weight, rstd) -> None:
+    """As :func:`check_rmsnorm_rows`, plus dout like x and rstd (..., 1)."""
+    check_rmsnorm_rows(x, weight)
+    if tuple(dout.shape) != tuple(x.shape) or tuple(rstd.shape) != tuple(x.shape[:-1]) + (1,) \
+            or dout.dtype != x.dtype or rstd.dtype != x.dtype:
+        raise ValueError(f"rmsnorm kernel: dout must be {tuple(x.shape)} and rstd {tuple(x.shape[:-1]) + (1,)} "
+                         f"in {x.dtype}, got {tuple(dout.shape)} {dout.dtype} and {tuple(rstd.shape)} {rstd.dtype}")
+
+
+# -------------------------------------------------------------------------------------------
+# adamw_update (reference: refmtp.training.optim.adamw_update_ref)
+# -------------------------------------------------------------------------------------------
+def check_adamw_update(p, g, m, v) -> None:
+    """p, g, m, v: one shape and one float dtype."""
+    _float(p, "p", "adamw kernel")
+    for name, a in (("g", g), ("m", m), ("v", v)):
+        if tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
+            raise ValueError(f"adamw kernel: {name} is {tuple(a.shape)} {a.dtype}, p is {tuple(p.shape)} {p.dtype}")

@@ -6,8 +6,10 @@ kernel name (the same name the refmtp op asks ``backend.kernel(...)`` for) to a 
 the exact signature of the plain array reference in ``refmtp/``. No fastmath anywhere.
 Set ``NUMBA_DISABLE_JIT=1`` to run every kernel as plain Python when debugging.
 """
-from refmtp.backends import numba_accept, numba_moe, numba_rope, numba_xent
+from refmtp.backends import (numba_accept, numba_adamw, numba_attention, numba_moe, numba_rmsnorm, numba_rope, numba_swiglu,
+                             numba_xent)
 
 KERNELS: dict = {}
-for _mod in (numba_rope, numba_xent, numba_moe, numba_accept):
+for _mod in (numba_rope, numba_xent, numba_moe, numba_accept, numba_attention, numba_swiglu, numba_rmsnorm,
+             numba_adamw):
     KERNELS.update(_mod.KERNELS)

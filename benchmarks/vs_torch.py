@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -345,6 +347,66 @@ def compare(cfg, params, slots, tstep, tokens_np):
             "routing_agreement": same / total if total else None, "n_grad_tensors": len(grads)}
 
 
+def kernel_threads(n: int) -> int | None:
+    """Numba's thread count for the parallel kernels, set with the BLAS threads (None without numba)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    numba.set_num_threads(min(int(n), numba.config.NUMBA_NUM_THREADS))
+    return numba.get_num_threads()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def step_peak_rss(step, tokens, interval_s: float = 0.002) -> dict:
+    """Resident memory around one (untimed) step: before it (after glibc's ``malloc_trim`` has
+    returned the freed heap), and the peak a sampling thread saw during it (every ``interval_s``);
+    both sides live in this one process, so the step's own memory is ``peak - before``."""
+    import ctypes
+    import threading
+
+    with contextlib.suppress(OSError, AttributeError):  # hand freed heap pages back (glibc)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = _rss_bytes()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            done.wait(interval_s)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        step(tokens)
+    finally:
+        done.set()
+        th.join()
+    peak[0] = max(peak[0], _rss_bytes())
+    return {"before_mib": before / 2 ** 20, "peak_mib": peak[0] / 2 ** 20, "step_mib": (peak[0] - before) / 2 ** 20}
+
+
+def numpy_gemm_peak(dtype: str, sizes=(512, 1024), samples: int = 3, seconds: float = 0.2) -> dict:
+    """numpy's sustained square GEMM GFLOP/s at each size (median of ``samples``), and the best."""
+    import numpy as np
+
+    from train_step import gemm_sample
+
+    rng = np.random.default_rng(0)
+    rates = {}
+    for n in sizes:
+        a, b = rng.standard_normal((n, n)).astype(dtype), rng.standard_normal((n, n)).astype(dtype)
+        a @ b
+        rates[n] = statistics.median(gemm_sample(a, b, seconds) for _ in range(samples))
+    best = max(rates, key=rates.get)
+    return {"gflops_by_size": rates, "size": best, "peak_gflops": rates[best]}
+
+
 def gemm_pair(dtype: str, n: int = 512, samples: int = 5, seconds: float = 0.2) -> dict:
     """Sustained n x n GEMM GFLOP/s of numpy (OpenBLAS) and torch (MKL), alternating samples."""
     import numpy as np
@@ -385,6 +447,7 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir):
     from refmtp.backends import get_backend
     from refmtp.checkpoint import save_checkpoint
     from refmtp.model import init_params
+    from refmtp.verification.flops import train_step_flops
     from train_step import StepRunner, make_batch
 
     params = init_params(cfg, seed=0, dtype=dtype)
@@ -405,6 +468,7 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir):
         bk = get_backend("numpy")
         for n in thread_counts:
             blas_threads(n)
+            numba_threads = kernel_threads(n)
             torch.set_num_threads(n)
             runner = StepRunner(cfg, init_params(cfg, seed=0, dtype=dtype))
             tt = torch.from_numpy(tokens)
@@ -416,17 +480,40 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir):
                 rr.append(runner.step(xt))
                 tr.append(tstep.step(tt))
             med = lambda recs, k: statistics.median(r[k] for r in recs)  # noqa: E731
-            row = {"threads": n, "blas_threads": blas_threads(), "torch_threads": torch.get_num_threads()}
+            pair = [t["step"] / r["step"] for r, t in zip(rr, tr)]  # refmtp/torch tokens/s, per alternation
+            row = {"threads": n, "blas_threads": blas_threads(), "numba_threads": numba_threads,
+                   "torch_threads": torch.get_num_threads(),
+                   "ratio_per_alternation": {"median": statistics.median(pair), "min": min(pair), "max": max(pair),
+                                             "values": pair},
+                   "peak_rss": {"refmtp": step_peak_rss(runner.step, xt), "torch": step_peak_rss(tstep.step, tt)}}
             for tag, recs in (("refmtp", rr), ("torch", tr)):
                 row[tag] = {f"{k}_ms": med(recs, k) * 1e3 for k in ("forward", "backward", "optimizer", "step")}
                 row[tag]["tokens_per_s"] = batch * seq / med(recs, "step")
             row["ratio_refmtp_over_torch"] = row["refmtp"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
             row["gemm_512"] = gemm_pair(dtype)
+            row["numpy_gemm_peak"] = numpy_gemm_peak(dtype)
+            flops = train_step_flops(cfg, batch, seq)
+            row["refmtp"]["gflops"] = flops / (row["refmtp"]["step_ms"] / 1e3) / 1e9
+            row["refmtp"]["pct_of_gemm_peak"] = 100.0 * row["refmtp"]["gflops"] / row["numpy_gemm_peak"]["peak_gflops"]
             row["torch_profile"] = torch_gemm_share(tstep, tt)
             row["load_average_1m"] = run_context(n)["load_average_1_5_15m"]
             timings.append(row)
         res["timings"] = timings
     return res
+
+
+def parse_overrides(items, ap) -> dict:
+    """``["hidden_size=256", ...]`` -> {field: int}; a bad item is one line and exit 2."""
+    from refmtp.config import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or not value.lstrip("-").isdigit():
+            ap.error(f"--set {item!r}: expected FIELD=INT with FIELD a ModelConfig field")
+        out[key] = int(value)
+    return out
 
 
 def main(argv=None):
@@ -438,8 +525,12 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=INT",
+                    help="override integer config fields of every preset, e.g. --set hidden_size=256 "
+                         "(the issue-17 config: small with d = 256)")
     ap.add_argument("--out", default=str(HERE / "results" / "vs_torch.json"))
     args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set, ap)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from _machine import machine_info
@@ -463,14 +554,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         for name in args.presets:
             for dtype in args.dtypes:
-                rows.append(run_case(preset(name), name, dtype, args.threads, args.batch, args.seq,
-                                     repeats, work))
+                cfg = dataclasses.replace(preset(name), **overrides).validate()
+                label = name + "".join(f",{k}={v}" for k, v in overrides.items())
+                rows.append(run_case(cfg, label, dtype, args.threads, args.batch, args.seq, repeats, work))
     print(f"refmtp vs PyTorch eager (HF DeepseekV3 + MTP), training step, B*T = {args.batch}*{args.seq}, "
           f"median of {repeats}, OpenBLAS {blas_kernel()} kernels, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
     head = (f"{'preset':6} {'dtype':8} {'thr':>3} {'refmtp tok/s':>12} {'torch tok/s':>11} {'ratio':>6} "
             f"{'|dloss|':>9} {'grad rel':>9} {'stock HF rel':>12} {'routing':>7} {'GEMM np/torch':>13} "
-            f"{'torch GEMM%':>11}")
+            f"{'torch GEMM%':>11} {'alt. ratio min-max':>18} {'% peak':>6} {'RSS MiB r/t':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -480,7 +572,10 @@ def main(argv=None):
                   f"{r['check']['max_loss_abs_diff']:9.1e} {r['check']['grad_max_rel_diff']:9.1e} "
                   f"{r['stock_hf_check']['grad_max_rel_diff']:12.1e} {r['check']['routing_agreement']:7.3f} "
                   f"{t['gemm_512']['numpy_gflops']:6.1f}/{t['gemm_512']['torch_gflops']:<6.1f} "
-                  f"{100 * t['torch_profile']['gemm_self_share']:10.1f}%")
+                  f"{100 * t['torch_profile']['gemm_self_share']:10.1f}% "
+                  f"{t['ratio_per_alternation']['min']:8.2f}-{t['ratio_per_alternation']['max']:<9.2f} "
+                  f"{t['refmtp']['pct_of_gemm_peak']:6.1f} "
+                  f"{t['peak_rss']['refmtp']['step_mib']:5.0f}/{t['peak_rss']['torch']['step_mib']:<5.0f}")
     result = {
         "benchmark": "vs_torch",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -489,6 +584,8 @@ def main(argv=None):
         "check": ("first batch, identical weights: |loss_refmtp - loss_torch| per term; grad_max_rel_diff = "
                   "max over tensors of max|g_refmtp - g_torch| / max|g_refmtp|; 'check' uses HF with the "
                   "float32 islands patched to the model dtype, 'stock_hf_check' the unpatched classes"),
+        "config_overrides": overrides, "batch": args.batch, "seq": args.seq, "repeats": repeats,
+        "rss": "peak resident memory of one untimed step per side, minus the memory before it (step_mib)",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "context_start": ctx_start, "context_end": run_context(args.threads[-1]),
         "machine": machine_info(),

@@ -25,7 +25,11 @@ from refmtp.backends import cupy_table, get_backend, numba_kernels
 from refmtp.inference.acceptance import verify_drafts_batch_ref
 from refmtp.model.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
                               moe_permute_backward_ref, moe_permute_ref)
+from refmtp.model.ops.attention import causal_softmax_backward_ref, causal_softmax_ref
+from refmtp.model.ops.rmsnorm import rmsnorm_rows_backward_ref, rmsnorm_rows_ref
 from refmtp.model.ops.rope import rope_apply_ref
+from refmtp.model.ops.swiglu import swiglu_gate_backward_ref, swiglu_gate_ref
+from refmtp.training.optim import adamw_update_ref
 from refmtp.model.ops.xent import xent_backward_ref, xent_forward_ref
 from tests.conftest import BACKEND_PARAMS
 from tests.test_accept_kernels import random_batch
@@ -34,6 +38,12 @@ DTYPES = (np.float32, np.float64)
 # rounding bounds of the outputs that are not bit-exact (reductions in another order)
 XENT_TOL = {np.float32: 2e-5, np.float64: 1e-13}
 DWEIGHT_TOL = {np.float32: 2e-6, np.float64: 1e-13}
+ROWSUM_TOL = {np.float32: 1e-5, np.float64: 1e-13}  # a row sum left to right vs numpy's pairwise sum
+EXP_TOL = {np.float32: 1e-6, np.float64: 1e-14}  # exp from another libm (a few ulp)
+# Kernels of the numpy backend only (issue 17's CPU speed levers: fused elementwise tails). On
+# cupy these names have no kernel and the plain array path runs; the GPU has no twin to check.
+CPU_ONLY = frozenset({"causal_softmax", "causal_softmax_backward", "swiglu_gate", "swiglu_gate_backward",
+                      "rmsnorm_rows", "rmsnorm_rows_backward", "adamw_update"})
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,98 @@ def accept_cases():
     return out
 
 
+# (B, H, T, start): one query row over a long cache, several rows with and without a cache,
+# an empty batch, a single score
+SOFTMAX_SHAPES = [(1, 1, 1, 0), (2, 3, 5, 4), (2, 4, 64, 0), (1, 2, 1, 6), (0, 2, 3, 0), (3, 1, 7, 0),
+                  (1, 1, 33, 9)]
+
+
+def _softmax_data(B, H, T, start, dt, seed):
+    rng = np.random.default_rng(seed)
+    s = (rng.standard_normal((B, H, T, start + T)) * 3).astype(dt)
+    return s, rng.standard_normal(s.shape).astype(dt)
+
+
+def causal_softmax_cases():
+    return [(f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", (_softmax_data(B, H, T, st, dt, B + T + st)[0], st))
+            for B, H, T, st in SOFTMAX_SHAPES for dt in DTYPES]
+
+
+def causal_softmax_backward_cases():
+    out = []
+    for B, H, T, st in SOFTMAX_SHAPES:
+        for dt in DTYPES:
+            s, dp = _softmax_data(B, H, T, st, dt, 2 * B + T + st)
+            out.append((f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", (causal_softmax_ref(s, st), dp, st)))
+    return out
+
+
+SWIGLU_SHAPES = [(0, 4), (1, 1), (7, 5), (512, 128), (33, 3)]  # (N, I); ab is (N, 2I)
+
+
+def _swiglu_data(N, I, dt, seed):
+    rng = np.random.default_rng(seed)
+    ab = (rng.standard_normal((N, 2 * I)) * 3).astype(dt)
+    return ab, rng.standard_normal((N, I)).astype(dt)
+
+
+def swiglu_gate_cases():
+    return [(f"{N}x{I}-{np.dtype(dt).name}", (_swiglu_data(N, I, dt, N + I)[0],))
+            for N, I in SWIGLU_SHAPES for dt in DTYPES]
+
+
+def swiglu_gate_backward_cases():
+    out = []
+    for N, I in SWIGLU_SHAPES:
+        for dt in DTYPES:
+            ab, dh = _swiglu_data(N, I, dt, 3 * N + I)
+            sig, _ = swiglu_gate_ref(ab)
+            out.append((f"{N}x{I}-{np.dtype(dt).name}", (dh, ab, sig)))
+    return out
+
+
+RMSNORM_SHAPES = [(0, 4), (1, 1), (5, 7), (2, 3, 33), (64, 256)]
+
+
+def _rmsnorm_data(shape, dt, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(dt)
+    w = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(dt)
+    return x, w, rng.standard_normal(shape).astype(dt)
+
+
+def rmsnorm_rows_cases():
+    return [(f"{'x'.join(map(str, sh))}-{np.dtype(dt).name}", _rmsnorm_data(sh, dt, sum(sh))[:2] + (1e-6,))
+            for sh in RMSNORM_SHAPES for dt in DTYPES]
+
+
+def rmsnorm_rows_backward_cases():
+    out = []
+    for sh in RMSNORM_SHAPES:
+        for dt in DTYPES:
+            x, w, dout = _rmsnorm_data(sh, dt, 2 * sum(sh))
+            _, rstd = rmsnorm_rows_ref(x, w, 1e-6)
+            out.append((f"{'x'.join(map(str, sh))}-{np.dtype(dt).name}", (dout, x, w, rstd)))
+    return out
+
+
+ADAMW_SHAPES = [(0,), (1,), (7, 5), (3, 4, 2), (4096,)]
+
+
+def adamw_update_cases():
+    out = []
+    for i, sh in enumerate(ADAMW_SHAPES):
+        for dt in DTYPES:
+            rng = np.random.default_rng(40 + i)
+            p, g, m = (rng.standard_normal(sh).astype(dt) for _ in range(3))
+            v = np.abs(rng.standard_normal(sh)).astype(dt) * 1e-3
+            for t, wd in ((1, 0.1), (7, 0.0)):  # first step (m = v = 0 there in training) and later
+                bc1, bc2 = 1 - 0.9 ** t, 1 - 0.95 ** t
+                out.append((f"{'x'.join(map(str, sh))}-t{t}-{np.dtype(dt).name}",
+                            (p, g, m, v, 3e-4, wd, 0.9, 0.95, 1e-8, bc1, bc2)))
+    return out
+
+
 TABLE: dict[str, Entry] = {
     "rope_apply": Entry(rope_apply_ref, rope_cases, exact=(0,)),
     "xent_forward": Entry(xent_forward_ref, xent_forward_cases, exact=(),
@@ -182,6 +284,18 @@ TABLE: dict[str, Entry] = {
                                   exact=(0,), tol={1: DWEIGHT_TOL},
                                   why="dweight = <dy, ys>: sequential float64 sum vs numpy's pairwise sum"),
     "verify_drafts_batch": Entry(verify_drafts_batch_ref, accept_cases, exact=(0, 1, 2, 3)),
+    "causal_softmax": Entry(causal_softmax_ref, causal_softmax_cases, exact=(), tol={0: ROWSUM_TOL},
+                            why="row sum left to right vs pairwise; exp from another libm"),
+    "causal_softmax_backward": Entry(causal_softmax_backward_ref, causal_softmax_backward_cases, exact=(),
+                                     tol={0: ROWSUM_TOL}, why="sum(dp * p) left to right vs pairwise"),
+    "swiglu_gate": Entry(swiglu_gate_ref, swiglu_gate_cases, exact=(), tol={0: EXP_TOL, 1: EXP_TOL},
+                         why="exp from another libm"),
+    "swiglu_gate_backward": Entry(swiglu_gate_backward_ref, swiglu_gate_backward_cases, exact=(0,)),
+    "rmsnorm_rows": Entry(rmsnorm_rows_ref, rmsnorm_rows_cases, exact=(), tol={0: ROWSUM_TOL, 1: ROWSUM_TOL},
+                          why="sum(x * x) left to right vs numpy's pairwise mean"),
+    "adamw_update": Entry(adamw_update_ref, adamw_update_cases, exact=(0, 1, 2)),
+    "rmsnorm_rows_backward": Entry(rmsnorm_rows_backward_ref, rmsnorm_rows_backward_cases, exact=(1,),
+                                   tol={0: ROWSUM_TOL}, why="sum(g * n) left to right vs numpy's pairwise mean"),
 }
 
 CASES = [pytest.param(name, tag, args, id=f"{name}-{tag}")
@@ -212,6 +326,8 @@ def _compare(name, got, want, to_host):
 @pytest.mark.parametrize("name,tag,args", CASES)
 def test_kernel_matches_reference(backend_name, name, tag, args):
     bk = get_backend(backend_name)
+    if bk.name != "numpy" and name in CPU_ONLY:
+        pytest.skip(f"{name} is a numpy-backend kernel only (CPU_ONLY): {bk.name} runs the plain array path")
     kernel = bk.kernel_table()[name]
     want = TABLE[name].ref(*args)  # the numpy reference, on the host
     dev = _to(bk, args)
@@ -224,7 +340,8 @@ def test_kernel_matches_reference(backend_name, name, tag, args):
 def test_table_covers_every_registered_kernel():
     numba_names = set(numba_kernels.KERNELS)
     cupy_names = set(cupy_table.collect())  # importing the wrappers never imports cupy
-    assert numba_names == cupy_names, f"numba {sorted(numba_names)} vs cupy {sorted(cupy_names)}"
+    assert numba_names - CPU_ONLY == cupy_names, f"numba {sorted(numba_names)} vs cupy {sorted(cupy_names)}"
+    assert CPU_ONLY <= numba_names
     missing = sorted((numba_names | cupy_names) - set(TABLE))
     assert not missing, f"kernels without a parity entry in TABLE: {missing}"
     assert not set(TABLE) - numba_names, "TABLE names a kernel that is not registered"
@@ -279,6 +396,17 @@ def _bad_cases():
         ("moe_combine", (ys[:3], order[:3], w), ValueError, "ys has 3 rows, expected N\\*K = 4"),
         ("moe_combine", (ys, order[:3], w), ValueError, r"order has shape \(3,\), expected \(4,\)"),
         ("moe_combine_backward", (dy[:1], ys, order, w), ValueError, "do not fit weight"),
+        ("causal_softmax", (np.zeros((2, 3, 4)), 0), ValueError, r"S = start \+ T"),
+        ("causal_softmax", (np.zeros((2, 3, 4), np.int64), 1), TypeError, "float32 or float64"),
+        ("causal_softmax_backward", (np.zeros((3, 4)), np.zeros((3, 5)), 1), ValueError, "must match p"),
+        ("swiglu_gate", (np.zeros((3, 5)),), ValueError, "even width"),
+        ("swiglu_gate_backward", (np.zeros((3, 2)), np.zeros((3, 4)), np.zeros((3, 3))), ValueError,
+         r"must be \(3, 2\)"),
+        ("rmsnorm_rows", (np.zeros((3, 4)), np.zeros(5), 1e-6), ValueError, r"weight \(d,\)"),
+        ("rmsnorm_rows_backward", (np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(4), np.zeros((3,))), ValueError,
+         r"rstd \(3, 1\)"),
+        ("adamw_update", (np.zeros(3), np.zeros(3), np.zeros(4), np.zeros(3), 1e-3, 0.1, 0.9, 0.95, 1e-8, 0.1, 0.05),
+         ValueError, r"m is \(4,\)"),
     ]
 
 
@@ -290,6 +418,8 @@ BAD = _bad_cases()
 def test_kernel_contract_rejects_bad_input(backend_name, i):
     name, args, exc, pattern = BAD[i]
     bk = get_backend(backend_name)
+    if bk.name != "numpy" and name in CPU_ONLY:
+        pytest.skip(f"{name} is a numpy-backend kernel only (CPU_ONLY)")
     with pytest.raises(exc, match=pattern) as info:
         bk.kernel_table()[name](*_to(bk, args))
     assert "\n" not in str(info.value), "contract errors are one line"

@@ -178,7 +178,8 @@ def test_checker_detects_flip_on_near_tie(backend):
 
 # -------------------------------------------------------------------------------------------
 def test_kernel_path_equals_plain_path(backend):
-    """Forward bit-identical (same plan, gathers and scatter order); backward to rounding."""
+    """Same plan, gathers and scatter order; the output and the backward to rounding (the SwiGLU gate
+    kernel's exp comes from another libm than numpy's)."""
     cfg = make_cfg("v3")
     x, p = gapped_fixture(backend, cfg, 4, 9, seed=4)
     dout = backend.asarray(np.random.default_rng(5).standard_normal(x.shape), dtype="float64")
@@ -193,7 +194,7 @@ def test_kernel_path_equals_plain_path(backend):
             set_kernels_enabled(prev)
         results[flag] = (out, aux, cache, dx, grads)
     (o1, a1, c1, dx1, g1), (o0, a0, c0, dx0, g0) = results[True], results[False]
-    np.testing.assert_array_equal(backend.to_numpy(o1), backend.to_numpy(o0))
+    np.testing.assert_allclose(backend.to_numpy(o1), backend.to_numpy(o0), rtol=1e-13, atol=1e-15)
     assert float(a1) == float(a0)
     np.testing.assert_array_equal(backend.to_numpy(c1.order), backend.to_numpy(c0.order))
     np.testing.assert_allclose(backend.to_numpy(dx1), backend.to_numpy(dx0), rtol=1e-12, atol=1e-14)

@@ -127,6 +127,27 @@ def first_nonfinite(grads: dict) -> str | None:
 # -------------------------------------------------------------------------------------------
 # AdamW
 # -------------------------------------------------------------------------------------------
+def adamw_update_ref(p, g, m, v, lr: float, wd: float, beta1: float, beta2: float, eps: float,
+                 bc1: float, bc2: float):
+    """One AdamW update of one tensor -> (new p, new m, new v); the inputs are not modified.
+
+    The host floats act in the array dtype (NEP 50), bias corrections ``bc1 = 1 - beta1^t``,
+    ``bc2 = 1 - beta2^t``:
+
+        m' = beta1 m + (1 - beta1) g,   v' = beta2 v + (1 - beta2) g^2
+        p' = p (1 - lr wd) - lr (m'/bc1) / (sqrt(v'/bc2) + eps)
+
+    Kernel: ``adamw_update`` (backends/numba_adamw.py).
+    """
+    xp = backend_of(p, g, m, v).xp
+    m = beta1 * m + (1.0 - beta1) * g  # first moment
+    v = beta2 * v + (1.0 - beta2) * (g * g)  # second moment
+    m_hat = m / bc1
+    v_hat = v / bc2
+    return p * (1.0 - lr * wd) - lr * (m_hat / (xp.sqrt(v_hat) + eps)), m, v
+
+
+
 @dataclass(frozen=True)
 class AdamWSettings:
     beta1: float = 0.9
@@ -184,12 +205,9 @@ class AdamW:
             wd = s.weight_decay if decays(name) else 0.0
             if on("optim.coupled_decay"):
                 g, wd = g + wd * p, 0.0
-            m = s.beta1 * m + (1.0 - s.beta1) * g  # first moment
-            v = s.beta2 * v + (1.0 - s.beta2) * (g * g)  # second moment
-            m_hat = m / bc1
-            v_hat = v / bc2
-            new_p[name] = p * (1.0 - lr * wd) - lr * (m_hat / (xp.sqrt(v_hat) + s.eps))
-            new_m[name], new_v[name] = m, v
+            update = backend_of(p).kernel("adamw_update") or adamw_update_ref
+            new_p[name], new_m[name], new_v[name] = update(p, g, m, v, lr, wd, s.beta1, s.beta2, s.eps,
+                                                           bc1, bc2)
         # commit: nothing above touched params or the state
         params.update(new_p)
         self.m.update(new_m)

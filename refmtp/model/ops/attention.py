@@ -30,6 +30,34 @@ def causal_allowed(T: int, start: int, xp):
     return j <= start + t  # (T, S)
 
 
+def causal_softmax_ref(s, start: int):
+    """s (..., T, S) scores, S = start + T -> p: softmax over the keys ``j <= start + t``, 0 beyond.
+
+    The row max is subtracted first; key 0 is always visible, so it is finite. Kernel:
+    ``causal_softmax`` (backends/numba_attention.py).
+    """
+    xp = backend_of(s).xp
+    T, S = s.shape[-2], s.shape[-1]
+    if T > 1:  # one query (a decoded token) sees every key: nothing to mask
+        allowed = causal_allowed(T, start, xp)  # (T, S)
+        if on("mla.no_causal_mask"):
+            allowed = xp.ones((T, S), dtype=xp.bool)
+        s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=s.dtype))  # (..., T, S) masked
+    m = xp.max(s, axis=-1, keepdims=True)  # (..., T, 1) row max
+    e = xp.exp(s - m)  # exactly 0 on masked keys
+    return e / xp.sum(e, axis=-1, keepdims=True)
+
+
+def causal_softmax_backward_ref(p, dp, start: int):
+    """``ds = p * (dp - sum_j(dp * p))`` for p = causal_softmax(s, start); 0 on masked keys (p = 0).
+
+    ``start`` is unused here (p already carries the mask); the kernel
+    ``causal_softmax_backward`` uses it to skip the masked keys.
+    """
+    xp = backend_of(p, dp).xp
+    return p * (dp - xp.sum(dp * p, axis=-1, keepdims=True))
+
+
 @dataclass(frozen=True, slots=True)
 class AttentionCache:
     q: Any  # (B, H, T, Dq) queries, for dk = ds^T q
@@ -51,7 +79,8 @@ def attention_forward(q, k, v, scale: float, start: int = 0):
 
     Returns ``(o, AttentionCache)``. See the module docstring for the equations.
     """
-    xp = backend_of(q, k, v).xp
+    bk = backend_of(q, k, v)
+    xp = bk.xp
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"attention: q, k, v must be 4-D (B, H, T|S, D), got {tuple(q.shape)}, "
@@ -69,14 +98,7 @@ def attention_forward(q, k, v, scale: float, start: int = 0):
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     s = (q @ xp.matrix_transpose(k)) * scale  # (B, H, T, S)  eq. 10 logits
-    if T > 1:  # one query (a decoded token) sees every key: nothing to mask
-        allowed = causal_allowed(T, start, xp)  # (T, S)
-        if on("mla.no_causal_mask"):
-            allowed = xp.ones((T, S), dtype=xp.bool)
-        s = xp.where(allowed, s, xp.asarray(-xp.inf, dtype=s.dtype))  # (B, H, T, S) masked
-    m = xp.max(s, axis=-1, keepdims=True)  # (B, H, T, 1) row max, finite (key 0 always allowed)
-    e = xp.exp(s - m)  # (B, H, T, S), exactly 0 on masked keys
-    p = e / xp.sum(e, axis=-1, keepdims=True)  # (B, H, T, S)
+    p = (bk.kernel("causal_softmax") or causal_softmax_ref)(s, start)  # (B, H, T, S)
     o = rounded(p @ v)  # (B, H, T, Dv)
     return o, AttentionCache(q=q, k=k, v=v, p=p, scale=float(scale), start=start)
 
@@ -88,11 +110,13 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
         forward p = softmax(s)     ->  ds = p * (dp - sum_j(dp * p))   (0 on masked keys, p = 0)
         forward s = scale q k^T    ->  dq = scale ds k,  dk = scale ds^T q
     """
-    xp = backend_of(dout).xp
+    bk = backend_of(dout)
+    xp = bk.xp
     c = cache
     dv = rounded(xp.matrix_transpose(c.p) @ dout)  # (B, H, S, Dv)
     dp = dout @ xp.matrix_transpose(c.v)  # (B, H, T, S)
-    ds = c.p * (dp - xp.sum(dp * c.p, axis=-1, keepdims=True))  # (B, H, T, S)
+    ds = (bk.kernel("causal_softmax_backward") or causal_softmax_backward_ref)(
+        c.p, dp, c.start)  # (B, H, T, S)
     dq = rounded((ds @ c.k) * c.scale)  # (B, H, T, Dq)
     dk = rounded((xp.matrix_transpose(ds) @ c.q) * c.scale)  # (B, H, S, Dq)
     return AttentionGrads(dq=dq, dk=dk, dv=dv)

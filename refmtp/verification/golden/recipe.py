@@ -7,6 +7,7 @@ import re
 from importlib.resources import files as resource_files
 from pathlib import Path
 
+from refmtp.backends import set_kernels_enabled
 from refmtp.config import ConfigError, ModelConfig, preset
 from refmtp.memory import check_memory, forward_bytes
 from refmtp.verification.golden.acceptance import acceptance_record, export_acceptance_case
@@ -238,11 +239,17 @@ def generate(out_root=None, recipe_path=None, only=None, log=None) -> list[str]:
     out_root.mkdir(parents=True, exist_ok=True)
     if (out_root / RECIPE).resolve() != recipe_path.resolve():
         (out_root / RECIPE).write_bytes(recipe_path.read_bytes())
-    for name in names:
-        generate_case(out_root, name, cases[name])
-        check_hashes(out_root / name, cases[name])
-        if log:
-            log(f"  generated {name}")
+    # golden values are the plain array path's: kernels that round differently (the fused
+    # softmax / SwiGLU / RMSNorm of issue 17) would change the pinned hashes
+    previous = set_kernels_enabled(False)
+    try:
+        for name in names:
+            generate_case(out_root, name, cases[name])
+            check_hashes(out_root / name, cases[name])
+            if log:
+                log(f"  generated {name}")
+    finally:
+        set_kernels_enabled(previous)
     stale = sorted(p.parent.name for p in out_root.glob(f"*/{MANIFEST}") if p.parent.name not in recipe["cases"])
     if stale and log:
         log(f"  warning: {', '.join(stale)} not in the recipe (left as they are; delete them if obsolete)")

@@ -1,0 +1,50 @@
+"""Numba kernel: the AdamW update of one tensor in one pass (numpy backend).
+
+Reference (same signature): ``refmtp.training.optim.adamw_update_ref``. Per element:
+
+    m' = beta1 m + (1 - beta1) g,   v' = beta2 v + (1 - beta2) (g g)
+    p' = p (1 - lr wd) - lr ((m' / bc1) / (sqrt(v' / bc2) + eps))
+
+The host floats are rounded to the array dtype first, as numpy does with Python scalars
+(NEP 50), and every operation is the reference's in its order (no fastmath, so no fused
+multiply-add; sqrt and the divisions are correctly rounded): bit-exact in float32 and float64.
+Elements are split over Numba's threads (``prange``); each is independent, so results do not
+depend on the thread count. New arrays are returned; the inputs are not modified.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from refmtp.backends.contracts import check_adamw_update
+
+
+def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, p_new, m_new, v_new):
+    """All arrays flat (n,); keep = 1 - lr wd, c1 = 1 - beta1, c2 = 1 - beta2 (array dtype)."""
+    for i in prange(p.shape[0]):
+        gi = g[i]
+        mi = b1 * m[i] + c1 * gi
+        vi = b2 * v[i] + c2 * (gi * gi)
+        p_new[i] = p[i] * keep - lr * ((mi / bc1) / (math.sqrt(vi / bc2) + eps))
+        m_new[i] = mi
+        v_new[i] = vi
+
+
+adamw_update_numba = njit(cache=True, parallel=True)(_adamw_update_loop)
+
+
+def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2):
+    """Numba twin of ``adamw_update_ref`` -> (new p, new m, new v), shaped like p."""
+    check_adamw_update(p, g, m, v)
+    t = p.dtype.type
+    flat = [np.ascontiguousarray(a).reshape(-1) for a in (p, g, m, v)]
+    out = [np.empty_like(flat[0]) for _ in range(3)]
+    if p.size:
+        adamw_update_numba(*flat, t(1.0 - lr * wd), t(lr), t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
+                           t(bc1), t(bc2), t(eps), *out)
+    return tuple(a.reshape(p.shape) for a in out)
+
+
+KERNELS: dict = {"adamw_update": adamw_update}

@@ -1,0 +1,84 @@
+"""Numba kernels: RMSNorm forward and backward, one pass per row (numpy backend).
+
+References (same signatures, in ``refmtp.model.ops.rmsnorm``): ``rmsnorm_rows_ref`` and
+``rmsnorm_rows_backward_ref``. Per row of ``x (N, d)``:
+
+    forward   rstd = 1 / sqrt(sum(x * x) / d + eps),   y = w * (x * rstd)
+    backward  n = x * rstd,  g = dout * w,  dx = rstd * (g - n * (sum(g * n) / d)),
+              dweight = sum over rows of dout * n   (numpy's own column sum, as the reference)
+
+The row sums run left to right here and pairwise in numpy (``mean``), so ``rstd``, ``y`` and
+``dx`` agree with the reference to rounding; ``dweight`` is bit-exact when ``rstd`` is (the
+same products summed by the same numpy call). Rows are split over Numba's threads (``prange``),
+one row per thread, so results do not depend on the thread count.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from refmtp.backends.contracts import check_rmsnorm_rows, check_rmsnorm_rows_backward
+
+
+def _rmsnorm_rows_loop(x, w, eps, dd, one, zero, y, rstd):
+    """dd = d in the array dtype (a plain int would promote the mean to float64)."""
+    N, d = x.shape
+    for r in prange(N):
+        acc = zero
+        for c in range(d):
+            acc += x[r, c] * x[r, c]
+        rs = one / math.sqrt(acc / dd + eps)
+        rstd[r, 0] = rs
+        for c in range(d):
+            y[r, c] = w[c] * (x[r, c] * rs)
+
+
+def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, zero, dx, dn):
+    N, d = x.shape
+    for r in prange(N):
+        rs = rstd[r, 0]
+        acc = zero
+        for c in range(d):
+            acc += (dout[r, c] * w[c]) * (x[r, c] * rs)
+        mean = acc / dd
+        for c in range(d):
+            n = x[r, c] * rs
+            dx[r, c] = rs * (dout[r, c] * w[c] - n * mean)
+            dn[r, c] = dout[r, c] * n
+
+
+rmsnorm_rows_numba = njit(cache=True, parallel=True)(_rmsnorm_rows_loop)
+rmsnorm_rows_backward_numba = njit(cache=True, parallel=True)(_rmsnorm_rows_backward_loop)
+
+
+def rmsnorm_rows(x, weight, eps):
+    """Numba twin of ``rmsnorm_rows_ref``: x (..., d), weight (d,) -> (y (..., d), rstd (..., 1))."""
+    check_rmsnorm_rows(x, weight)
+    d = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, d)
+    y = np.empty_like(x2)
+    rstd = np.empty((x2.shape[0], 1), dtype=x2.dtype)
+    if x2.size:
+        t = x2.dtype.type
+        rmsnorm_rows_numba(x2, np.ascontiguousarray(weight), t(eps), t(d), t(1), t(0), y, rstd)
+    return y.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
+
+
+def rmsnorm_rows_backward(dout, x, weight, rstd):
+    """Numba twin of ``rmsnorm_rows_backward_ref``: -> (dx (..., d), dweight (d,))."""
+    check_rmsnorm_rows_backward(dout, x, weight, rstd)
+    d = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, d)
+    d2 = np.ascontiguousarray(dout).reshape(-1, d)
+    r2 = np.ascontiguousarray(rstd).reshape(-1, 1)
+    dx = np.empty_like(x2)
+    dn = np.empty_like(x2)  # dout * n, summed over rows by numpy below
+    if x2.size:
+        t = x2.dtype.type
+        rmsnorm_rows_backward_numba(d2, x2, np.ascontiguousarray(weight), r2, t(d), t(0), dx, dn)
+    return dx.reshape(x.shape), np.sum(dn, axis=0)
+
+
+KERNELS: dict = {"rmsnorm_rows": rmsnorm_rows, "rmsnorm_rows_backward": rmsnorm_rows_backward}
