@@ -34,7 +34,7 @@ from contextlib import contextmanager
 
 import numpy as np  # host-side only: the rounding of host copies
 
-from refmtp.backends import backend_of
+from refmtp.backends import backend_of, set_kernels_enabled
 from refmtp.params import is_bias
 
 try:  # optional: only the bf16 emulation needs it (pip install "refmtp[precision]")
@@ -93,10 +93,13 @@ def emulate(name: str):
     if _ACTIVE:
         raise ValueError(f"emulation of {next(iter(_ACTIVE))} is already active: nest none")
     _ACTIVE.add(name)
+    # the rounding points are in the plain array path: fused kernels would skip them
+    kernels = set_kernels_enabled(False)
     try:
         yield
     finally:
         _ACTIVE.clear()
+        set_kernels_enabled(kernels)
 
 
 def active():
