@@ -42,7 +42,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=22)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=600, help="same-token steps per run (the plan's)")
+    ap.add_argument("--steps", type=int, default=400, help="same-token steps per run (the plan's)")
     ap.add_argument("--out", default=str(HERE / "results" / "mtp_variants.json"))
     args = ap.parse_args(argv)
 

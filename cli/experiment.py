@@ -52,7 +52,7 @@ def experiment():
                    "or be empty.")
 @click.option("--seeds", type=int, default=3, show_default=True, help="Seeds 0..N-1 per variant.")
 @click.option("--steps", type=int, default=None,
-              help="Same-token steps per run instead of the plan's (600 full, 80 quick).")
+              help="Same-token steps per run instead of the plan's (400 full, 80 quick).")
 def mtp(quick, out, seeds, steps):
     """Train no MTP, causal D=1, causal D=2 and parallel heads D=2 on the same data, tokens and
     seeds; held-out loss and accuracy, acceptance and tau at K=D, and a same-wall-time

@@ -88,8 +88,8 @@ class Plan:
 
 
 PLANS = {
-    # 600 steps x 8 x 128 = 0.61M tokens per run; measured step times in docs/experiments.md.
-    "full": Plan("mtp-mini", model="mini", steps=600, batch_size=8, seq_len=128, evals=8,
+    # 400 steps x 8 x 128 = 0.41M tokens per run: the whole plan took 32 min at load 4-7 (docs/experiments.md).
+    "full": Plan("mtp-mini", model="mini", steps=400, batch_size=8, seq_len=128, evals=8,
                  eval_batches=4, samples=16, prompt_len=64, max_new_tokens=48),
     # plumbing and a first look in a few minutes: the tiny model, 80 steps
     "quick": Plan("mtp-quick", model="tiny", steps=80, batch_size=8, seq_len=64, evals=4,
