@@ -99,6 +99,6 @@ def swiglu_backward(dout, cache: SwiGLUCache) -> SwiGLUGrads:
     dh = d2 @ c.down_proj  # (N, I)
     dab = (bk.kernel("swiglu_gate_backward") or swiglu_gate_backward_ref)(dh, c.ab, c.sig)  # (N, 2I)
     dgate_up = dab.T @ c.x  # (2I, d) = [dWg; dWu]
-    dgate, dup = dgate_up[:I], dgate_up[I:]
+    dgate, dup = dgate_up[:I, :], dgate_up[I:, :]
     dx = rounded(dab @ c.gate_up)
     return SwiGLUGrads(dx=xp.reshape(dx, shape), dgate_proj=dgate, dup_proj=dup, ddown_proj=ddown)
