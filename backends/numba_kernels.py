@@ -9,6 +9,28 @@ Set ``NUMBA_DISABLE_JIT=1`` to run every kernel as plain Python when debugging.
 from refmtp.backends import (numba_accept, numba_adamw, numba_attention, numba_moe, numba_rmsnorm, numba_rope, numba_swiglu,
                              numba_xent)
 
+import os
+
+import numba
+
+
+def kernel_threads() -> int:
+    """Numba's thread count for the ``prange`` kernels: ``REFMTP_NUMBA_THREADS`` or 1.
+
+    One by default: between the GEMMs OpenBLAS's threads spin-wait on the same cores, and a
+    second pool of Numba threads there halved the training step at 2 BLAS threads (issue-17 config:
+    1398 against 3209 tokens/s, docs/performance.md). The kernels' results do not depend on it.
+    """
+    raw = os.environ.get("REFMTP_NUMBA_THREADS", "1")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 1
+    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+
+numba.set_num_threads(kernel_threads())
+
 KERNELS: dict = {}
 for _mod in (numba_rope, numba_xent, numba_moe, numba_accept, numba_attention, numba_swiglu, numba_rmsnorm,
              numba_adamw):

@@ -348,12 +348,15 @@ def compare(cfg, params, slots, tstep, tokens_np):
 
 
 def kernel_threads(n: int) -> int | None:
-    """Numba's thread count for the parallel kernels, set with the BLAS threads (None without numba)."""
+    """Numba's thread count for the parallel kernels: refmtp's own setting (REFMTP_NUMBA_THREADS,
+    default 1, backends/numba_kernels.py), whatever the BLAS threads ``n`` (None without numba)."""
     try:
         import numba
+
+        from refmtp.backends.numba_kernels import kernel_threads as configured
     except ImportError:
         return None
-    numba.set_num_threads(min(int(n), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(configured())
     return numba.get_num_threads()
 
 
