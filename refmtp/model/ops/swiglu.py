@@ -1,7 +1,9 @@
 """SwiGLU feed-forward: ``y = down( silu(gate(x)) * up(x) )`` (DeepSeek w2(silu(w1 x) * w3 x)).
 
-Gate and up projections are one GEMM: ``[a | b] = x [Wg; Wu]^T`` (N, 2I), so the expert blocks
-make one wider product instead of two narrow ones; the backward keeps ``[da | db]`` side by
+Gate and up projections are one GEMM when the rows outnumber the 2I weight rows (training):
+``[a | b] = x [Wg; Wu]^T`` (N, 2I), one wider product instead of two narrow ones; with few rows
+(decoding) the two products are taken apart, since copying the weights into ``[Wg; Wu]`` would
+cost more than the product itself. The backward keeps ``[da | db]`` side by
 side for the same reason (``[dWg; dWu] = [da | db]^T x``, ``dx = [da | db] [Wg; Wu]``).
 """
 from __future__ import annotations
@@ -47,7 +49,9 @@ class SwiGLUCache:
     ab: Any  # (N, 2I) [gate pre-activation a | up projection b] = x [Wg; Wu]^T
     sig: Any  # (N, I) sigmoid(a), shared by silu and its derivative
     h: Any  # (N, I) silu(a) * b, input of down_proj
-    gate_up: Any  # (2I, d) [Wg; Wu]
+    gate_up: Any  # (2I, d) [Wg; Wu], or None when the forward took two products (few rows)
+    gate_proj: Any  # (I, d)
+    up_proj: Any  # (I, d)
     down_proj: Any  # (d, I)
 
 
@@ -70,14 +74,19 @@ def swiglu_forward(x, gate_proj, up_proj, down_proj):
         )
     x2 = xp.reshape(x, (-1, d))  # (N, d)
     I = gate_proj.shape[0]
-    gate_up = xp.concat([gate_proj, up_proj], axis=0)  # (2I, d)
-    ab = rounded(x2 @ gate_up.T)  # (N, 2I) = [x Wg^T | x Wu^T]
+    if x2.shape[0] >= 2 * I:  # many rows (training): one wider product beats copying the weights
+        gate_up = xp.concat([gate_proj, up_proj], axis=0)  # (2I, d)
+        ab = rounded(x2 @ gate_up.T)  # (N, 2I) = [x Wg^T | x Wu^T]
+    else:  # few rows (decoding): the weight copy would cost more than a second product
+        gate_up = None
+        ab = rounded(xp.concat([x2 @ gate_proj.T, x2 @ up_proj.T], axis=-1))  # (N, 2I)
     if on("experts.silu_on_up"):
         ab = xp.concat([ab[:, I:], ab[:, :I]], axis=-1)
     sig, h = (bk.kernel("swiglu_gate") or swiglu_gate_ref)(ab)  # (N, I) each
     h = rounded(h)
     y = rounded(h @ down_proj.T)  # (N, d)
-    cache = SwiGLUCache(x=x2, ab=ab, sig=sig, h=h, gate_up=gate_up, down_proj=down_proj)
+    cache = SwiGLUCache(x=x2, ab=ab, sig=sig, h=h, gate_up=gate_up, gate_proj=gate_proj, up_proj=up_proj,
+                         down_proj=down_proj)
     return xp.reshape(y, x.shape), cache
 
 
@@ -100,5 +109,6 @@ def swiglu_backward(dout, cache: SwiGLUCache) -> SwiGLUGrads:
     dab = (bk.kernel("swiglu_gate_backward") or swiglu_gate_backward_ref)(dh, c.ab, c.sig)  # (N, 2I)
     dgate_up = dab.T @ c.x  # (2I, d) = [dWg; dWu]
     dgate, dup = dgate_up[:I, :], dgate_up[I:, :]
-    dx = rounded(dab @ c.gate_up)
+    gate_up = c.gate_up if c.gate_up is not None else xp.concat([c.gate_proj, c.up_proj], axis=0)
+    dx = rounded(dab @ gate_up)  # (N, d)
     return SwiGLUGrads(dx=xp.reshape(dx, shape), dgate_proj=dgate, dup_proj=dup, ddown_proj=ddown)
