@@ -293,17 +293,24 @@ def moe_backward(dout, daux, cache: MoECache):
     if c.balance is not None and daux is not None:
         daux = bk.asarray(daux, dtype=c.ys.dtype)
         ds = xp.reshape(balance_loss_backward(daux, c.balance), (N, -1))  # (N, E)
-    # forward: (topk_idx, g) = router(x)
-    rg = router_backward(dweight, c.router, ds)
+    dx = router_and_shared_backward(dy, dweight, ds, c.router, c.shared, dx, grads)
+    return xp.reshape(dx, (B, T, d)), dict(sorted(grads.items()))
+
+
+def router_and_shared_backward(dy, dweight, ds, router_cache, shared_cache, dx, grads: dict):
+    """The MoE backward past the routed experts: the router (forward: (topk_idx, g) = router(x))
+    and the shared experts. Adds their parts to ``dx`` (returned) and their weights' gradients to
+    ``grads``; also the tail of the expert-parallel layer's backward."""
+    rg = router_backward(dweight, router_cache, ds)
     grads["gate.weight"] = rg.dweight
     dx = dx + rg.dx
-    if c.shared is not None:
-        g = swiglu_backward(dy, c.shared)
+    if shared_cache is not None:
+        g = swiglu_backward(dy, shared_cache)
         dx = dx + g.dx
         grads["shared_experts.gate_proj.weight"] = g.dgate_proj
         grads["shared_experts.up_proj.weight"] = g.dup_proj
         grads["shared_experts.down_proj.weight"] = g.ddown_proj
-    return xp.reshape(dx, (B, T, d)), dict(sorted(grads.items()))
+    return dx
 
 
 # -------------------------------------------------------------------------------------------

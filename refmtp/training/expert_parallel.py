@@ -42,8 +42,8 @@ from refmtp.backends import backend_of
 from refmtp.model import moe
 from refmtp.model.balance import balance_loss_backward, balance_loss_forward
 from refmtp.model.moe import (PROJ, moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
-                              moe_permute_backward_ref, moe_permute_ref)
-from refmtp.model.router import router_backward, router_forward
+                              moe_permute_backward_ref, moe_permute_ref, router_and_shared_backward)
+from refmtp.model.router import router_forward
 from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
 from refmtp.params import BIAS
 from refmtp.training.distributed import World
@@ -208,15 +208,7 @@ def ep_moe_backward(dout, daux, cache: EPCache):
     ds = None
     if c.balance is not None and daux is not None:
         ds = xp.reshape(balance_loss_backward(bk.asarray(daux, dtype=dt), c.balance), (N, -1))
-    rg = router_backward(dweight, c.router, ds)
-    grads["gate.weight"] = rg.dweight  # this rank's tokens only
-    dx = dx + rg.dx
-    if c.shared is not None:
-        g = swiglu_backward(dy, c.shared)
-        dx = dx + g.dx
-        grads["shared_experts.gate_proj.weight"] = g.dgate_proj
-        grads["shared_experts.up_proj.weight"] = g.dup_proj
-        grads["shared_experts.down_proj.weight"] = g.ddown_proj
+    dx = router_and_shared_backward(dy, dweight, ds, c.router, c.shared, dx, grads)  # this rank's tokens only
     return xp.reshape(dx, (B, T, d)), dict(sorted(grads.items()))
 
 
