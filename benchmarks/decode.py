@@ -220,15 +220,21 @@ def measure(name, args) -> dict:
     }
 
 
-def main(argv=None):
-    from _machine import machine_info, write_result
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_args(doc: str) -> argparse.ArgumentParser:
+    """The options decode.py and speculative.py share: threads, models, checkpoint, prompts."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     add_common_args(ap)
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--ckpt", default=None, help="checkpoint of the small model (default: newest under --runs)")
     ap.add_argument("--runs", default=str(REPO / "runs"))
     ap.add_argument("--prompt-len", type=int, default=64)
+    return ap
+
+
+def main(argv=None):
+    from _machine import machine_info, write_result
+
+    ap = model_args(__doc__)
     ap.add_argument("--max-new-tokens", type=int, default=None,
                     help="decoded tokens per round (default 64 small, 8 decode-membound)")
     ap.add_argument("--rounds", type=int, default=None, help="rounds (default 5, --quick 3)")

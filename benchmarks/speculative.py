@@ -36,7 +36,6 @@ Writes ``benchmarks/results/speculative.json``. Not a test.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -46,8 +45,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from decode import MODELS, load_model, prompts_for  # noqa: E402
-from gemm_peak import add_common_args, blas_threads, run_context  # noqa: E402
+from decode import load_model, model_args, prompts_for  # noqa: E402
+from gemm_peak import blas_threads, run_context  # noqa: E402
 
 REPO = HERE.parent
 
@@ -190,13 +189,8 @@ def measure(name, args):
 def main(argv=None):
     from _machine import machine_info, write_result
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(ap)
-    ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    ap.add_argument("--ckpt", default=None, help="checkpoint of the small model (default: newest under --runs)")
-    ap.add_argument("--runs", default=str(REPO / "runs"))
+    ap = model_args(__doc__)
     ap.add_argument("--samples", type=int, default=None, help="prompts (default 4; 1 for decode-membound)")
-    ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 96 (16 for decode-membound)")
     ap.add_argument("--rounds", type=int, default=None, help="default 6 (--quick 3)")
     ap.add_argument("--ks", nargs="+", type=int, default=[1, 2, 3])
