@@ -43,6 +43,7 @@ def test_rmsnorm_grad_and_forward(backend, B, T):
 
 @pytest.mark.parametrize("B,T", SHAPES)
 def test_swiglu_grad_and_forward(backend, B, T):
+    """I = 5: N = B*T = 15 >= 2I takes the one-GEMM [Wg; Wu] path, N = 1 and 6 the two products."""
     rng = np.random.default_rng(3)
     x = _rand(backend, rng, B, T, 6)
     g, u, dn = _rand(backend, rng, 5, 6), _rand(backend, rng, 5, 6), _rand(backend, rng, 6, 5)

@@ -122,6 +122,7 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
     Under MPI every rank passes the same global batch and the same parameters; each computes
     its own slices and every rank takes the same update."""
     n_micro = world.size * grad_accum
+    bk = backend_of(tokens)
     b = check_microbatches(int(tokens.shape[0]), n_micro, "ranks x --grad-accum")
     mine = range(world.rank * grad_accum, (world.rank + 1) * grad_accum)
     micros, out = [], None
@@ -147,13 +148,11 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
                 raise NonFinite(mb.error)  # the same message on every rank: nobody waits
         names = sorted(micros[0].grads)
         rows = world.allgather_rows(np.stack([flatten(mb.grads, names) for mb in micros]))
-        bk = backend_of(tokens)
         for row in rows:  # slice order 0 .. M-1
             grads = _summed(grads, unflatten(row, micros[0].grads, names, bk))
     losses = {name: sum(mb.losses[name] for mb in everyone) / n_micro for name in everyone[0].losses}
     layers = sorted(everyone[0].load)
     load_host = {layer: sum(mb.load[layer] for mb in everyone) for layer in layers}  # exact integers
-    bk = backend_of(tokens)
     load = {layer: bk.asarray(load_host[layer], dtype="int64") for layer in layers}
     norm = global_grad_norm(grads)
     if not math.isfinite(norm):
