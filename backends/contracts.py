@@ -133,27 +133,33 @@ def check_moe_combine_backward(dy, ys, order, weight) -> None:
 
 
 # -------------------------------------------------------------------------------------------
-# causal_softmax / causal_softmax_backward (references: refmtp.model.ops.attention.causal_softmax*_ref)
+# causal_attention / causal_attention_backward (references: refmtp.model.ops.attention.causal_attention*_ref)
 # -------------------------------------------------------------------------------------------
-def _check_scores(s, start: int, who: str, name: str = "s") -> None:
-    if s.ndim < 2 or isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0 \
-            or s.shape[-1] != start + s.shape[-2]:
-        raise ValueError(f"{who}: expected {name} (..., T, S) with S = start + T and start >= 0, got "
-                         f"{tuple(s.shape)} and start={start!r}")
-    _float(s, name, who)
+def check_causal_attention(q, k, v, start) -> None:
+    """q (B, H, T, Dq), k (B, H, S, Dq), v (B, H, S, Dv) of one float dtype, S = start + T."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+        raise ValueError(f"causal_attention: start={start!r} must be an integer >= 0")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"causal_attention: q, k, v must be 4-D, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, T, Dq = q.shape
+    S = start + T
+    if tuple(k.shape) != (B, H, S, Dq) or tuple(v.shape[:3]) != (B, H, S):
+        raise ValueError(f"causal_attention: with q {tuple(q.shape)} and start={start}, k must be "
+                         f"{(B, H, S, Dq)} and v {(B, H, S)} + (Dv,); got {tuple(k.shape)}, {tuple(v.shape)}")
+    _float(q, "q", "causal_attention")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"causal_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
 
 
-def check_causal_softmax(s, start) -> None:
-    """s (..., T, S) float scores with S = start + T."""
-    _check_scores(s, start, "causal_softmax")
-
-
-def check_causal_softmax_backward(p, dp, start) -> None:
-    """p, dp (..., T, S) of one float dtype, S = start + T."""
-    _check_scores(p, start, "causal_softmax_backward", "p")
-    if tuple(dp.shape) != tuple(p.shape) or dp.dtype != p.dtype:
-        raise ValueError(f"causal_softmax_backward: dp {tuple(dp.shape)} {dp.dtype} must match p "
-                         f"{tuple(p.shape)} {p.dtype}")
+def check_causal_attention_backward(dout, q, k, v, p, start) -> None:
+    """the forward's q, k, v, start; dout (B, H, T, Dv) and p (B, H, T, S) of the same dtype."""
+    check_causal_attention(q, k, v, start)
+    B, H, T, _ = q.shape
+    want_do, want_p = (B, H, T, v.shape[-1]), (B, H, T, start + T)
+    if tuple(dout.shape) != want_do or tuple(p.shape) != want_p or dout.dtype != q.dtype or p.dtype != q.dtype:
+        raise ValueError(f"causal_attention_backward: expected dout {want_do} and p {want_p} in {q.dtype}, got "
+                         f"{tuple(dout.shape)} {dout.dtype} and {tuple(p.shape)} {p.dtype}")
 
 
 # -------------------------------------------------------------------------------------------

@@ -1,16 +1,34 @@
-"""Numba kernels: the causal softmax of attention and its backward (numpy backend).
+"""Kernels: causal attention forward and backward with the masked blocks skipped (numpy backend).
 
-References (same signatures, in ``refmtp.model.ops.attention``): ``causal_softmax_ref`` and
-``causal_softmax_backward_ref``. Both work row by row on the (B, H, T, S) score matrix and touch
-only the visible keys ``j <= start + t`` of query row ``t``; the masked part is written as 0
-without being read (the reference masks with -inf, so its probabilities and gradients there are
-0 too). Rows are split over Numba's threads (``prange``); each row is computed by one thread in
-a fixed order, so the result does not depend on the thread count.
+References (same signatures, in ``refmtp.model.ops.attention``): ``causal_attention_ref`` and
+``causal_attention_backward_ref``, which form the whole (T, S) score square and mask it. Here the
+T query rows are cut into blocks of ``QUERY_BLOCK``; query block ``[i0, i1)`` sees keys
+``j < start + i1`` only, so every product runs over the visible keys (the block's last row sees
+exactly those) and the keys beyond are never read:
 
-Parity with the reference is to rounding, not bit for bit: the row sums run left to right here
-and pairwise in numpy, and ``exp`` comes from another libm. The compiled loops are bit-exact
-with their ``.py_func`` up to that
-``exp`` (Python's ``math.exp`` rounds through float64).
+    forward   s_blk = q[i0:i1] k[:L]^T                       (BLAS, L = start + i1)
+              p[i0:i1, :L] = softmax_j(scale s_blk), masked   (Numba, row by row)
+              o[i0:i1] = p[i0:i1, :L] v[:L]                   (BLAS)
+    backward  dp_blk = dout[i0:i1] v[:L]^T,  ds = p (dp - sum_j dp p)   (query blocks)
+              dq[i0:i1] = scale ds[i0:i1, :L] k[:L]
+              key block [j0, j1) is seen by the queries t >= j0 - start only:
+              dv[j0:j1] = p[t0:, j0:j1]^T dout[t0:],  dk[j0:j1] = scale ds[t0:, j0:j1]^T q[t0:]
+
+With T = 256 and blocks of 64 the products do 5/8 of the square's work. ``p`` is still returned
+as the full (B, H, T, S) matrix, 0 on every masked key (the audit and the backward read it).
+
+Rounding differs from the reference, so parity is to a stated bound (tests/test_kernel_parity.py):
+products over fewer keys, row sums in 16 interleaved partial sums, and in float32 an ``exp`` of
+our own (below); float64 uses libm's ``exp``. Rows are split over Numba's threads by (batch,
+head); each row is computed by one thread in a fixed order, so results do not depend on the
+thread count.
+
+**float32 exp.** ``exp(x)`` for the softmax's ``x = s - max <= 0``: ``x = n ln2 + f`` with
+``n = round(x / ln2)`` and ``|f| <= ln2 / 2`` (ln2 split in two parts, Cody and Waite), a degree-7
+polynomial for ``e^f`` (Cephes' ``expf`` coefficients) and ``2^n`` written as float32 bits. Every
+step is plain arithmetic, so the loop vectorises; measured error <= 1.4 ulp over [-87, 0]
+(numpy's float32 ``exp``: 3.3 ulp). Below ``x = -87`` (``e^x`` < 1.7e-38, under the smallest
+normal float32) ``x`` is clamped to -87: an absolute error < 1.7e-38 on a probability.
 """
 from __future__ import annotations
 
@@ -19,74 +37,181 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from refmtp.backends.contracts import check_causal_softmax, check_causal_softmax_backward
+from refmtp.backends.contracts import check_causal_attention, check_causal_attention_backward
+
+QUERY_BLOCK = 64  # query rows per block (T = 256: 5/8 of the square's products)
+LANES = 16  # interleaved partial sums of a row sum
+
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI exact in few bits
+_LN2_LO = np.float32(-2.12194440e-4)
+_E0, _E1, _E2, _E3, _E4, _E5 = (np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                                       4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+_X_MIN = np.float32(-87.0)
 
 
-def _causal_softmax_loop(s, start, zero, p):
-    """s, p (R, T, S) C-contiguous; p[r, t, j] = softmax over j <= start + t, 0 beyond."""
-    R, T, S = s.shape
-    for rt in prange(R * T):
-        r = rt // T
-        t = rt - r * T
-        last = start + t  # last visible key
-        m = s[r, t, 0]
-        for j in range(1, last + 1):
-            if s[r, t, j] > m:
-                m = s[r, t, j]
-        total = zero  # the row sum, in the input dtype
-        for j in range(last + 1):
-            e = math.exp(s[r, t, j] - m)
-            p[r, t, j] = e
-            total += e
-        for j in range(last + 1):
-            p[r, t, j] = p[r, t, j] / total
-        for j in range(last + 1, S):
-            p[r, t, j] = zero
+@njit(inline="always", cache=True)
+def _row_total(acc, row, n):
+    """sum of row[:n]: lane u adds row[u], row[u + 16], ... in order; then the lanes, then the tail."""
+    n16 = n - n % LANES
+    for u in range(LANES):
+        acc[u] = 0
+    for j0 in range(0, n16, LANES):
+        for u in range(LANES):
+            acc[u] += row[j0 + u]
+    total = acc[0]
+    for u in range(1, LANES):
+        total += acc[u]
+    for j in range(n16, n):
+        total += row[j]
+    return total
 
 
-def _causal_softmax_backward_loop(p, dp, start, zero, ds):
-    """ds = p * (dp - sum_j dp * p) on the visible keys, 0 beyond; all (R, T, S) C-contiguous."""
-    R, T, S = p.shape
-    for rt in prange(R * T):
-        r = rt // T
-        t = rt - r * T
-        last = start + t
-        dot = zero  # sum_j dp * p, in the input dtype
-        for j in range(last + 1):
-            dot += dp[r, t, j] * p[r, t, j]
-        for j in range(last + 1):
-            ds[r, t, j] = p[r, t, j] * (dp[r, t, j] - dot)
-        for j in range(last + 1, S):
-            ds[r, t, j] = zero
+def _softmax_rows_f32_loop(s, scale, i0, start, p):
+    """s (R, Tb, L) raw q k^T of query rows i0.. (C-contiguous, overwritten: its memory holds 2^k);
+    p (R, T, S): rows i0..i0+Tb written, softmax over keys j <= start + row of scale * s, 0 beyond."""
+    R, Tb, L = s.shape
+    s_bits = s.view(np.int32)
+    S = p.shape[2]
+    for r in prange(R):
+        acc = np.empty(LANES, np.float32)
+        for t in range(Tb):
+            row = i0 + t
+            n = start + row + 1  # visible keys
+            pr, sr, br = p[r, row], s[r, t], s_bits[r, t]
+            m = sr[0] * scale
+            for j in range(n):  # x = scale s (as the reference rounds it) and the row max
+                x = sr[j] * scale
+                pr[j] = x
+                if x > m:
+                    m = x
+            for j in range(n):  # e^(x - m) = 2^k e^f
+                x = pr[j] - m
+                if x < _X_MIN:
+                    x = _X_MIN
+                k = np.floor(x * _LOG2E + np.float32(0.5))
+                f = x - k * _LN2_HI
+                f = f - k * _LN2_LO
+                y = ((((_E0 * f + _E1) * f + _E2) * f + _E3) * f + _E4) * f + _E5
+                pr[j] = y * (f * f) + f + np.float32(1.0)
+                br[j] = (np.int32(k) + np.int32(127)) << 23  # the float32 2^k, in s's memory
+            for j in range(n):
+                pr[j] = pr[j] * sr[j]
+            total = _row_total(acc, pr, n)
+            for j in range(n):
+                pr[j] = pr[j] / total
+            for j in range(n, S):
+                pr[j] = 0
 
 
-causal_softmax_numba = njit(cache=True, parallel=True)(_causal_softmax_loop)
-causal_softmax_backward_numba = njit(cache=True, parallel=True)(_causal_softmax_backward_loop)
+def _softmax_rows_f64_loop(s, scale, i0, start, p):
+    """float64 twin of ``_softmax_rows_f32_loop`` with libm's exp (s is not overwritten)."""
+    R, Tb, L = s.shape
+    S = p.shape[2]
+    for r in prange(R):
+        acc = np.empty(LANES, np.float64)
+        for t in range(Tb):
+            row = i0 + t
+            n = start + row + 1
+            pr, sr = p[r, row], s[r, t]
+            m = sr[0] * scale
+            for j in range(n):
+                x = sr[j] * scale
+                pr[j] = x
+                if x > m:
+                    m = x
+            for j in range(n):
+                pr[j] = math.exp(pr[j] - m)
+            total = _row_total(acc, pr, n)
+            for j in range(n):
+                pr[j] = pr[j] / total
+            for j in range(n, S):
+                pr[j] = 0
 
 
-def _rows(a):
-    """(..., T, S) -> C-contiguous (R, T, S) view or copy."""
-    return np.ascontiguousarray(a).reshape(-1, a.shape[-2], a.shape[-1])
+def _softmax_backward_rows_loop(p, dp, i0, start, ds):
+    """dp (R, Tb, L) = dout v^T of query rows i0..; ds (R, T, S): rows i0.. written on keys < L,
+    ds = p (dp - sum_j dp p) on the visible keys, 0 on the masked ones."""
+    R, Tb, L = dp.shape
+    for r in prange(R):
+        acc = np.empty(LANES, p.dtype)
+        prod = np.empty(L, p.dtype)
+        for t in range(Tb):
+            row = i0 + t
+            n = start + row + 1
+            pr, dpr, dsr = p[r, row], dp[r, t], ds[r, row]
+            for j in range(n):
+                prod[j] = dpr[j] * pr[j]
+            dot = _row_total(acc, prod, n)
+            for j in range(n):
+                dsr[j] = pr[j] * (dpr[j] - dot)
+            for j in range(n, L):
+                dsr[j] = 0
 
 
-def causal_softmax(s, start):
-    """Numba twin of ``causal_softmax_ref``: s (..., T, S) scores, S = start + T -> p."""
-    check_causal_softmax(s, start)
-    s3 = _rows(s)
-    p3 = np.empty_like(s3)
-    if s3.size:
-        causal_softmax_numba(s3, np.int64(start), s3.dtype.type(0), p3)
-    return p3.reshape(s.shape)
+softmax_rows_f32_numba = njit(cache=True, parallel=True)(_softmax_rows_f32_loop)
+softmax_rows_f64_numba = njit(cache=True, parallel=True)(_softmax_rows_f64_loop)
+softmax_backward_rows_numba = njit(cache=True, parallel=True)(_softmax_backward_rows_loop)
 
 
-def causal_softmax_backward(p, dp, start):
-    """Numba twin of ``causal_softmax_backward_ref``: p, dp (..., T, S) -> ds."""
-    check_causal_softmax_backward(p, dp, start)
-    p3, dp3 = _rows(p), _rows(dp)
-    ds3 = np.empty_like(p3)
-    if p3.size:
-        causal_softmax_backward_numba(p3, dp3, np.int64(start), p3.dtype.type(0), ds3)
-    return ds3.reshape(p.shape)
+def query_blocks(T: int, start: int) -> list:
+    """[(i0, i1, L)]: query rows i0..i1-1 and the keys they see, j < L = start + i1."""
+    return [(i0, min(T, i0 + QUERY_BLOCK), start + min(T, i0 + QUERY_BLOCK)) for i0 in range(0, T, QUERY_BLOCK)]
 
 
-KERNELS: dict = {"causal_softmax": causal_softmax, "causal_softmax_backward": causal_softmax_backward}
+def key_blocks(T: int, start: int) -> list:
+    """[(j0, j1, t0)]: keys j0..j1-1 and the first query that sees them, t0 = max(0, j0 - start)."""
+    cached = [(0, start, 0)] if start else []
+    return cached + [(start + i0, start + i1, i0) for i0, i1, _ in query_blocks(T, start)]
+
+
+def causal_attention(q, k, v, scale, start):
+    """Kernel twin of ``causal_attention_ref``: q (B,H,T,Dq), k (B,H,S,Dq), v (B,H,S,Dv) -> (o, p).
+
+    The inputs are sliced, never copied (decoding passes one latent key broadcast over the heads).
+    """
+    check_causal_attention(q, k, v, start)
+    B, H, T, _ = q.shape
+    S, dt = start + T, q.dtype
+    kT = np.swapaxes(k, -1, -2)
+    p = np.empty((B, H, T, S), dt)
+    o = np.zeros((B, H, T, v.shape[-1]), dt)
+    p3 = p.reshape(B * H, T, S)
+    if p.size:
+        for i0, i1, L in query_blocks(T, start):
+            s = (q[:, :, i0:i1] @ kT[:, :, :, :L]).reshape(B * H, i1 - i0, L)  # raw logits
+            if dt == np.float32:
+                softmax_rows_f32_numba(s, dt.type(scale), np.int64(i0), np.int64(start), p3)
+            else:
+                softmax_rows_f64_numba(s, dt.type(scale), np.int64(i0), np.int64(start), p3)
+            np.matmul(p[:, :, i0:i1, :L], v[:, :, :L], out=o[:, :, i0:i1])
+    return o, p
+
+
+def causal_attention_backward(dout, q, k, v, p, scale, start):
+    """Kernel twin of ``causal_attention_backward_ref`` -> (dq, dk, dv)."""
+    check_causal_attention_backward(dout, q, k, v, p, start)
+    B, H, T, Dq = q.shape
+    S, dt = start + T, q.dtype
+    p3 = np.ascontiguousarray(p).reshape(B * H, T, S)
+    p = p3.reshape(B, H, T, S)
+    vT = np.swapaxes(v, -1, -2)
+    ds = np.empty((B, H, T, S), dt)
+    ds3 = ds.reshape(B * H, T, S)
+    dq = np.zeros((B, H, T, Dq), dt)
+    dk = np.zeros((B, H, S, Dq), dt)
+    dv = np.zeros((B, H, S, v.shape[-1]), dt)
+    if p.size:
+        for i0, i1, L in query_blocks(T, start):
+            dp = (dout[:, :, i0:i1] @ vT[:, :, :, :L]).reshape(B * H, i1 - i0, L)
+            softmax_backward_rows_numba(p3, dp, np.int64(i0), np.int64(start), ds3)
+            np.matmul(ds[:, :, i0:i1, :L], k[:, :, :L], out=dq[:, :, i0:i1])
+        for j0, j1, t0 in key_blocks(T, start):
+            np.matmul(np.swapaxes(p[:, :, t0:, j0:j1], -1, -2), dout[:, :, t0:], out=dv[:, :, j0:j1])
+            np.matmul(np.swapaxes(ds[:, :, t0:, j0:j1], -1, -2), q[:, :, t0:], out=dk[:, :, j0:j1])
+        dq *= dt.type(scale)
+        dk *= dt.type(scale)
+    return dq, dk, dv
+
+
+KERNELS: dict = {"causal_attention": causal_attention, "causal_attention_backward": causal_attention_backward}

@@ -1,4 +1,4 @@
-"""The fused elementwise kernels of issue 17 (backends/numba_attention.py, numba_swiglu.py,
+"""The fused kernels of issue 17 (backends/numba_attention.py, numba_swiglu.py,
 numba_rmsnorm.py, numba_adamw.py): the compiled loops against their ``py_func``, results that do
 not depend on Numba's thread count, and a whole training step with kernels on against the plain
 array path (REFMTP_KERNELS=0). Parity with the references is tests/test_kernel_parity.py."""
@@ -20,13 +20,13 @@ def _loops():
     """(name, compiled loop, args builder(dtype) -> inputs + zeroed outputs, bit-exact with py_func?)"""
     rng = np.random.default_rng(5)
 
-    def softmax(dt):
-        s = (rng.standard_normal((3, 7, 11)) * 3).astype(dt)
-        return (s, np.int64(4), dt(0), np.empty_like(s))
+    def softmax(dt):  # R = 3 (batch x heads), query rows 2..6 of T = 7 behind a cache of 4: L = S = 11
+        s = (rng.standard_normal((3, 5, 11)) * 3).astype(dt)
+        return (s, dt(0.7), np.int64(2), np.int64(4), np.empty((3, 7, 11), dt))
 
     def softmax_bwd(dt):
-        p, dp = rng.random((3, 7, 11)).astype(dt), rng.standard_normal((3, 7, 11)).astype(dt)
-        return (p, dp, np.int64(4), dt(0), np.empty_like(p))
+        p, dp = rng.random((3, 7, 11)).astype(dt), rng.standard_normal((3, 5, 11)).astype(dt)
+        return (p, dp, np.int64(2), np.int64(4), np.empty_like(p))
 
     def gate(dt):
         ab = (rng.standard_normal((9, 10)) * 3).astype(dt)
@@ -52,8 +52,9 @@ def _loops():
         return (p, g, m, v) + scal + tuple(np.empty_like(p) for _ in range(3))
 
     return [
-        ("causal_softmax", numba_attention.causal_softmax_numba, softmax, False),  # exp: Python's rounds via float64
-        ("causal_softmax_backward", numba_attention.causal_softmax_backward_numba, softmax_bwd, True),
+        ("softmax_rows_f32", numba_attention.softmax_rows_f32_numba, softmax, True),  # float32 only
+        ("softmax_rows_f64", numba_attention.softmax_rows_f64_numba, softmax, False),  # float64 only
+        ("softmax_backward_rows", numba_attention.softmax_backward_rows_numba, softmax_bwd, True),
         ("swiglu_gate", numba_swiglu.swiglu_gate_numba, gate, False),
         ("swiglu_gate_backward", numba_swiglu.swiglu_gate_backward_numba, gate_bwd, True),
         ("rmsnorm_rows", numba_rmsnorm.rmsnorm_rows_numba, rms, True),
@@ -63,20 +64,29 @@ def _loops():
 
 
 LOOPS = _loops()
-N_OUT = {"causal_softmax": 1, "causal_softmax_backward": 1, "swiglu_gate": 2, "swiglu_gate_backward": 1,
+ONE_DTYPE = {"softmax_rows_f32": np.float32, "softmax_rows_f64": np.float64}  # loops written for one dtype
+
+
+def _copies(args):
+    """Fresh copies of the array arguments (some loops overwrite an input: softmax_rows_f32's s)."""
+    return [a.copy() if isinstance(a, np.ndarray) else a for a in args]
+
+
+N_OUT = {"softmax_rows_f32": 1, "softmax_rows_f64": 1, "softmax_backward_rows": 1, "swiglu_gate": 2, "swiglu_gate_backward": 1,
          "rmsnorm_rows": 2, "rmsnorm_rows_backward": 2, "adamw_update": 3}  # trailing output arrays
 
 
-@pytest.mark.parametrize("dt", [np.float32, np.float64])
-@pytest.mark.parametrize("name,fn,build,exact", LOOPS, ids=[x[0] for x in LOOPS])
+@pytest.mark.parametrize("name,fn,build,exact,dt", [
+    pytest.param(*loop, dt, id=f"{loop[0]}-{np.dtype(dt).name}") for loop in LOOPS for dt in (np.float32, np.float64)
+    if ONE_DTYPE.get(loop[0], dt) == dt])
 def test_compiled_loop_matches_py_func(name, fn, build, exact, dt):
     args = build(dt)
     n_out = N_OUT[name]
     ins = args[:-n_out]
     a_out = [np.zeros_like(o) for o in args[-n_out:]]
     b_out = [np.zeros_like(o) for o in args[-n_out:]]
-    fn(*ins, *a_out)
-    fn.py_func(*ins, *b_out)
+    fn(*_copies(ins), *a_out)
+    fn.py_func(*_copies(ins), *b_out)
     for a, b in zip(a_out, b_out):
         assert a.dtype == dt
         if exact or dt == np.float64:
@@ -89,13 +99,13 @@ def test_compiled_loop_matches_py_func(name, fn, build, exact, dt):
 def test_result_does_not_depend_on_thread_count(name, fn, build, exact):
     if numba.config.NUMBA_NUM_THREADS < 2:
         pytest.skip("Numba sees one CPU: no second thread to compare with")
-    args = build(np.float32)
+    args = build(ONE_DTYPE.get(name, np.float32))
     prev = numba.get_num_threads()
     runs = []
     try:
         for n in (1, 2):
             numba.set_num_threads(n)
-            fresh = [a.copy() if isinstance(a, np.ndarray) else a for a in args]  # outputs written in place
+            fresh = _copies(args)  # outputs written in place
             fn(*fresh)
             runs.append(fresh)
     finally:

@@ -25,7 +25,7 @@ from refmtp.backends import cupy_table, get_backend, numba_kernels
 from refmtp.inference.acceptance import verify_drafts_batch_ref
 from refmtp.model.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
                               moe_permute_backward_ref, moe_permute_ref)
-from refmtp.model.ops.attention import causal_softmax_backward_ref, causal_softmax_ref
+from refmtp.model.ops.attention import causal_attention_backward_ref, causal_attention_ref
 from refmtp.model.ops.rmsnorm import rmsnorm_rows_backward_ref, rmsnorm_rows_ref
 from refmtp.model.ops.rope import rope_apply_ref
 from refmtp.model.ops.swiglu import swiglu_gate_backward_ref, swiglu_gate_ref
@@ -40,9 +40,11 @@ XENT_TOL = {np.float32: 2e-5, np.float64: 1e-13}
 DWEIGHT_TOL = {np.float32: 2e-6, np.float64: 1e-13}
 ROWSUM_TOL = {np.float32: 1e-5, np.float64: 1e-13}  # a row sum left to right vs numpy's pairwise sum
 EXP_TOL = {np.float32: 1e-6, np.float64: 1e-14}  # exp from another libm (a few ulp)
+# attention: sums over up to a few hundred keys in another order, on outputs of size ~1
+ATTENTION_TOL = {np.float32: 1e-5, np.float64: 1e-13}
 # Kernels of the numpy backend only (issue 17's CPU speed levers: fused elementwise tails). On
 # cupy these names have no kernel and the plain array path runs; the GPU has no twin to check.
-CPU_ONLY = frozenset({"causal_softmax", "causal_softmax_backward", "swiglu_gate", "swiglu_gate_backward",
+CPU_ONLY = frozenset({"causal_attention", "causal_attention_backward", "swiglu_gate", "swiglu_gate_backward",
                       "rmsnorm_rows", "rmsnorm_rows_backward", "adamw_update"})
 
 
@@ -171,28 +173,32 @@ def accept_cases():
 
 
 # (B, H, T, start): one query row over a long cache, several rows with and without a cache,
-# an empty batch, a single score
-SOFTMAX_SHAPES = [(1, 1, 1, 0), (2, 3, 5, 4), (2, 4, 64, 0), (1, 2, 1, 6), (0, 2, 3, 0), (3, 1, 7, 0),
-                  (1, 1, 33, 9)]
+# an empty batch, a single score, T over several query blocks (64) with and without a cache
+ATTENTION_SHAPES = [(1, 1, 1, 0), (2, 3, 5, 4), (2, 4, 64, 0), (1, 2, 1, 6), (0, 2, 3, 0), (3, 1, 7, 0),
+                    (1, 1, 33, 9), (2, 2, 150, 0), (1, 2, 130, 37)]
 
 
-def _softmax_data(B, H, T, start, dt, seed):
+def _attention_data(B, H, T, start, dt, seed):
+    """q, k, v, dout with logits of a few units (q scaled by 3), as in a trained model."""
     rng = np.random.default_rng(seed)
-    s = (rng.standard_normal((B, H, T, start + T)) * 3).astype(dt)
-    return s, rng.standard_normal(s.shape).astype(dt)
+    S = start + T
+    q = (rng.standard_normal((B, H, T, 24)) * 3).astype(dt)
+    k, v = rng.standard_normal((B, H, S, 24)).astype(dt), rng.standard_normal((B, H, S, 16)).astype(dt)
+    return q, k, v, rng.standard_normal((B, H, T, 16)).astype(dt)
 
 
-def causal_softmax_cases():
-    return [(f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", (_softmax_data(B, H, T, st, dt, B + T + st)[0], st))
-            for B, H, T, st in SOFTMAX_SHAPES for dt in DTYPES]
+def causal_attention_cases():
+    return [(f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", _attention_data(B, H, T, st, dt, B + T + st)[:3] + (0.2, st))
+            for B, H, T, st in ATTENTION_SHAPES for dt in DTYPES]
 
 
-def causal_softmax_backward_cases():
+def causal_attention_backward_cases():
     out = []
-    for B, H, T, st in SOFTMAX_SHAPES:
+    for B, H, T, st in ATTENTION_SHAPES:
         for dt in DTYPES:
-            s, dp = _softmax_data(B, H, T, st, dt, 2 * B + T + st)
-            out.append((f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", (causal_softmax_ref(s, st), dp, st)))
+            q, k, v, do = _attention_data(B, H, T, st, dt, 2 * B + T + st)
+            _, p = causal_attention_ref(q, k, v, 0.2, st)
+            out.append((f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", (do, q, k, v, p, 0.2, st)))
     return out
 
 
@@ -284,10 +290,13 @@ TABLE: dict[str, Entry] = {
                                   exact=(0,), tol={1: DWEIGHT_TOL},
                                   why="dweight = <dy, ys>: sequential float64 sum vs numpy's pairwise sum"),
     "verify_drafts_batch": Entry(verify_drafts_batch_ref, accept_cases, exact=(0, 1, 2, 3)),
-    "causal_softmax": Entry(causal_softmax_ref, causal_softmax_cases, exact=(), tol={0: ROWSUM_TOL},
-                            why="row sum left to right vs pairwise; exp from another libm"),
-    "causal_softmax_backward": Entry(causal_softmax_backward_ref, causal_softmax_backward_cases, exact=(),
-                                     tol={0: ROWSUM_TOL}, why="sum(dp * p) left to right vs pairwise"),
+    "causal_attention": Entry(causal_attention_ref, causal_attention_cases, exact=(),
+                              tol={0: ATTENTION_TOL, 1: ATTENTION_TOL},
+                              why="products over the visible keys only, row sums in 16 partial sums; float32 exp "
+                                  "of backends/numba_attention.py (<= 1.4 ulp)"),
+    "causal_attention_backward": Entry(causal_attention_backward_ref, causal_attention_backward_cases, exact=(),
+                                       tol={0: ATTENTION_TOL, 1: ATTENTION_TOL, 2: ATTENTION_TOL},
+                                       why="products over the visible keys only, sum(dp * p) in 16 partial sums"),
     "swiglu_gate": Entry(swiglu_gate_ref, swiglu_gate_cases, exact=(), tol={0: EXP_TOL, 1: EXP_TOL},
                          why="exp from another libm"),
     "swiglu_gate_backward": Entry(swiglu_gate_backward_ref, swiglu_gate_backward_cases, exact=(0,)),
@@ -396,9 +405,12 @@ def _bad_cases():
         ("moe_combine", (ys[:3], order[:3], w), ValueError, "ys has 3 rows, expected N\\*K = 4"),
         ("moe_combine", (ys, order[:3], w), ValueError, r"order has shape \(3,\), expected \(4,\)"),
         ("moe_combine_backward", (dy[:1], ys, order, w), ValueError, "do not fit weight"),
-        ("causal_softmax", (np.zeros((2, 3, 4)), 0), ValueError, r"S = start \+ T"),
-        ("causal_softmax", (np.zeros((2, 3, 4), np.int64), 1), TypeError, "float32 or float64"),
-        ("causal_softmax_backward", (np.zeros((3, 4)), np.zeros((3, 5)), 1), ValueError, "must match p"),
+        ("causal_attention", (np.zeros((2, 3, 4, 5)), np.zeros((2, 3, 5, 5)), np.zeros((2, 3, 5, 2)), 0.5, 0),
+         ValueError, r"k must be \(2, 3, 4, 5\)"),
+        ("causal_attention", (np.zeros((2, 3, 4, 5), np.int64),) * 3 + (0.5, 0), TypeError, "float32 or float64"),
+        ("causal_attention_backward", (np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 4, 5)), np.zeros((2, 3, 4, 5)),
+                                       np.zeros((2, 3, 4, 2)), np.zeros((2, 3, 4, 5)), 0.5, 0),
+         ValueError, r"p \(2, 3, 4, 4\)"),
         ("swiglu_gate", (np.zeros((3, 5)),), ValueError, "even width"),
         ("swiglu_gate_backward", (np.zeros((3, 2)), np.zeros((3, 4)), np.zeros((3, 3))), ValueError,
          r"must be \(3, 2\)"),

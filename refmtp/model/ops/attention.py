@@ -33,8 +33,7 @@ def causal_allowed(T: int, start: int, xp):
 def causal_softmax_ref(s, start: int):
     """s (..., T, S) scores, S = start + T -> p: softmax over the keys ``j <= start + t``, 0 beyond.
 
-    The row max is subtracted first; key 0 is always visible, so it is finite. Kernel:
-    ``causal_softmax`` (backends/numba_attention.py).
+    The row max is subtracted first; key 0 is always visible, so it is finite.
     """
     xp = backend_of(s).xp
     T, S = s.shape[-2], s.shape[-1]
@@ -51,11 +50,35 @@ def causal_softmax_ref(s, start: int):
 def causal_softmax_backward_ref(p, dp, start: int):
     """``ds = p * (dp - sum_j(dp * p))`` for p = causal_softmax(s, start); 0 on masked keys (p = 0).
 
-    ``start`` is unused here (p already carries the mask); the kernel
-    ``causal_softmax_backward`` uses it to skip the masked keys.
+    ``start`` is unused here (p already carries the mask).
     """
     xp = backend_of(p, dp).xp
     return p * (dp - xp.sum(dp * p, axis=-1, keepdims=True))
+
+
+def causal_attention_ref(q, k, v, scale: float, start: int):
+    """The whole score square, masked: q (B,H,T,Dq), k (B,H,S,Dq), v (B,H,S,Dv) -> (o, p).
+
+    Kernel: ``causal_attention`` (backends/numba_attention.py), which skips the masked blocks.
+    """
+    xp = backend_of(q, k, v).xp
+    s = (q @ xp.matrix_transpose(k)) * scale  # (B, H, T, S)  eq. 10 logits
+    p = causal_softmax_ref(s, start)  # (B, H, T, S)
+    return rounded(p @ v), p  # o (B, H, T, Dv)
+
+
+def causal_attention_backward_ref(dout, q, k, v, p, scale: float, start: int):
+    """-> (dq, dk, dv) of :func:`causal_attention_ref` (equations: :func:`attention_backward`).
+
+    Kernel: ``causal_attention_backward``.
+    """
+    xp = backend_of(dout, q, k, v, p).xp
+    dv = rounded(xp.matrix_transpose(p) @ dout)  # (B, H, S, Dv)
+    dp = dout @ xp.matrix_transpose(v)  # (B, H, T, S)
+    ds = causal_softmax_backward_ref(p, dp, start)  # (B, H, T, S)
+    dq = rounded((ds @ k) * scale)  # (B, H, T, Dq)
+    dk = rounded((xp.matrix_transpose(ds) @ q) * scale)  # (B, H, S, Dq)
+    return dq, dk, dv
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +103,6 @@ def attention_forward(q, k, v, scale: float, start: int = 0):
     Returns ``(o, AttentionCache)``. See the module docstring for the equations.
     """
     bk = backend_of(q, k, v)
-    xp = bk.xp
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"attention: q, k, v must be 4-D (B, H, T|S, D), got {tuple(q.shape)}, "
@@ -97,9 +119,7 @@ def attention_forward(q, k, v, scale: float, start: int = 0):
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    s = (q @ xp.matrix_transpose(k)) * scale  # (B, H, T, S)  eq. 10 logits
-    p = (bk.kernel("causal_softmax") or causal_softmax_ref)(s, start)  # (B, H, T, S)
-    o = rounded(p @ v)  # (B, H, T, Dv)
+    o, p = (bk.kernel("causal_attention") or causal_attention_ref)(q, k, v, scale, start)
     return o, AttentionCache(q=q, k=k, v=v, p=p, scale=float(scale), start=start)
 
 
@@ -110,13 +130,7 @@ def attention_backward(dout, cache: AttentionCache) -> AttentionGrads:
         forward p = softmax(s)     ->  ds = p * (dp - sum_j(dp * p))   (0 on masked keys, p = 0)
         forward s = scale q k^T    ->  dq = scale ds k,  dk = scale ds^T q
     """
-    bk = backend_of(dout)
-    xp = bk.xp
     c = cache
-    dv = rounded(xp.matrix_transpose(c.p) @ dout)  # (B, H, S, Dv)
-    dp = dout @ xp.matrix_transpose(c.v)  # (B, H, T, S)
-    ds = (bk.kernel("causal_softmax_backward") or causal_softmax_backward_ref)(
-        c.p, dp, c.start)  # (B, H, T, S)
-    dq = rounded((ds @ c.k) * c.scale)  # (B, H, T, Dq)
-    dk = rounded((xp.matrix_transpose(ds) @ c.q) * c.scale)  # (B, H, S, Dq)
+    dq, dk, dv = (backend_of(dout).kernel("causal_attention_backward") or causal_attention_backward_ref)(
+        dout, c.q, c.k, c.v, c.p, c.scale, c.start)
     return AttentionGrads(dq=dq, dk=dk, dv=dv)
