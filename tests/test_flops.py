@@ -162,3 +162,16 @@ def test_parts_add_up_and_backward_is_twice_forward():
 def test_bad_shapes_raise(batch, seq):
     with pytest.raises(ValueError, match="flops"):
         model_flops(preset("tiny"), batch, seq)  # tiny has D=2: seq must be >= 3
+
+
+def test_useful_flops_drop_the_masked_half_of_the_attention_products():
+    """useful_train_step_flops = the full-square count minus 3 x the masked pairs' q k^T and p v work,
+    the masked pairs counted here from the rows of every main layer and MTP depth."""
+    from refmtp.verification.flops import useful_train_step_flops
+
+    cfg = preset("small")
+    B, T = 2, 9
+    H, Dq, Dv = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    rows = [T] * cfg.num_hidden_layers + [T - k for k in range(1, cfg.D + 1)]
+    masked = sum(2 * B * H * (r * (r - 1) // 2) * (Dq + Dv) for r in rows)  # pairs j > t
+    assert useful_train_step_flops(cfg, B, T) == train_step_flops(cfg, B, T) - 3 * masked

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["FlopCount", "block_flops", "model_flops", "train_step_flops"]
+__all__ = ["FlopCount", "block_flops", "model_flops", "train_step_flops", "useful_train_step_flops"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,13 @@ class FlopCount:
     def total(self) -> int:
         """Forward + backward: the matmul FLOPs of one training step."""
         return self.forward + self.backward
+
+    @property
+    def useful_total(self) -> int:
+        """``total`` with the attention products counted on the causal half only (the masked half
+        is not work a causal model needs; the attention kernel skips most of it)."""
+        masked = self.parts.get("attention_scores", 0) - self.attention_useful  # forward
+        return self.total - 3 * masked
 
 
 def _check(cfg, batch, seq):
@@ -121,3 +128,8 @@ def model_flops(cfg, batch: int, seq: int) -> FlopCount:
 def train_step_flops(cfg, batch: int, seq: int) -> int:
     """Matmul FLOPs of one training step (forward + backward; AdamW adds no matmul)."""
     return model_flops(cfg, batch, seq).total
+
+
+def useful_train_step_flops(cfg, batch: int, seq: int) -> int:
+    """``train_step_flops`` without the masked half of the attention products (``useful_total``)."""
+    return model_flops(cfg, batch, seq).useful_total
