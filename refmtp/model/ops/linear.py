@@ -21,21 +21,23 @@ class LinearGrads(NamedTuple):
 
 def linear_forward(x, weight):
     """``y = x @ W.T``.   x (..., in), W (out, in) -> (..., out)."""
-    backend_of(x, weight)  # refuse mixed backends
+    xp = backend_of(x, weight).xp  # refuse mixed backends
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: input has {x.shape[-1]} features but weight is {tuple(weight.shape)} "
             "([out, in])"
         )
-    return rounded(x @ weight.T), LinearCache(x=x, weight=weight)
+    x2 = xp.reshape(x, (-1, x.shape[-1]))  # (N, in): one 2-D product, not one per leading index
+    y = xp.reshape(x2 @ weight.T, (*x.shape[:-1], weight.shape[0]))  # (..., out)
+    return rounded(y), LinearCache(x=x, weight=weight)
 
 
 def linear_backward(dout, cache: LinearCache) -> LinearGrads:
     """forward ``y = x W^T``  ->  ``dx = dout W``,  ``dW = sum over rows of dout^T x``."""
     xp = backend_of(dout).xp
     x, w = cache.x, cache.weight
-    dx = rounded(dout @ w)  # (..., out) @ (out, in) -> (..., in)
     x2 = xp.reshape(x, (-1, x.shape[-1]))  # (N, in)
     d2 = xp.reshape(dout, (-1, dout.shape[-1]))  # (N, out)
+    dx = rounded(xp.reshape(d2 @ w, x.shape))  # (N, out) @ (out, in) -> (..., in)
     dweight = d2.T @ x2  # (out, in)
     return LinearGrads(dx=dx, dweight=dweight)
