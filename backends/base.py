@@ -115,6 +115,9 @@ class Backend:
         return HostRNG(self, seed)
 
     # -- non-standard ops ------------------------------------------------------------------
+    def prepare_training(self) -> None:
+        """Called by every training step before its work (numpy: keep freed heap memory); no-op here."""
+
     def scatter_add(self, out, idx, vals):
         """``out[idx[i]] += vals[i]`` along axis 0 with repeated indices summed (in place).
 

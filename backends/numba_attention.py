@@ -165,12 +165,17 @@ def key_blocks(T: int, start: int) -> list:
     return cached + [(start + i0, start + i1, i0) for i0, i1, _ in query_blocks(T, start)]
 
 
-def causal_attention(q, k, v, scale, start):
-    """Kernel twin of ``causal_attention_ref``: q (B,H,T,Dq), k (B,H,S,Dq), v (B,H,S,Dv) -> (o, p).
+def _dense(a):
+    """``a`` C-contiguous (a copy when it is a strided view, made once instead of once per block
+    inside every product), except a broadcast view (a zero stride: decoding's one latent key for
+    all heads), which BLAS reads as it is."""
+    return a if a.flags.c_contiguous or 0 in a.strides else np.ascontiguousarray(a)
 
-    The inputs are sliced, never copied (decoding passes one latent key broadcast over the heads).
-    """
+
+def causal_attention(q, k, v, scale, start):
+    """Kernel twin of ``causal_attention_ref``: q (B,H,T,Dq), k (B,H,S,Dq), v (B,H,S,Dv) -> (o, p)."""
     check_causal_attention(q, k, v, start)
+    q, k, v = _dense(q), _dense(k), _dense(v)
     B, H, T, _ = q.shape
     S, dt = start + T, q.dtype
     kT = np.swapaxes(k, -1, -2)
@@ -191,6 +196,7 @@ def causal_attention(q, k, v, scale, start):
 def causal_attention_backward(dout, q, k, v, p, scale, start):
     """Kernel twin of ``causal_attention_backward_ref`` -> (dq, dk, dv)."""
     check_causal_attention_backward(dout, q, k, v, p, start)
+    dout, q, k, v = _dense(dout), _dense(q), _dense(k), _dense(v)
     B, H, T, Dq = q.shape
     S, dt = start + T, q.dtype
     p3 = np.ascontiguousarray(p).reshape(B * H, T, S)

@@ -1,10 +1,42 @@
 """The numpy backend (CPU): array-api-compat's numpy namespace plus Numba kernels."""
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+
 import numpy as np
 from array_api_compat import numpy as np_xp
 
 from refmtp.backends.base import Backend
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_HEAP_KEPT = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of returning it to the OS.
+
+    A training step frees its forward caches (hundreds of MB) in the backward; by default glibc
+    hands blocks over 128 KiB back with munmap (or trims the heap top), so the next step's arrays
+    start on fresh pages and every page faults and is zeroed again (about 5% of a small-preset
+    step here). With mmap used only above 32 MiB and no trimming, the step reuses its own heap;
+    the resident memory stays at the step's peak between steps (trimmed only beyond 2 GiB, the
+    largest value mallopt takes). Process-wide and idempotent;
+    numerics are unchanged. Returns whether the setting was applied (False off glibc).
+    """
+    global _HEAP_KEPT
+    if _HEAP_KEPT:
+        return True
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = None
+    if mallopt is None:
+        return False
+    _HEAP_KEPT = bool(mallopt(_M_MMAP_THRESHOLD, 32 * 2 ** 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return _HEAP_KEPT
 
 
 class NumpyBackend(Backend):
@@ -25,6 +57,9 @@ class NumpyBackend(Backend):
     def scatter_add(self, out, idx, vals):
         np.add.at(out, idx, vals)
         return out
+
+    def prepare_training(self) -> None:
+        keep_freed_memory()
 
     def _load_kernels(self) -> dict:
         # Numba kernels compile lazily on first call (cache=True keeps them between runs).

@@ -123,6 +123,7 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
     its own slices and every rank takes the same update."""
     n_micro = world.size * grad_accum
     bk = backend_of(tokens)
+    bk.prepare_training()  # numpy: freed memory stays in the heap for the next step
     b = check_microbatches(int(tokens.shape[0]), n_micro, "ranks x --grad-accum")
     mine = range(world.rank * grad_accum, (world.rank + 1) * grad_accum)
     micros, out = [], None
