@@ -18,17 +18,11 @@ With T = 256 and blocks of 64 the products do 5/8 of the square's work. ``p`` is
 as the full (B, H, T, S) matrix, 0 on every masked key (the audit and the backward read it).
 
 Rounding differs from the reference, so parity is to a stated bound (tests/test_kernel_parity.py):
-products over fewer keys, row sums in 16 interleaved partial sums, and in float32 an ``exp`` of
-our own (below); float64 uses libm's ``exp``. Rows are split over Numba's threads by (batch,
+products over fewer keys, row sums in 16 interleaved partial sums, and in float32 the vectorised
+``exp`` of backends/numba_expf.py (<= 1.4 ulp; ``x = s - max <= 0``, and below -87 the
+probability, < 1.7e-38, is off by less than that); float64 uses libm's ``exp``. Rows are split over Numba's threads by (batch,
 head); each row is computed by one thread in a fixed order, so results do not depend on the
 thread count.
-
-**float32 exp.** ``exp(x)`` for the softmax's ``x = s - max <= 0``: ``x = n ln2 + f`` with
-``n = round(x / ln2)`` and ``|f| <= ln2 / 2`` (ln2 split in two parts, Cody and Waite), a degree-7
-polynomial for ``e^f`` (Cephes' ``expf`` coefficients) and ``2^n`` written as float32 bits. Every
-step is plain arithmetic, so the loop vectorises; measured error <= 1.4 ulp over [-87, 0]
-(numpy's float32 ``exp``: 3.3 ulp). Below ``x = -87`` (``e^x`` < 1.7e-38, under the smallest
-normal float32) ``x`` is clamped to -87: an absolute error < 1.7e-38 on a probability.
 """
 from __future__ import annotations
 
@@ -38,33 +32,9 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_causal_attention, check_causal_attention_backward
+from refmtp.backends.numba_expf import LANES, expf_parts, row_total
 
 QUERY_BLOCK = 64  # query rows per block (T = 256: 5/8 of the square's products)
-LANES = 16  # interleaved partial sums of a row sum
-
-_LOG2E = np.float32(1.44269504088896341)
-_LN2_HI = np.float32(0.693359375)  # ln 2 = _LN2_HI + _LN2_LO, _LN2_HI exact in few bits
-_LN2_LO = np.float32(-2.12194440e-4)
-_E0, _E1, _E2, _E3, _E4, _E5 = (np.float32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-                                                       4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
-_X_MIN = np.float32(-87.0)
-
-
-@njit(inline="always", cache=True)
-def _row_total(acc, row, n):
-    """sum of row[:n]: lane u adds row[u], row[u + 16], ... in order; then the lanes, then the tail."""
-    n16 = n - n % LANES
-    for u in range(LANES):
-        acc[u] = 0
-    for j0 in range(0, n16, LANES):
-        for u in range(LANES):
-            acc[u] += row[j0 + u]
-    total = acc[0]
-    for u in range(1, LANES):
-        total += acc[u]
-    for j in range(n16, n):
-        total += row[j]
-    return total
 
 
 def _softmax_rows_f32_loop(s, scale, i0, start, p):
@@ -85,19 +55,11 @@ def _softmax_rows_f32_loop(s, scale, i0, start, p):
                 pr[j] = x
                 if x > m:
                     m = x
-            for j in range(n):  # e^(x - m) = 2^k e^f
-                x = pr[j] - m
-                if x < _X_MIN:
-                    x = _X_MIN
-                k = np.floor(x * _LOG2E + np.float32(0.5))
-                f = x - k * _LN2_HI
-                f = f - k * _LN2_LO
-                y = ((((_E0 * f + _E1) * f + _E2) * f + _E3) * f + _E4) * f + _E5
-                pr[j] = y * (f * f) + f + np.float32(1.0)
-                br[j] = (np.int32(k) + np.int32(127)) << 23  # the float32 2^k, in s's memory
+            for j in range(n):  # e^(x - m) = e^f 2^k, the float32 2^k written into s's memory
+                pr[j], br[j] = expf_parts(pr[j] - m)
             for j in range(n):
                 pr[j] = pr[j] * sr[j]
-            total = _row_total(acc, pr, n)
+            total = row_total(acc, pr, n)
             for j in range(n):
                 pr[j] = pr[j] / total
             for j in range(n, S):
@@ -122,7 +84,7 @@ def _softmax_rows_f64_loop(s, scale, i0, start, p):
                     m = x
             for j in range(n):
                 pr[j] = math.exp(pr[j] - m)
-            total = _row_total(acc, pr, n)
+            total = row_total(acc, pr, n)
             for j in range(n):
                 pr[j] = pr[j] / total
             for j in range(n, S):
@@ -142,7 +104,7 @@ def _softmax_backward_rows_loop(p, dp, i0, start, ds):
             pr, dpr, dsr = p[r, row], dp[r, t], ds[r, row]
             for j in range(n):
                 prod[j] = dpr[j] * pr[j]
-            dot = _row_total(acc, prod, n)
+            dot = row_total(acc, prod, n)
             for j in range(n):
                 dsr[j] = pr[j] * (dpr[j] - dot)
             for j in range(n, L):
@@ -180,9 +142,11 @@ def causal_attention(q, k, v, scale, start):
     S, dt = start + T, q.dtype
     kT = np.swapaxes(k, -1, -2)
     p = np.empty((B, H, T, S), dt)
-    o = np.zeros((B, H, T, v.shape[-1]), dt)
+    o = np.empty((B, H, T, v.shape[-1]), dt)  # every row written below (all 0 when no key exists)
     p3 = p.reshape(B * H, T, S)
-    if p.size:
+    if not p.size:
+        o[...] = 0
+    else:
         for i0, i1, L in query_blocks(T, start):
             s = (q[:, :, i0:i1] @ kT[:, :, :, :L]).reshape(B * H, i1 - i0, L)  # raw logits
             if dt == np.float32:
@@ -204,10 +168,13 @@ def causal_attention_backward(dout, q, k, v, p, scale, start):
     vT = np.swapaxes(v, -1, -2)
     ds = np.empty((B, H, T, S), dt)
     ds3 = ds.reshape(B * H, T, S)
-    dq = np.zeros((B, H, T, Dq), dt)
-    dk = np.zeros((B, H, S, Dq), dt)
-    dv = np.zeros((B, H, S, v.shape[-1]), dt)
-    if p.size:
+    dq = np.empty((B, H, T, Dq), dt)  # the query blocks cover every row of dq,
+    dk = np.empty((B, H, S, Dq), dt)  # the key blocks every row of dk and dv
+    dv = np.empty((B, H, S, v.shape[-1]), dt)
+    if not p.size:
+        for a in (dq, dk, dv):
+            a[...] = 0
+    else:
         for i0, i1, L in query_blocks(T, start):
             dp = (dout[:, :, i0:i1] @ vT[:, :, :, :L]).reshape(B * H, i1 - i0, L)
             softmax_backward_rows_numba(p3, dp, np.int64(i0), np.int64(start), ds3)

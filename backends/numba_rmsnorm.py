@@ -7,10 +7,11 @@ References (same signatures, in ``refmtp.model.ops.rmsnorm``): ``rmsnorm_rows_re
     backward  n = x * rstd,  g = dout * w,  dx = rstd * (g - n * (sum(g * n) / d)),
               dweight = sum over rows of dout * n   (numpy's own column sum, as the reference)
 
-The row sums run left to right here and pairwise in numpy (``mean``), so ``rstd``, ``y`` and
+The row sums run in 16 interleaved partial sums here (``row_total``, backends/numba_expf.py)
+and pairwise in numpy (``mean``), so ``rstd``, ``y`` and
 ``dx`` agree with the reference to rounding; ``dweight`` is bit-exact when ``rstd`` is (the
 same products summed by the same numpy call). Rows are split over Numba's threads (``prange``),
-one row per thread, so results do not depend on the thread count.
+a chunk of rows per thread, so results do not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -20,33 +21,41 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_rmsnorm_rows, check_rmsnorm_rows_backward
+from refmtp.backends.numba_expf import LANES, row_total
 
 
-def _rmsnorm_rows_loop(x, w, eps, dd, one, zero, y, rstd):
-    """dd = d in the array dtype (a plain int would promote the mean to float64)."""
+ROWS = 64  # rows per prange chunk (one scratch buffer for the row sums per chunk)
+
+
+def _rmsnorm_rows_loop(x, w, eps, dd, one, y, rstd):
+    """dd = d in the array dtype (a plain int would promote the mean to float64).
+    y's row holds x * x until it is written (the row sum reads it)."""
     N, d = x.shape
-    for r in prange(N):
-        acc = zero
-        for c in range(d):
-            acc += x[r, c] * x[r, c]
-        rs = one / math.sqrt(acc / dd + eps)
-        rstd[r, 0] = rs
-        for c in range(d):
-            y[r, c] = w[c] * (x[r, c] * rs)
+    for chunk in prange((N + ROWS - 1) // ROWS):
+        acc = np.empty(LANES, x.dtype)
+        for r in range(chunk * ROWS, min(N, (chunk + 1) * ROWS)):
+            for c in range(d):
+                y[r, c] = x[r, c] * x[r, c]
+            rs = one / math.sqrt(row_total(acc, y[r], d) / dd + eps)
+            rstd[r, 0] = rs
+            for c in range(d):
+                y[r, c] = w[c] * (x[r, c] * rs)
 
 
-def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, zero, dx, dn):
+def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, dx, dn):
+    """dx's row holds (dout w) (x rstd) until it is written (the row sum reads it)."""
     N, d = x.shape
-    for r in prange(N):
-        rs = rstd[r, 0]
-        acc = zero
-        for c in range(d):
-            acc += (dout[r, c] * w[c]) * (x[r, c] * rs)
-        mean = acc / dd
-        for c in range(d):
-            n = x[r, c] * rs
-            dx[r, c] = rs * (dout[r, c] * w[c] - n * mean)
-            dn[r, c] = dout[r, c] * n
+    for chunk in prange((N + ROWS - 1) // ROWS):
+        acc = np.empty(LANES, x.dtype)
+        for r in range(chunk * ROWS, min(N, (chunk + 1) * ROWS)):
+            rs = rstd[r, 0]
+            for c in range(d):
+                dx[r, c] = (dout[r, c] * w[c]) * (x[r, c] * rs)
+            mean = row_total(acc, dx[r], d) / dd
+            for c in range(d):
+                n = x[r, c] * rs
+                dx[r, c] = rs * (dout[r, c] * w[c] - n * mean)
+                dn[r, c] = dout[r, c] * n
 
 
 rmsnorm_rows_numba = njit(cache=True, parallel=True)(_rmsnorm_rows_loop)
@@ -62,7 +71,7 @@ def rmsnorm_rows(x, weight, eps):
     rstd = np.empty((x2.shape[0], 1), dtype=x2.dtype)
     if x2.size:
         t = x2.dtype.type
-        rmsnorm_rows_numba(x2, np.ascontiguousarray(weight), t(eps), t(d), t(1), t(0), y, rstd)
+        rmsnorm_rows_numba(x2, np.ascontiguousarray(weight), t(eps), t(d), t(1), y, rstd)
     return y.reshape(x.shape), rstd.reshape(x.shape[:-1] + (1,))
 
 
@@ -77,7 +86,7 @@ def rmsnorm_rows_backward(dout, x, weight, rstd):
     dn = np.empty_like(x2)  # dout * n, summed over rows by numpy below
     if x2.size:
         t = x2.dtype.type
-        rmsnorm_rows_backward_numba(d2, x2, np.ascontiguousarray(weight), r2, t(d), t(0), dx, dn)
+        rmsnorm_rows_backward_numba(d2, x2, np.ascontiguousarray(weight), r2, t(d), dx, dn)
     return dx.reshape(x.shape), np.sum(dn, axis=0)
 
 

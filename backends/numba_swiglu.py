@@ -8,8 +8,11 @@ References (same signatures, in ``refmtp.model.ops.swiglu``): ``swiglu_gate_ref`
 
 one pass over the rows instead of numpy's temporaries. The products and sums are the
 reference's, in its order (no fastmath, so no fused multiply-add; the constants 1 are passed in
-the array dtype): the backward is bit-exact; the forward's ``exp`` comes from another libm, so
-``sig`` and ``h`` agree to rounding. Rows are split over Numba's threads (``prange``), one row
+the array dtype): the backward is bit-exact; the forward's ``exp`` is libm's in float64 and the
+vectorised one of backends/numba_expf.py in float32 (<= 1.4 ulp; ``-a`` clamped to [-87, 88]:
+for a > 87, sig = 1/(1 + e^-87) rounds to 1 as the exact value does; for a < -88, sig is
+1/(1 + e^88) ~ 6e-39 instead of ~0, so silu(a) = a sig is off by |a| 6e-39), so ``sig`` and
+``h`` agree to rounding. Rows are split over Numba's threads (``prange``), one row
 per thread, so results do not depend on the thread count.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_swiglu_gate, check_swiglu_gate_backward
+from refmtp.backends.numba_expf import expf_parts
 
 
 def _swiglu_gate_loop(ab, one, sig, h):
@@ -28,6 +32,21 @@ def _swiglu_gate_loop(ab, one, sig, h):
         for i in range(I):
             a = ab[n, i]
             s = one / (one + math.exp(-a))
+            sig[n, i] = s
+            h[n, i] = a * s * ab[n, I + i]
+
+
+def _swiglu_gate_f32_loop(ab, one, sig, h):
+    """float32 twin of ``_swiglu_gate_loop`` with the vectorised exp (backends/numba_expf.py):
+    e^(-a) = e^f 2^k, the float32 2^k written into h's memory until h is computed."""
+    N, I = sig.shape
+    h_bits = h.view(np.int32)
+    for n in prange(N):
+        for i in range(I):
+            sig[n, i], h_bits[n, i] = expf_parts(-ab[n, i])
+        for i in range(I):
+            a = ab[n, i]
+            s = one / (one + sig[n, i] * h[n, i])
             sig[n, i] = s
             h[n, i] = a * s * ab[n, I + i]
 
@@ -44,6 +63,7 @@ def _swiglu_gate_backward_loop(dh, ab, sig, one, dab):
 
 
 swiglu_gate_numba = njit(cache=True, parallel=True)(_swiglu_gate_loop)
+swiglu_gate_f32_numba = njit(cache=True, parallel=True)(_swiglu_gate_f32_loop)
 swiglu_gate_backward_numba = njit(cache=True, parallel=True)(_swiglu_gate_backward_loop)
 
 
@@ -55,7 +75,8 @@ def swiglu_gate(ab):
     sig = np.empty((N, I), dtype=ab.dtype)
     h = np.empty((N, I), dtype=ab.dtype)
     if sig.size:
-        swiglu_gate_numba(ab, ab.dtype.type(1), sig, h)
+        loop = swiglu_gate_f32_numba if ab.dtype == np.float32 else swiglu_gate_numba
+        loop(ab, ab.dtype.type(1), sig, h)
     return sig, h
 
 

@@ -36,14 +36,14 @@ def _loops():
         dh, ab, sig = rng.standard_normal((9, 5)).astype(dt), rng.standard_normal((9, 10)).astype(dt), rng.random((9, 5)).astype(dt)
         return (dh, ab, sig, dt(1), np.empty_like(ab))
 
-    def rms(dt):
-        x, w = rng.standard_normal((6, 13)).astype(dt), rng.standard_normal(13).astype(dt)
-        return (x, w, dt(1e-6), dt(13), dt(1), dt(0), np.empty_like(x), np.empty((6, 1), dt))
+    def rms(dt):  # 70 rows: two prange chunks; 37 columns: two 16-lane rounds and a tail
+        x, w = rng.standard_normal((70, 37)).astype(dt), rng.standard_normal(37).astype(dt)
+        return (x, w, dt(1e-6), dt(37), dt(1), np.empty_like(x), np.empty((70, 1), dt))
 
     def rms_bwd(dt):
-        d, x, w = rng.standard_normal((6, 13)).astype(dt), rng.standard_normal((6, 13)).astype(dt), rng.standard_normal(13).astype(dt)
-        r = rng.random((6, 1)).astype(dt) + dt(0.5)
-        return (d, x, w, r, dt(13), dt(0), np.empty_like(x), np.empty_like(x))
+        d, x, w = rng.standard_normal((70, 37)).astype(dt), rng.standard_normal((70, 37)).astype(dt), rng.standard_normal(37).astype(dt)
+        r = rng.random((70, 1)).astype(dt) + dt(0.5)
+        return (d, x, w, r, dt(37), np.empty_like(x), np.empty_like(x))
 
     def adamw(dt):
         p, g, m = (rng.standard_normal(50).astype(dt) for _ in range(3))
@@ -56,6 +56,7 @@ def _loops():
         ("softmax_rows_f64", numba_attention.softmax_rows_f64_numba, softmax, False),  # float64 only
         ("softmax_backward_rows", numba_attention.softmax_backward_rows_numba, softmax_bwd, True),
         ("swiglu_gate", numba_swiglu.swiglu_gate_numba, gate, False),
+        ("swiglu_gate_f32", numba_swiglu.swiglu_gate_f32_numba, gate, True),  # float32 only
         ("swiglu_gate_backward", numba_swiglu.swiglu_gate_backward_numba, gate_bwd, True),
         ("rmsnorm_rows", numba_rmsnorm.rmsnorm_rows_numba, rms, True),
         ("rmsnorm_rows_backward", numba_rmsnorm.rmsnorm_rows_backward_numba, rms_bwd, True),
@@ -64,7 +65,7 @@ def _loops():
 
 
 LOOPS = _loops()
-ONE_DTYPE = {"softmax_rows_f32": np.float32, "softmax_rows_f64": np.float64}  # loops written for one dtype
+ONE_DTYPE = {"swiglu_gate_f32": np.float32, "softmax_rows_f32": np.float32, "softmax_rows_f64": np.float64}  # loops written for one dtype
 
 
 def _copies(args):
@@ -72,7 +73,7 @@ def _copies(args):
     return [a.copy() if isinstance(a, np.ndarray) else a for a in args]
 
 
-N_OUT = {"softmax_rows_f32": 1, "softmax_rows_f64": 1, "softmax_backward_rows": 1, "swiglu_gate": 2, "swiglu_gate_backward": 1,
+N_OUT = {"swiglu_gate_f32": 2, "softmax_rows_f32": 1, "softmax_rows_f64": 1, "softmax_backward_rows": 1, "swiglu_gate": 2, "swiglu_gate_backward": 1,
          "rmsnorm_rows": 2, "rmsnorm_rows_backward": 2, "adamw_update": 3}  # trailing output arrays
 
 
@@ -135,3 +136,22 @@ def test_training_step_kernels_on_matches_plain_path():
     np.testing.assert_allclose(l_on, l_off, rtol=1e-12)
     for name in p_on:
         np.testing.assert_allclose(p_on[name], p_off[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_vectorised_expf_error_and_clamps():
+    """backends/numba_expf.py: <= 1.5 ulp against float64 exp over [-87, 88] (dense grid and random
+    points), exact at 0, the stated clamps beyond, NaN kept."""
+    from refmtp.backends.numba_expf import X_MAX, X_MIN, expf_rows
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([np.linspace(X_MIN, X_MAX, 400_001, dtype=np.float32),
+                        rng.uniform(-87, 88, 200_000).astype(np.float32), np.float32([0.0, -0.0, 1.0, -1.0])])
+    got = expf_rows(x).astype(np.float64)
+    want = np.exp(x.astype(np.float64))
+    ulp = np.spacing(want.astype(np.float32)).astype(np.float64)
+    assert np.max(np.abs(got - want) / ulp) <= 1.5
+    assert expf_rows(np.float32([0.0]))[0] == 1.0
+    lo, hi = expf_rows(np.float32([-200.0, 200.0]))
+    assert lo == expf_rows(np.float32([X_MIN]))[0] and 0 < lo < 1.7e-38
+    assert hi == expf_rows(np.float32([X_MAX]))[0] and np.isfinite(hi)
+    assert np.isnan(expf_rows(np.float32([np.nan]))[0])
