@@ -204,6 +204,14 @@ def check_rmsnorm_rows_backward(dout, x, weight, rstd) -> None:
 
 
 # -------------------------------------------------------------------------------------------
+# sum_squares (reference: refmtp.training.optim.sum_squares_ref)
+# -------------------------------------------------------------------------------------------
+def check_sum_squares(g) -> None:
+    """g: a float array of any shape."""
+    _float(g, "g", "sum_squares kernel")
+
+
+# -------------------------------------------------------------------------------------------
 # adamw_update (reference: refmtp.training.optim.adamw_update_ref)
 # -------------------------------------------------------------------------------------------
 def check_adamw_update(p, g, m, v) -> None:

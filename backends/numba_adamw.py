@@ -1,4 +1,5 @@
-"""Numba kernel: the AdamW update of one tensor in one pass (numpy backend).
+"""Numba kernels of the optimizer step: the AdamW update of one tensor in one pass, and the sum
+of squares of one gradient for the global norm (numpy backend).
 
 Reference (same signature): ``refmtp.training.optim.adamw_update_ref``. Per element:
 
@@ -10,6 +11,12 @@ The host floats are rounded to the array dtype first, as numpy does with Python 
 multiply-add; sqrt and the divisions are correctly rounded): bit-exact in float32 and float64.
 Elements are split over Numba's threads (``prange``); each is independent, so results do not
 depend on the thread count. New arrays are returned; the inputs are not modified.
+
+``sum_squares`` (reference ``refmtp.training.optim.sum_squares_ref``): ``sum g^2`` with each
+square formed in float64 (exact for float32 input) and summed in 16 interleaved float64 partial
+sums (``row_total``, backends/numba_expf.py) over chunks of 4096 elements, the chunks' sums then
+added in order: the reference sums pairwise, so the two agree to rounding (~1e-16 relative),
+and the order is fixed, so the result does not depend on the thread count.
 """
 from __future__ import annotations
 
@@ -18,7 +25,10 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from refmtp.backends.contracts import check_adamw_update
+from refmtp.backends.contracts import check_adamw_update, check_sum_squares
+from refmtp.backends.numba_expf import LANES, row_total
+
+CHUNK = 4096  # elements per partial sum of sum_squares (one chunk per prange iteration)
 
 
 def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, p_new, m_new, v_new):
@@ -35,6 +45,36 @@ def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, p_ne
 adamw_update_numba = njit(cache=True, parallel=True)(_adamw_update_loop)
 
 
+def _sum_squares_loop(g, parts):
+    """g flat (n,) float; parts (ceil(n / CHUNK),) float64: parts[c] = sum of g^2 over chunk c."""
+    n = g.shape[0]
+    for c in prange(parts.shape[0]):
+        acc = np.empty(LANES, np.float64)
+        sq = np.empty(CHUNK, np.float64)
+        lo = c * CHUNK
+        m = min(n, lo + CHUNK) - lo
+        for i in range(m):
+            x = np.float64(g[lo + i])
+            sq[i] = x * x
+        parts[c] = row_total(acc, sq, m)
+
+
+sum_squares_numba = njit(cache=True, parallel=True)(_sum_squares_loop)
+
+
+def sum_squares(g):
+    """Numba twin of ``sum_squares_ref``: -> float64 0-d array."""
+    check_sum_squares(g)
+    flat = np.ascontiguousarray(g).reshape(-1)
+    parts = np.zeros((flat.size + CHUNK - 1) // CHUNK, np.float64)
+    if flat.size:
+        sum_squares_numba(flat, parts)
+    total = np.float64(0.0)
+    for x in parts:  # in chunk order
+        total += x
+    return np.asarray(total)
+
+
 def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2):
     """Numba twin of ``adamw_update_ref`` -> (new p, new m, new v), shaped like p."""
     check_adamw_update(p, g, m, v)
@@ -47,4 +87,4 @@ def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2):
     return tuple(a.reshape(p.shape) for a in out)
 
 
-KERNELS: dict = {"adamw_update": adamw_update}
+KERNELS: dict = {"adamw_update": adamw_update, "sum_squares": sum_squares}

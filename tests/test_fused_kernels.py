@@ -45,6 +45,9 @@ def _loops():
         r = rng.random((70, 1)).astype(dt) + dt(0.5)
         return (d, x, w, r, dt(37), np.empty_like(x), np.empty_like(x))
 
+    def sumsq(dt):  # three chunks, the last one short
+        return (rng.standard_normal(2 * numba_adamw.CHUNK + 5).astype(dt), np.empty(3, np.float64))
+
     def adamw(dt):
         p, g, m = (rng.standard_normal(50).astype(dt) for _ in range(3))
         v = rng.random(50).astype(dt)
@@ -61,6 +64,7 @@ def _loops():
         ("rmsnorm_rows", numba_rmsnorm.rmsnorm_rows_numba, rms, True),
         ("rmsnorm_rows_backward", numba_rmsnorm.rmsnorm_rows_backward_numba, rms_bwd, True),
         ("adamw_update", numba_adamw.adamw_update_numba, adamw, True),
+        ("sum_squares", numba_adamw.sum_squares_numba, sumsq, True),
     ]
 
 
@@ -74,7 +78,7 @@ def _copies(args):
 
 
 N_OUT = {"swiglu_gate_f32": 2, "softmax_rows_f32": 1, "softmax_rows_f64": 1, "softmax_backward_rows": 1, "swiglu_gate": 2, "swiglu_gate_backward": 1,
-         "rmsnorm_rows": 2, "rmsnorm_rows_backward": 2, "adamw_update": 3}  # trailing output arrays
+         "rmsnorm_rows": 2, "rmsnorm_rows_backward": 2, "adamw_update": 3, "sum_squares": 1}  # trailing output arrays
 
 
 @pytest.mark.parametrize("name,fn,build,exact,dt", [
@@ -89,7 +93,7 @@ def test_compiled_loop_matches_py_func(name, fn, build, exact, dt):
     fn(*_copies(ins), *a_out)
     fn.py_func(*_copies(ins), *b_out)
     for a, b in zip(a_out, b_out):
-        assert a.dtype == dt
+        assert a.dtype in (dt, np.float64)  # sum_squares accumulates in float64 whatever dt
         if exact or dt == np.float64:
             np.testing.assert_array_equal(a, b, err_msg=name)
         else:  # float32 exp: the compiled expf vs Python's float64 exp rounded once

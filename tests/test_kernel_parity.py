@@ -29,7 +29,7 @@ from refmtp.model.ops.attention import causal_attention_backward_ref, causal_att
 from refmtp.model.ops.rmsnorm import rmsnorm_rows_backward_ref, rmsnorm_rows_ref
 from refmtp.model.ops.rope import rope_apply_ref
 from refmtp.model.ops.swiglu import swiglu_gate_backward_ref, swiglu_gate_ref
-from refmtp.training.optim import adamw_update_ref
+from refmtp.training.optim import adamw_update_ref, sum_squares_ref
 from refmtp.model.ops.xent import xent_backward_ref, xent_forward_ref
 from tests.conftest import BACKEND_PARAMS
 from tests.test_accept_kernels import random_batch
@@ -45,7 +45,7 @@ ATTENTION_TOL = {np.float32: 1e-5, np.float64: 1e-13}
 # Kernels of the numpy backend only (issue 17's CPU speed levers: fused elementwise tails). On
 # cupy these names have no kernel and the plain array path runs; the GPU has no twin to check.
 CPU_ONLY = frozenset({"causal_attention", "causal_attention_backward", "swiglu_gate", "swiglu_gate_backward",
-                      "rmsnorm_rows", "rmsnorm_rows_backward", "adamw_update"})
+                      "rmsnorm_rows", "rmsnorm_rows_backward", "adamw_update", "sum_squares"})
 
 
 @dataclass(frozen=True)
@@ -254,6 +254,16 @@ def rmsnorm_rows_backward_cases():
 ADAMW_SHAPES = [(0,), (1,), (7, 5), (3, 4, 2), (4096,)]
 
 
+def sum_squares_cases():
+    """empty, one element, under one 4096-element chunk, across chunks, 2-D; both dtypes"""
+    out = []
+    for i, sh in enumerate([(0,), (1,), (17,), (4096,), (4097,), (3, 5000), (40000,)]):
+        for dt in DTYPES:
+            g = (np.random.default_rng(70 + i).standard_normal(sh) * 10).astype(dt)
+            out.append((f"{'x'.join(map(str, sh))}-{np.dtype(dt).name}", (g,)))
+    return out
+
+
 def adamw_update_cases():
     out = []
     for i, sh in enumerate(ADAMW_SHAPES):
@@ -303,6 +313,8 @@ TABLE: dict[str, Entry] = {
     "rmsnorm_rows": Entry(rmsnorm_rows_ref, rmsnorm_rows_cases, exact=(), tol={0: ROWSUM_TOL, 1: ROWSUM_TOL},
                           why="sum(x * x) left to right vs numpy's pairwise mean"),
     "adamw_update": Entry(adamw_update_ref, adamw_update_cases, exact=(0, 1, 2)),
+    "sum_squares": Entry(sum_squares_ref, sum_squares_cases, exact=(), tol={0: {np.float32: 1e-13, np.float64: 1e-13}},
+                         why="float64 sum in 16-lane chunks vs numpy's pairwise sum"),
     "rmsnorm_rows_backward": Entry(rmsnorm_rows_backward_ref, rmsnorm_rows_backward_cases, exact=(1,),
                                    tol={0: ROWSUM_TOL}, why="sum(g * n) left to right vs numpy's pairwise mean"),
 }
@@ -417,6 +429,7 @@ def _bad_cases():
         ("rmsnorm_rows", (np.zeros((3, 4)), np.zeros(5), 1e-6), ValueError, r"weight \(d,\)"),
         ("rmsnorm_rows_backward", (np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(4), np.zeros((3,))), ValueError,
          r"rstd \(3, 1\)"),
+        ("sum_squares", (np.zeros(3, np.int64),), TypeError, "float32 or float64"),
         ("adamw_update", (np.zeros(3), np.zeros(3), np.zeros(4), np.zeros(3), 1e-3, 0.1, 0.9, 0.95, 1e-8, 0.1, 0.05),
          ValueError, r"m is \(4,\)"),
     ]

@@ -85,14 +85,22 @@ class CosineSchedule:
 # -------------------------------------------------------------------------------------------
 # Gradient clipping
 # -------------------------------------------------------------------------------------------
+def sum_squares_ref(g):
+    """``sum g^2`` of one tensor in float64 (a 0-d array): float32 squares are exact in float64.
+
+    Kernel: ``sum_squares`` (backends/numba_adamw.py), one pass without the float64 copy.
+    """
+    xp = backend_of(g).xp
+    g64 = xp.astype(g, xp.float64)
+    return xp.sum(g64 * g64)
+
+
 def global_grad_norm(grads: dict) -> float:
     """``||g|| = sqrt(sum over tensors of sum g^2)``, accumulated in float64 (a host float)."""
     total = None  # a device scalar: one host sync at the end, not one per tensor
     for name in sorted(grads):
         g = grads[name]
-        xp = backend_of(g).xp
-        g64 = xp.astype(g, xp.float64)  # float32 squares summed in float64
-        part = xp.sum(g64 * g64)
+        part = (backend_of(g).kernel("sum_squares") or sum_squares_ref)(g)
         total = part if total is None else total + part
     return math.sqrt(float(total)) if total is not None else 0.0
 

@@ -32,8 +32,9 @@ the forward's results before the backward (the golden trajectory reads routing m
 """
 from __future__ import annotations
 
+import gc
 import math
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -113,6 +114,25 @@ def _summed(acc, new: dict) -> dict:
     return {name: acc[name] + new[name] for name in acc}
 
 
+@contextmanager
+def _collector_paused():
+    """Python's cyclic garbage collector off for the step, back on after (as it was).
+
+    A step allocates tens of thousands of short-lived objects (caches, tuples, dicts), which
+    trigger collections that walk every tracked object of the process (~2% of a small-preset
+    step); they are freed by reference counting anyway, and any cycle waits for the next
+    automatic collection after the step.
+    """
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
+
+
+@_collector_paused()  # the step frees its objects by reference counting
 def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
                grad_accum: int = 1, world: World = SINGLE,
                commit: Callable = nullcontext, mark: Callable | None = None,
