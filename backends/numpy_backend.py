@@ -39,6 +39,22 @@ def keep_freed_memory() -> bool:
     return _HEAP_KEPT
 
 
+def _rows_kernel_fits(out, idx, vals) -> bool:
+    """Whether the row scatter-add kernel applies (otherwise np.add.at, whose semantics it copies)."""
+    from refmtp.backends.base import kernels_enabled
+
+    if not (kernels_enabled() and isinstance(out, np.ndarray) and isinstance(idx, np.ndarray)
+            and isinstance(vals, np.ndarray)):
+        return False
+    if out.ndim != 2 or not out.flags.c_contiguous or out.dtype not in (np.float32, np.float64):
+        return False
+    if idx.ndim != 1 or idx.dtype != np.int64 or not idx.size or vals.dtype != out.dtype:
+        return False
+    if vals.shape != (idx.size, out.shape[1]) or not vals.flags.c_contiguous:
+        return False
+    return bool(idx.min() >= 0 and idx.max() < out.shape[0])
+
+
 class NumpyBackend(Backend):
     name = "numpy"
     xp = np_xp
@@ -55,7 +71,12 @@ class NumpyBackend(Backend):
         return np.asarray(a)
 
     def scatter_add(self, out, idx, vals):
-        np.add.at(out, idx, vals)
+        if _rows_kernel_fits(out, idx, vals):
+            from refmtp.backends.numba_scatter import scatter_add_rows_numba
+
+            scatter_add_rows_numba(out, idx, vals)  # np.add.at's adds in its order (backends/numba_scatter.py)
+        else:
+            np.add.at(out, idx, vals)
         return out
 
     def prepare_training(self) -> None:

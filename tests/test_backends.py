@@ -244,3 +244,28 @@ def test_dtype_handling(backend):
         bk.dtype("float8")
     with pytest.raises(ValueError, match="choose float32 or float64"):
         bk.check_float_dtype("int64")
+
+
+@pytest.mark.parametrize("M,d,n", [(7, 5, 40), (256, 256, 2048), (3, 1, 9), (5, 4, 1)])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpy_row_scatter_kernel_is_np_add_at(M, d, n, dtype):
+    """The numpy backend's row kernel (backends/numba_scatter.py; ids in range, contiguous rows)
+    gives np.add.at's bits, and the same with kernels off (np.add.at itself)."""
+    from refmtp.backends.numpy_backend import _rows_kernel_fits
+
+    rng = np.random.default_rng(M * n + d)
+    out = rng.standard_normal((M, d)).astype(dtype)
+    idx = rng.integers(0, max(1, M // 2), size=n).astype(np.int64)  # many duplicates
+    vals = (rng.standard_normal((n, d)) * 10.0 ** rng.integers(-3, 4, size=(n, d))).astype(dtype)
+    assert _rows_kernel_fits(out, idx, vals)
+    want = out.copy()
+    np.add.at(want, idx, vals)
+    bk = get_backend("numpy")
+    np.testing.assert_array_equal(bk.scatter_add(out.copy(), idx, vals), want)
+    np.testing.assert_array_equal(_sequential_scatter(out, idx, vals), want)
+    prev = set_kernels_enabled(False)
+    try:
+        assert not _rows_kernel_fits(out, idx, vals)
+        np.testing.assert_array_equal(bk.scatter_add(out.copy(), idx, vals), want)
+    finally:
+        set_kernels_enabled(prev)
