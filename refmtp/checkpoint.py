@@ -261,11 +261,13 @@ def _validate(cfg: ModelConfig, header: dict, where: Path) -> str:
     return {v: k for k, v in ST_DTYPES.items()}[stored]
 
 
-def load_checkpoint(path, backend="numpy", dtype: str | None = None):
+def load_checkpoint(path, backend="numpy", dtype: str | None = None, only=None):
     """Read a checkpoint directory -> (cfg, params) on ``backend``.
 
     ``dtype`` None keeps the stored float dtype (bit-exact round trip); "float32"/"float64"
-    converts every tensor except the biases, which stay float32.
+    converts every tensor except the biases, which stay float32. ``only(name)`` (None: every
+    tensor) picks the parameters to read; the file is checked whole, the others are never
+    loaded (an expert-parallel rank reads its own experts: refmtp.training.expert_parallel).
     """
     from safetensors import safe_open
 
@@ -291,11 +293,15 @@ def load_checkpoint(path, backend="numpy", dtype: str | None = None):
     target = stored if dtype is None else dtype
 
     host = {}
+    copies = copy_names(cfg)
     for f in sorted(set(files.values())):
         with safe_open(str(f), framework="numpy") as st:
             for name in st.keys():
-                host[name] = st.get_tensor(name)
-    for copy, shared in copy_names(cfg).items():
+                if only is None or only(copies.get(name, name)):
+                    host[name] = st.get_tensor(name)
+    for copy, shared in copies.items():
+        if copy not in host:
+            continue
         a, b = host.pop(copy), host[shared]
         if a.tobytes() != b.tobytes():
             diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))

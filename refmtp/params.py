@@ -233,6 +233,16 @@ def kind(name: str) -> str:
     return "matrix"
 
 
+def routed_expert(name: str) -> int | None:
+    """The routed expert ``e`` of a name ``model.layers.{l}.mlp.experts.{e}.*`` (None for every
+    other parameter: attention, router, shared experts, norms, embedding, head). Expert
+    parallelism shards exactly these (docs/distributed.md §3)."""
+    head, sep, rest = name.partition(".mlp.experts.")
+    if not sep or not head.startswith("model.layers."):
+        return None
+    return int(rest.split(".", 1)[0])
+
+
 def is_bias(name: str) -> bool:
     return kind(name) == "bias"
 
@@ -251,12 +261,17 @@ def decays(name: str) -> bool:
 # -------------------------------------------------------------------------------------------
 # validation, once at the model's entry points
 # -------------------------------------------------------------------------------------------
-def check_params(params: dict, cfg: ModelConfig) -> None:
+def check_params(params: dict, cfg: ModelConfig, experts=None) -> None:
     """Names, shapes and dtypes of ``params`` against the config; one-line ValueError.
 
     Every matrix and norm has one float dtype (float32 or float64); every bias is float32.
+    ``experts`` (a range of expert ids, None: all) are the routed experts ``params`` holds: an
+    expert-parallel rank holds only its own (refmtp.training.expert_parallel).
     """
     expected = param_shapes(cfg)
+    if experts is not None:
+        expected = {n: s for n, s in expected.items()
+                    if routed_expert(n) is None or routed_expert(n) in experts}
     missing = sorted(set(expected) - set(params))
     extra = sorted(set(params) - set(expected))
     if missing or extra:

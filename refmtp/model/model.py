@@ -39,6 +39,7 @@ from typing import Any
 
 from refmtp.backends import backend_of
 from refmtp.model.block import block_backward, block_forward
+from refmtp.model import moe  # moe.SHARDED: the expert-parallel layer, when a training step sets it
 from refmtp.model.init import init_params
 from refmtp.params import BIAS_NAME, EMBED, LM_HEAD, NORM, check_params, layer_prefix, mtp_layer, sub_params
 from refmtp.model.loss import loss_backward, loss_forward
@@ -238,7 +239,7 @@ def forward(params: dict, cfg, tokens, *, need_cache: bool = True):
     tokens); the layers it calls do not re-validate.
     """
     cfg.validate()
-    check_params(params, cfg)
+    check_params(params, cfg, None if moe.SHARDED is None else moe.SHARDED.experts)  # EP: a rank's own
     tokens, B, T = _check_tokens(tokens, cfg)
     bk = backend_of(tokens, params[EMBED])
     xp = bk.xp

@@ -45,16 +45,24 @@ from refmtp.model.moe import (PROJ, moe_combine_backward_ref, moe_combine_ref, m
                               moe_permute_backward_ref, moe_permute_ref, router_and_shared_backward)
 from refmtp.model.router import router_forward
 from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
-from refmtp.params import BIAS
+from refmtp.params import BIAS, layer_prefix, mtp_layer, routed_expert, sub_params
 from refmtp.training.distributed import World
+
+REPLICATED_ENV = "REFMTP_EP_REPLICATED"  # "1": ExpertShard.replicated (comparisons only)
 
 
 @dataclass
 class ExpertShard:
-    """Which experts this rank owns, and the bytes its exchanges sent to other ranks."""
+    """Which experts this rank owns (and holds: their weights, gradients and AdamW moments),
+    and the bytes its exchanges sent to other ranks.
+
+    ``replicated`` (``REFMTP_EP_REPLICATED=1``, for comparisons only): every rank holds every
+    expert and returns zero gradients for the ones it does not own, the layout before the
+    memory was sharded; a run writes the same bytes either way (tests/test_distributed.py)."""
 
     cfg: Any
     world: World
+    replicated: bool = False
     bytes: dict = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
 
     def __post_init__(self):
@@ -76,21 +84,33 @@ class ExpertShard:
         r = self.world.rank
         return range(r * self.per_rank, (r + 1) * self.per_rank)
 
+    def experts_of(self, rank: int) -> range:
+        return range(rank * self.per_rank, (rank + 1) * self.per_rank)
 
-def _exchange(shard: ExpertShard, rows: np.ndarray, counts: np.ndarray, kind: str):
-    """Alltoallv: ``rows`` (S, w) sorted by destination, ``counts[q]`` rows for rank q ->
+    def held(self, rank: int | None = None):
+        """``held(name)``: does ``rank`` (default this one) hold the parameter ``name``? Every
+        rank holds everything but the routed experts (refmtp.params.routed_expert), and of
+        those its own (all of them when ``replicated``)."""
+        mine = self.experts_of(self.world.rank if rank is None else rank)
+
+        def holds(name: str) -> bool:
+            e = routed_expert(name)
+            return e is None or self.replicated or e in mine
+        return holds
+
+    def local(self, name: str) -> bool:
+        """A parameter whose gradient stays on its owner: a routed expert when the experts are
+        sharded (the data-parallel exchange carries every other gradient)."""
+        return not self.replicated and routed_expert(name) is not None
+
+
+def _exchange(shard: ExpertShard, rows: np.ndarray, counts: np.ndarray, kind: str, what: str):
+    """All-to-all: ``rows`` (S, w) sorted by destination, ``counts[q]`` rows for rank q ->
     (received rows in source-rank order, received counts). Bytes to other ranks go to ``kind``."""
-    world, q = shard.world, shard.world.rank
-    rows = np.ascontiguousarray(rows)
+    q = shard.world.rank
+    out, recv_counts = shard.world.alltoallv(rows, counts, f"the expert-parallel {what}")
     width = int(np.prod(rows.shape[1:])) if rows.ndim > 1 else 1
-    counts = np.asarray(counts, dtype=np.int64)
-    recv_counts = np.empty_like(counts)
-    world.comm.Alltoall(counts, recv_counts)
-    send_displ = np.concatenate([[0], np.cumsum(counts)[:-1]]) * width
-    recv_displ = np.concatenate([[0], np.cumsum(recv_counts)[:-1]]) * width
-    out = np.empty((int(recv_counts.sum()),) + rows.shape[1:], dtype=rows.dtype)
-    world.comm.Alltoallv([rows, (counts * width, send_displ)], [out, (recv_counts * width, recv_displ)])
-    shard.bytes[kind] += int((counts.sum() - counts[q]) * width * rows.itemsize)
+    shard.bytes[kind] += int((int(np.sum(counts)) - int(counts[q])) * width * rows.itemsize)
     return out, recv_counts
 
 
@@ -113,9 +133,11 @@ class EPCache:  # also read by refmtp.model.model like a MoECache: topk_idx, top
     load: Any  # (E,) int64 this rank's tokens routed to each expert
 
     def backward(self, dout, daux):
-        """:func:`ep_moe_backward`, with zero gradients for the experts other ranks own (the
-        parameters are replicated for the optimizer: the data-parallel sum adds the owner's)."""
+        """:func:`ep_moe_backward`: gradients of this rank's experts only (``replicated``: zero
+        gradients for the others' too, which the data-parallel sum adds to the owner's)."""
         dx, grads = ep_moe_backward(dout, daux, self)
+        if not self.shard.replicated:
+            return dx, grads
         xp = backend_of(dout).xp
         I, d = self.shard.cfg.moe_intermediate_size, self.x_shape[2]
         for e in range(self.shard.cfg.n_routed_experts):
@@ -142,24 +164,10 @@ def ep_moe_forward(x, p: dict, shard: ExpertShard):
     off = bk.to_numpy(offsets)
     send_counts = np.array([off[(q + 1) * shard.per_rank] - off[q * shard.per_rank]
                             for q in range(shard.world.size)], dtype=np.int64)
-    xr, recv_counts = _exchange(shard, xs, send_counts, "dispatch")
-    er, _ = _exchange(shard, experts, send_counts, "dispatch")  # expert ids (int64) ride along
-    perm = np.argsort(er, kind="stable")  # expert blocks, rows in (source rank, slot) order
-    er_sorted = er[perm]
-    ys_sorted = np.empty_like(xr)
-    blocks = []
-    for e in shard.experts:
-        lo, hi = np.searchsorted(er_sorted, e, "left"), np.searchsorted(er_sorted, e, "right")
-        if hi == lo:
-            blocks.append((e, lo, hi, None))
-            continue
-        y_e, c_e = swiglu_forward(bk.asarray(xr[perm[lo:hi]], dtype=str(x.dtype)),
-                                  *(p[f"experts.{e}.{w}.weight"] for w in PROJ))  # (n_e, d)
-        ys_sorted[lo:hi] = bk.to_numpy(y_e)
-        blocks.append((e, lo, hi, c_e))
-    ys_recv = np.empty_like(ys_sorted)
-    ys_recv[perm] = ys_sorted  # back to the order rows arrived in
-    ys_home, _ = _exchange(shard, ys_recv, recv_counts, "combine")  # (S, d) in ``order``
+    xr, recv_counts = _exchange(shard, xs, send_counts, "dispatch", "dispatch of token rows")
+    er, _ = _exchange(shard, experts, send_counts, "dispatch", "dispatch of expert ids")  # int64
+    perm, blocks, ys_recv = _run_experts(xr, er, p, shard, bk, str(x.dtype))
+    ys_home, _ = _exchange(shard, ys_recv, recv_counts, "combine", "combine")  # (S, d) in ``order``
     ys = bk.asarray(ys_home, dtype=str(x.dtype))
     routed = moe_combine_ref(ys, order, topk_weight)  # (N, d) the single process's sums
     if cfg.n_shared_experts > 0:
@@ -176,6 +184,53 @@ def ep_moe_forward(x, p: dict, shard: ExpertShard):
     return xp.reshape(out, (B, T, d)), aux, cache
 
 
+def _run_experts(xr, er, p: dict, shard: ExpertShard, bk, dtype: str):
+    """The owner's part: rows ``xr`` (R, d) received for experts ``er`` (R,) -> (perm, blocks,
+    ys (R, d) in the order the rows arrived). Each expert runs once on its block, the rows in
+    (source rank, slot) order: the block the single process builds for it."""
+    perm = np.argsort(er, kind="stable")  # expert blocks, rows in (source rank, slot) order
+    er_sorted = er[perm]
+    ys_sorted = np.empty_like(xr)
+    blocks = []
+    for e in shard.experts:
+        lo, hi = np.searchsorted(er_sorted, e, "left"), np.searchsorted(er_sorted, e, "right")
+        if hi == lo:
+            blocks.append((e, lo, hi, None))
+            continue
+        y_e, c_e = swiglu_forward(bk.asarray(xr[perm[lo:hi]], dtype=dtype),
+                                  *(p[f"experts.{e}.{w}.weight"] for w in PROJ))  # (n_e, d)
+        ys_sorted[lo:hi] = bk.to_numpy(y_e)
+        blocks.append((e, lo, hi, c_e))
+    ys_recv = np.empty_like(ys_sorted)
+    ys_recv[perm] = ys_sorted  # back to the order rows arrived in
+    return perm, blocks, ys_recv
+
+
+def ep_moe_serve(p: dict, shard: ExpertShard, bk, dtype: str) -> None:
+    """One forward of the layer on a rank without tokens of its own: it only runs its experts
+    on the rows other ranks send (evaluation, where rank 0 holds the whole batch)."""
+    d, none = shard.cfg.hidden_size, np.zeros(shard.world.size, dtype=np.int64)
+    xr, recv_counts = _exchange(shard, np.empty((0, d), dtype=dtype), none, "dispatch",
+                                "dispatch of token rows")
+    er, _ = _exchange(shard, np.empty((0,), dtype=np.int64), none, "dispatch",
+                      "dispatch of expert ids")
+    _, _, ys_recv = _run_experts(xr, er, p, shard, bk, dtype)
+    _exchange(shard, ys_recv, recv_counts, "combine", "combine")
+
+
+def moe_layers(cfg) -> list:
+    """The MoE layers in the order one forward calls them: the trunk's, then the MTP modules'."""
+    layers = list(range(cfg.num_hidden_layers)) + [mtp_layer(cfg, k) for k in range(1, cfg.D + 1)]
+    return [layer for layer in layers if cfg.is_moe_layer(layer)]
+
+
+def serve_forward(params: dict, shard: ExpertShard, bk, dtype: str) -> None:
+    """Every MoE layer of one model forward on a rank without tokens (:func:`ep_moe_serve`), in
+    the order the rank with the tokens calls them."""
+    for layer in moe_layers(shard.cfg):
+        ep_moe_serve(sub_params(params, layer_prefix(layer) + "mlp."), shard, bk, dtype)
+
+
 def ep_moe_backward(dout, daux, cache: EPCache):
     """dout (B, T, d) -> (dx (B, T, d), grads): the backward of refmtp.model.moe.moe_backward,
     with the experts' part on their owners (module docstring)."""
@@ -187,7 +242,8 @@ def ep_moe_backward(dout, daux, cache: EPCache):
     dy = xp.reshape(dout, (N, d))
     grads = {}
     dys, dweight = moe_combine_backward_ref(dy, c.ys, c.order, c.weight)  # (S, d), (N, K)
-    dys_recv, _ = _exchange(shard, bk.to_numpy(dys), c.send_counts, "combine")  # to the owners
+    dys_recv, _ = _exchange(shard, bk.to_numpy(dys), c.send_counts, "combine",
+                            "backward of the combine")  # to the owners
     dys_sorted = dys_recv[c.perm]
     dxs_sorted = np.zeros_like(dys_sorted)
     I, dt = shard.cfg.moe_intermediate_size, str(c.ys.dtype)
@@ -203,7 +259,8 @@ def ep_moe_backward(dout, daux, cache: EPCache):
         grads[names[0]], grads[names[1]], grads[names[2]] = g.dgate_proj, g.dup_proj, g.ddown_proj
     dxs_recv = np.empty_like(dxs_sorted)
     dxs_recv[c.perm] = dxs_sorted
-    dxs, _ = _exchange(shard, dxs_recv, c.recv_counts, "dispatch")  # back home, in ``order``
+    dxs, _ = _exchange(shard, dxs_recv, c.recv_counts, "dispatch",
+                       "backward of the dispatch")  # back home, in ``order``
     dx = moe_permute_backward_ref(bk.asarray(dxs, dtype=dt), c.order, N)  # (N, d)
     ds = None
     if c.balance is not None and daux is not None:
@@ -217,6 +274,8 @@ class _Layer:
 
     def __init__(self, shard: ExpertShard):
         self.shard = shard
+        # the routed experts this rank's parameters hold (refmtp.model.forward checks them)
+        self.experts = None if shard.replicated else shard.experts
 
     def forward(self, x, p: dict, cfg):
         if cfg.n_routed_experts != self.shard.cfg.n_routed_experts:
@@ -226,8 +285,8 @@ class _Layer:
 
 @contextmanager
 def sharded(shard: ExpertShard):
-    """Every MoE layer of the model runs expert-parallel inside the block (training steps only:
-    evaluation and decoding run the single-process layer on the replicated parameters)."""
+    """Every MoE layer of the model runs expert-parallel inside the block (the training steps,
+    and the evaluation of a run whose experts are sharded: :func:`serve_forward`)."""
     previous = moe.SHARDED
     moe.SHARDED = _Layer(shard)
     try:
@@ -239,6 +298,11 @@ def sharded(shard: ExpertShard):
 def active() -> bool:
     """True inside :func:`sharded` (the forward takes part in collectives)."""
     return moe.SHARDED is not None
+
+
+def current() -> ExpertShard | None:
+    """The ExpertShard of the enclosing :func:`sharded`, or None."""
+    return None if moe.SHARDED is None else moe.SHARDED.shard
 
 
 def expected_bytes(topk_idx_per_rank: list, shard: ExpertShard, itemsize: int, d: int) -> dict:

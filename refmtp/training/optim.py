@@ -99,10 +99,16 @@ def global_grad_norm(grads: dict) -> float:
     """``||g|| = sqrt(sum over tensors of sum g^2)``, accumulated in float64 (a host float)."""
     total = None  # a device scalar: one host sync at the end, not one per tensor
     for name in sorted(grads):
-        g = grads[name]
-        part = (backend_of(g).kernel("sum_squares") or sum_squares_ref)(g)
+        part = squared_sum(grads[name])
         total = part if total is None else total + part
     return math.sqrt(float(total)) if total is not None else 0.0
+
+
+def squared_sum(g):
+    """``sum g^2`` of one gradient in float64 (a 0-d array): the term of :func:`global_grad_norm`
+    (the kernel, else :func:`sum_squares_ref`; expert parallelism adds every rank's terms in the
+    same sorted order)."""
+    return (backend_of(g).kernel("sum_squares") or sum_squares_ref)(g)
 
 
 def clip_grads(grads: dict, max_norm: float, norm: float | None = None) -> tuple[dict, float]:
@@ -275,19 +281,21 @@ def _sort_metadata(path) -> None:
         f.write(new)
 
 
-def load_optimizer(path, params: dict, backend=None) -> AdamW:
+def load_optimizer(path, params: dict, backend=None, only=None) -> AdamW:
     """Read an optimizer written by :func:`save_optimizer`; its tensors must match ``params``.
 
     Each moment is moved to ``backend`` (default: the parameters' backend) with the dtype of
     its parameter. Raises ValueError naming the first missing, extra or mismatched entry.
+    ``only(name)`` (None: all) picks the parameters whose moments are read (an expert-parallel
+    rank's own, refmtp.training.expert_parallel); the others are never loaded.
     """
     from safetensors import safe_open
-    from safetensors.numpy import load_file
 
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {k: f.get_tensor(k) for k in f.keys()
+                       if only is None or not k.startswith(("m.", "v.")) or only(k[2:])}
     except Exception as exc:  # OSError, or safetensors' own SafetensorError on a bad header
         raise ValueError(f"cannot read optimizer state {path}: {exc}") from None
     if meta.get("format") != FORMAT:

@@ -44,7 +44,8 @@ from refmtp.backends import backend_of
 from refmtp.model import backward, forward, update_expert_bias
 from refmtp.training.distributed import SINGLE, World, flatten, unflatten
 from refmtp.training.expert_parallel import active as expert_parallel_active
-from refmtp.training.optim import clip_grads, first_nonfinite, global_grad_norm
+from refmtp.training.expert_parallel import current as current_expert_shard
+from refmtp.training.optim import clip_grads, first_nonfinite, global_grad_norm, squared_sum
 
 LOSS_ORDER = ("main", "mtp", "balance", "total")  # order in which non-finite terms are named
 
@@ -132,6 +133,22 @@ def _collector_paused():
             gc.enable()
 
 
+def _sharded_grad_norm(grads: dict, shard, world: World) -> tuple[float, str | None]:
+    """The global gradient norm when each rank holds its own experts' gradients: every rank's
+    terms ``sum g^2`` (refmtp.training.optim.squared_sum) added in the sorted order of all names,
+    the order and so the bits of global_grad_norm on the whole model. Also the first name (that
+    order) whose term is not finite."""
+    parts = {n: squared_sum(g) for n, g in grads.items() if not shard.local(n)}
+    own = {n: float(squared_sum(g)) for n, g in grads.items() if shard.local(n)}
+    for terms in world.allgather(own, "the exchange of the experts' gradient norms"):
+        parts.update(terms)
+    total = None
+    for name in sorted(parts):
+        total = parts[name] if total is None else total + parts[name]
+    bad = next((n for n in sorted(parts) if not math.isfinite(float(parts[n]))), None)
+    return math.sqrt(float(total)), bad
+
+
 @_collector_paused()  # the step frees its objects by reference counting
 def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
                grad_accum: int = 1, world: World = SINGLE,
@@ -144,6 +161,7 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
     n_micro = world.size * grad_accum
     bk = backend_of(tokens)
     bk.prepare_training()  # numpy: freed memory stays in the heap for the next step
+    shard = current_expert_shard()  # expert parallel: this rank holds its own experts only
     b = check_microbatches(int(tokens.shape[0]), n_micro, "ranks x --grad-accum")
     mine = range(world.rank * grad_accum, (world.rank + 1) * grad_accum)
     micros, out = [], None
@@ -167,17 +185,28 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
         for mb in everyone:
             if mb.error is not None:
                 raise NonFinite(mb.error)  # the same message on every rank: nobody waits
-        names = sorted(micros[0].grads)
+        names = sorted(n for n in micros[0].grads if shard is None or not shard.local(n))
         rows = world.allgather_rows(np.stack([flatten(mb.grads, names) for mb in micros]))
         for row in rows:  # slice order 0 .. M-1
             grads = _summed(grads, unflatten(row, micros[0].grads, names, bk))
+        if shard is not None and not shard.replicated:  # the experts' gradients stay on their owner
+            own = None
+            for mb in micros:  # this rank's slices, in order
+                own = _summed(own, {n: g for n, g in mb.grads.items() if shard.local(n)})
+            # + 0.0: the bits of the replicated sum, which adds the other ranks' zero rows
+            # (x + 0.0 is x, except that -0.0 becomes +0.0)
+            grads.update({n: g + 0.0 for n, g in own.items()})
     losses = {name: sum(mb.losses[name] for mb in everyone) / n_micro for name in everyone[0].losses}
     layers = sorted(everyone[0].load)
     load_host = {layer: sum(mb.load[layer] for mb in everyone) for layer in layers}  # exact integers
     load = {layer: bk.asarray(load_host[layer], dtype="int64") for layer in layers}
-    norm = global_grad_norm(grads)
+    if shard is None or shard.replicated:
+        norm = global_grad_norm(grads)
+        bad = None if math.isfinite(norm) else first_nonfinite(grads)
+    else:
+        norm, bad = _sharded_grad_norm(grads, shard, world)
     if not math.isfinite(norm):
-        raise NonFinite(f"gradient of {first_nonfinite(grads)!r} is not finite (grad norm {norm})")
+        raise NonFinite(f"gradient of {bad!r} is not finite (grad norm {norm})")
     grads, norm = clip_grads(grads, grad_clip, norm)
     with commit():
         opt.step(params, grads, lr)

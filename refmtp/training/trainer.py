@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -48,6 +49,7 @@ from refmtp.backends import get_backend, kernels_enabled
 from refmtp.checkpoint import load_checkpoint, save_checkpoint
 from refmtp.config import PASSTHROUGH_FIELDS, ConfigError, ModelConfig
 from refmtp.memory import check_memory, training_bytes
+from refmtp.params import param_count, routed_expert
 from refmtp.model import forward, init_params
 from refmtp.training.data import VOCAB_SIZE, WindowSampler, check_window, heldout_windows, load_corpus
 from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, first_nonfinite,
@@ -57,7 +59,7 @@ from refmtp.training.rundir import (LOCK_FILE, RUN_FORMAT, RUN_FORMAT_VERSION, S
                                    latest_checkpoint, repair_latest, run_checkpoints,
                                    truncate_metrics, write_checkpoint, write_json_atomic)
 from refmtp.training.distributed import SINGLE, World
-from refmtp.training.expert_parallel import ExpertShard, sharded
+from refmtp.training.expert_parallel import REPLICATED_ENV, ExpertShard, serve_forward, sharded
 from refmtp.training.step import NonFinite, check_microbatches, train_step
 
 HASHED_FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
@@ -386,19 +388,22 @@ class Trainer:
                     "drop --preset/--config to resume, or start a new run with --out"
                 )
         _check_seq_len(settings, stored_cfg)
-        parallel_plan(settings, stored_cfg, world)
+        _, shard = parallel_plan(settings, stored_cfg, world)
         check_training_memory(settings, stored_cfg)
         bk = get_backend(settings.backend)
         lock = RunLock(run_dir).acquire()
         try:
-            return cls._resume_locked(run_dir, run, settings, stored, stored_cfg, bk, lock, world)
+            return cls._resume_locked(run_dir, run, settings, stored, stored_cfg, bk, lock, world,
+                                      None if shard is None else shard.held())
         except BaseException:
             lock.release()
             raise
 
     @classmethod
     def _resume_locked(cls, run_dir, run, settings, stored, stored_cfg, bk, lock,
-                       world) -> "Trainer":
+                       world, only=None) -> "Trainer":
+        """:meth:`resume` with the run directory locked; ``only(name)``: the parameters this
+        rank holds (expert parallel: rank 0's experts; :meth:`distributed` reads the others')."""
         run_file = run_dir / "run.json"
         ckpt = latest_checkpoint(run_dir)
         corpus = load_corpus(settings.data)
@@ -430,13 +435,14 @@ class Trainer:
         repair_latest(run_dir)
         try:
             ckpt_cfg, params = load_checkpoint(ckpt, backend=settings.backend,
-                                               dtype=settings.dtype)
+                                               dtype=settings.dtype, only=only)
         except ConfigError as exc:
             raise RunError(f"{ckpt}: {exc}") from None
         diff = _first_difference(_model_fields(ckpt_cfg), _model_fields(stored_cfg))
         if diff:
             raise RunError(f"{ckpt}/config.json differs from {run_file} ({diff})")
-        opt = load_optimizer(ckpt / "optimizer.safetensors", params, backend=settings.backend)
+        opt = load_optimizer(ckpt / "optimizer.safetensors", params, backend=settings.backend,
+                             only=only)
         try:
             sampler.set_state(state["data"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -454,10 +460,11 @@ class Trainer:
     @classmethod
     def distributed(cls, world: World, build) -> "Trainer":
         """The trainer of every rank: rank 0 runs ``build()`` (:meth:`new` or :meth:`resume` with
-        ``world``, the
-        only place that reads or writes the run directory) and sends the result to the other
-        ranks, which hold the same parameters, optimizer state and sampler but write nothing.
-        An error of ``build`` is raised on every rank (:class:`RunError` with rank 0's line)."""
+        ``world``, the only place that reads or writes the run directory) and sends the result to
+        the other ranks, which hold the same parameters, optimizer state and sampler but write
+        nothing; with the experts sharded each rank gets only the experts it owns
+        (:meth:`_part`, one rank after the other). An error of ``build`` is raised on every rank
+        (:class:`RunError` with rank 0's line)."""
         if world.size == 1:
             return build()
         if world.rank == 0:
@@ -470,20 +477,24 @@ class Trainer:
             t = trainer
             world.bcast(("ok", {
                 "settings": t.settings, "cfg": t.cfg, "out_dir": str(t.out_dir), "corpus": t.corpus,
-                "params": {n: t.backend.to_numpy(a) for n, a in t.params.items()},
-                "opt": (t.opt.settings, t.opt.step_count,
-                        {n: t.backend.to_numpy(a) for n, a in t.opt.m.items()},
-                        {n: t.backend.to_numpy(a) for n, a in t.opt.v.items()}),
+                "opt": (t.opt.settings, t.opt.step_count),
                 "sampler": t.sampler.state(), "step": t.step, "overrides": t.overrides,
                 "tokens_seen": t.tokens_seen, "elapsed_s": t.elapsed_s,
                 "resumed_from": t.resumed_from, "run_id": t.run_id}))
+            world.scatter(t._part, "sending every rank its parameters")
+            if t.shard is not None:  # rank 0 keeps its own experts only
+                holds = t.shard.held()
+                t.params = {n: a for n, a in t.params.items() if holds(n)}
+                t.opt.m = {n: a for n, a in t.opt.m.items() if holds(n)}
+                t.opt.v = {n: a for n, a in t.opt.v.items() if holds(n)}
             return trainer
         kind, snap = world.bcast(None)
         if kind == "error":
             raise RunError(snap)
+        host_params, m, v = world.scatter(None, "sending every rank its parameters")
         bk = get_backend(snap["settings"].backend)
-        params = {n: bk.asarray(a, dtype=str(a.dtype)) for n, a in snap["params"].items()}
-        opt_settings, opt_step, m, v = snap["opt"]
+        params = {n: bk.asarray(a, dtype=str(a.dtype)) for n, a in host_params.items()}
+        opt_settings, opt_step = snap["opt"]
         opt = AdamW(opt_settings)
         opt.step_count = opt_step
         opt.m = {n: bk.asarray(a, dtype=str(a.dtype)) for n, a in m.items()}
@@ -497,12 +508,34 @@ class Trainer:
                       run_id=snap["run_id"], world=world)
         return trainer
 
+    def _part(self, rank: int) -> tuple[dict, dict, dict]:
+        """Rank 0, for rank ``rank``: (parameters, AdamW m, v) it holds, host arrays. A resumed
+        run with sharded experts reads that rank's experts from the checkpoint (rank 0 loaded
+        only its own)."""
+        host = self.backend.to_numpy
+        holds = (lambda n: True) if self.shard is None else self.shard.held(rank)
+        parts = [{n: host(a) for n, a in d.items() if holds(n)}
+                 for d in (self.params, self.opt.m, self.opt.v)]
+        if self.shard is not None and not self.shard.replicated and self.resumed_from is not None:
+            theirs = self.shard.experts_of(rank)
+
+            def only(name):
+                return routed_expert(name) in theirs
+            _, experts = load_checkpoint(self.resumed_from, backend="numpy",
+                                         dtype=self.settings.dtype, only=only)
+            opt = load_optimizer(self.resumed_from / "optimizer.safetensors", experts,
+                                 backend="numpy", only=only)
+            for part, new in zip(parts, (experts, opt.m, opt.v)):
+                part.update(new)
+        return tuple(parts)
+
     # ---------------------------------------------------------------------------------------
     # description
     # ---------------------------------------------------------------------------------------
     @property
     def n_params(self) -> int:
-        return count_params(self.params)
+        """Parameters of the whole model (an expert-parallel rank holds a part of them)."""
+        return param_count(self.cfg)
 
     def describe(self) -> list[str]:
         """The resolved configuration, a few lines for the user."""
@@ -566,9 +599,12 @@ class Trainer:
         try:
             with _deferred_signals(self):
                 try:
-                    if self.step == 0 and s.eval_every > 0 and self.resumed_from is None and writes:
-                        self._log({"step": 0, "tokens": 0, **self._eval_record()}, on_log)
+                    if self.step == 0 and s.eval_every > 0 and self.resumed_from is None:
+                        evaluated = self._eval_record()  # every rank: the experts may be sharded
+                        if writes:
+                            self._log({"step": 0, "tokens": 0, **evaluated}, on_log)
                     while self.step < s.steps:
+                        self.world.where = f"step {self.step + 1}"  # for a rank that gives up
                         if self.world.any(self.stop_requested):  # every rank stops at one step
                             interrupted = True
                             break
@@ -586,10 +622,11 @@ class Trainer:
                             on_step(self.step, record)
                         do_eval = s.eval_every > 0 and self.step % s.eval_every == 0
                         do_eval = do_eval or self.step == s.steps
+                        evaluated = self._eval_record() if do_eval else None
                         if writes and (self.step % s.log_every == 0 or do_eval
                                        or self.step == s.steps):
                             if do_eval:
-                                record.update(self._eval_record())
+                                record.update(evaluated)
                             self._log(record, on_log)
                             window_time, window_tokens = 0.0, 0
                         if s.checkpoint_every and self.step % s.checkpoint_every == 0:
@@ -623,6 +660,7 @@ class Trainer:
 
     def _train_step(self) -> dict:
         s, number = self.settings, self.step + 1
+        self.world.where = f"step {number}"
         tokens = self.sampler.next(s.batch_size)  # (B, T+1) int64 on the backend
         lr = self.schedule(self.step)
         try:
@@ -659,9 +697,15 @@ class Trainer:
         """Held-out loss terms and top-1 accuracy per depth (main, mtp.1 .. mtp.D).
 
         Main logits at position t predict token t+1; MTP depth k at position t predicts token
-        t+k+1 (V3 sec. 2.2), so its targets are ``tokens[:, k+1 : T+1]``.
+        t+k+1 (V3 sec. 2.2), so its targets are ``tokens[:, k+1 : T+1]``. With the experts
+        sharded over the ranks every rank calls it; rank 0 gets the result, the others None.
         """
 
+        if self._serves_experts:  # no rank holds every expert: they evaluate together
+            return self._evaluate_sharded()
+        return self._evaluate_batches()
+
+    def _evaluate_batches(self) -> dict:
         s, bk = self.settings, self.backend
         xp = bk.xp
         T = s.seq_len
@@ -686,8 +730,36 @@ class Trainer:
         return {"loss": {k: v / n_batches for k, v in sums.items()},
                 "acc": {k: correct[k] / total[k] for k in correct}}
 
+    @property
+    def _serves_experts(self) -> bool:
+        """Expert parallel with sharded experts: evaluation needs every rank (no rank holds the
+        whole model). Rank 0 runs the model on each held-out batch with the sharded layer; the
+        other ranks only run their experts on the rows it sends (refmtp.training.expert_parallel
+        .serve_forward): each expert's block is the single process's, so are the numbers."""
+        return self.shard is not None and not self.shard.replicated
+
+    def _evaluate_sharded(self) -> dict | None:
+        """:meth:`evaluate` with the experts sharded; every rank calls it, rank 0 gets the result."""
+        self.world.where = f"the evaluation at step {self.step}"
+        dtype = self.settings.dtype
+        try:
+            with sharded(self.shard):
+                if not self.world.writes:
+                    for _ in range(0, self._heldout.shape[0], self.settings.batch_size):
+                        serve_forward(self.params, self.shard, self.backend, dtype)
+                    return None
+                return self._evaluate_batches()
+        except (ValueError, ArithmeticError) as exc:  # the others wait inside an exchange
+            self.world.abort(f"the evaluation at step {self.step} failed ({exc})", 1)
+
     def _eval_record(self) -> dict:
+        """Evaluate (rank 0; every rank when the experts are sharded) -> the metrics entries;
+        {} on the other ranks."""
+        if not (self.world.writes or self._serves_experts):
+            return {}
         ev = self.evaluate()
+        if ev is None:  # a rank that served its experts
+            return {}
         self.last_eval = {"step": self.step, **ev}
         return {"eval_loss": ev["loss"], "eval_acc": ev["acc"]}
 
@@ -712,19 +784,41 @@ class Trainer:
         """Write a checkpoint of the current step (refmtp.training.rundir.write_checkpoint).
 
         Refuses (NonFiniteError) to write a parameter or optimizer moment that is not finite,
-        so every checkpoint of a run is a good one. Only rank 0 writes (None on the others)."""
-        if not self.world.writes:
-            return None
+        so every checkpoint of a run is a good one. Only rank 0 writes (None on the others).
+        Every rank calls it at the same steps: the ranks agree on the check, and with the experts
+        sharded every rank sends its experts (weights, m, v) to rank 0 in rank order, which
+        writes the files of a single process (byte for byte)."""
         bad = first_nonfinite(self.params) or first_nonfinite(
             {f"optimizer {k}.{n}": a for k, d in (("m", self.opt.m), ("v", self.opt.v))
              for n, a in d.items()})
+        if self.world.size > 1:
+            self.world.where = f"the checkpoint of step {self.step}"
+            bad = next((b for b in self.world.allgather(bad, "the check before a checkpoint") if b),
+                       None)
         if bad is not None:
             raise NonFiniteError(f"step {self.step}: {bad!r} is not finite after the update; "
                                  f"not saved, {self._last_good()}; lower --lr or check the data")
+        params, opt = self.params, self.opt
+        if self._serves_experts:
+            host = self.backend.to_numpy
+            mine = None if self.world.writes else tuple(
+                {n: host(a) for n, a in d.items() if routed_expert(n) is not None}
+                for d in (self.params, self.opt.m, self.opt.v))
+            theirs = self.world.gather(mine, "the gather of the experts for a checkpoint")
+            if not self.world.writes:
+                return None
+            params, opt = dict(self.params), AdamW(self.opt.settings)
+            opt.step_count, opt.m, opt.v = self.opt.step_count, dict(self.opt.m), dict(self.opt.v)
+            for p_q, m_q, v_q in theirs[1:]:  # ranks 1 .. N-1
+                params.update(p_q)
+                opt.m.update(m_q)
+                opt.v.update(v_q)
+        if not self.world.writes:
+            return None
 
         def contents(tmp: Path) -> None:
-            save_checkpoint(tmp, self.cfg, self.params)
-            save_optimizer(tmp / "optimizer.safetensors", self.opt)
+            save_checkpoint(tmp, self.cfg, params)
+            save_optimizer(tmp / "optimizer.safetensors", opt)
             state = {
                 "step": self.step, "tokens_seen": self.tokens_seen,
                 "elapsed_s": self.elapsed_s, "data": self.sampler.state(),
@@ -769,7 +863,7 @@ def parallel_plan(settings: TrainSettings, cfg: ModelConfig, world: World):
             raise RunError(f"--expert-parallel {s.expert_parallel} shards the experts over "
                            f"{s.expert_parallel} ranks; this run has {w.size}: launch it with "
                            f"mpiexec -n {s.expert_parallel}")
-        shard = ExpertShard(cfg, w)  # ValueError for an uneven split
+        shard = ExpertShard(cfg, w, replicated=os.environ.get(REPLICATED_ENV) == "1")  # ValueError: uneven
     return s.microbatches // w.size, shard
 
 
