@@ -20,6 +20,7 @@ import click
 from refmtp.backends import BackendUnavailable
 from refmtp.cli.common import InputError, one_line, one_line_text
 from refmtp.config import ConfigError, ModelConfig, preset as get_preset
+from refmtp.training.distributed import DEFAULT_TIMEOUT
 
 
 def _default_out(name: str) -> Path:
@@ -94,9 +95,13 @@ def _fmt_step(rec: dict) -> str:
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None,
               help="Microbatches per step on each process, summed in order (1); "
                    "ranks x N must divide --batch-size.")
+@click.option("--rank-timeout", type=click.FloatRange(min=0, max=1e9), default=DEFAULT_TIMEOUT,
+              show_default=True,
+              help="Under MPI: seconds a rank waits for the others in an exchange before it "
+                   "stops every rank, naming the ranks that did not arrive (0: wait forever).")
 def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
           decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
-          checkpoint_every, expert_parallel, grad_accum):
+          checkpoint_every, expert_parallel, grad_accum, rank_timeout):
     """Train a DeepSeek-V3-style model (MLA + MoE + MTP) on byte-level text.
 
     With no options: the `small` preset on the Python standard library source, numpy, float32
@@ -110,6 +115,7 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
 
     try:
         world = detect_world()
+        world.timeout = rank_timeout
         if (expert_parallel or 1) > 1 and world.size == 1:
             import_mpi(f"--expert-parallel {expert_parallel}")  # the install line when absent
             raise InputError(f"--expert-parallel {expert_parallel} shards the experts over "

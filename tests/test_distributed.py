@@ -53,9 +53,10 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _mpi(n, args, timeout=TIMEOUT, **kw):
+def _mpi(n, args, timeout=TIMEOUT, env=None, **kw):
     cmd = [MPIEXEC, "-n", str(n), *_refmtp(*args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env(), **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**_env(), **(env or {})}, **kw)
 
 
 def _single(args):
@@ -309,3 +310,55 @@ def test_expert_parallel_on_four_ranks_rejects_then_runs(tmp_path, text_file):  
     assert "--expert-parallel 2 shards the experts over 2 ranks; this run has 4" in proc.stderr
     proc = _mpi(4, _args(text_file, tmp_path / "ep4", expert_parallel=4, dtype="float64"))
     assert proc.returncode == 0, proc.stderr
+
+
+# -------------------------------------------------------------------------------------------
+# expert parallel: each rank holds its own experts (docs/distributed.md §3)
+# -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_expert_parallel_ranks_hold_only_their_experts(tmp_path, text_file, n):  # noqa: F811
+    """Every rank's parameters and AdamW moments after a few steps: the replicated tensors and
+    its E/N experts, nothing of the others' (names and bytes; tests/ep_train_ranks.py)."""
+    script = Path(__file__).with_name("ep_train_ranks.py")
+    env = {**_env(), "PYTHONPATH": os.pathsep.join([str(script.parent.parent),
+                                                    os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([MPIEXEC, "-n", str(n), sys.executable, str(script), str(text_file),
+                           str(tmp_path / "run")], capture_output=True, text=True,
+                          timeout=TIMEOUT, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"ok: {n} ranks"), proc.stdout
+
+
+@pytest.mark.parametrize("n, extra", [(2, {"eval_every": 2}),
+                                      pytest.param(2, {"grad_accum": 2}, marks=pytest.mark.slow),
+                                      pytest.param(4, {"dtype": "float64"}, marks=pytest.mark.slow)])
+def test_sharded_experts_write_the_bytes_of_replicated_experts(tmp_path, text_file, n, extra):  # noqa: F811
+    """The run with every rank holding only its experts against the same run with the experts
+    replicated on every rank (REFMTP_EP_REPLICATED=1, the layout before the sharding): the same
+    checkpoint bytes, trainer state, metrics (evaluation included) and settings."""
+    sharded, replicated = tmp_path / "sharded", tmp_path / "replicated"
+    args = dict(expert_parallel=n, **extra)
+    proc = _mpi(n, _args(text_file, sharded, **args))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "experts sharded" in proc.stdout
+    proc = _mpi(n, _args(text_file, replicated, **args), env={"REFMTP_EP_REPLICATED": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "experts replicated" in proc.stdout
+    assert_same_run(sharded, replicated)
+    from refmtp.checkpoint import load_checkpoint
+
+    load_checkpoint(sharded / "checkpoint-0000004")  # the one-process format, without MPI
+
+
+@pytest.mark.slow
+def test_resume_under_expert_parallel(tmp_path, text_file):  # noqa: F811
+    """2 steps, then a resume to 4 (each rank reads its own experts) = 4 steps in one go."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = _mpi(2, _args(text_file, whole, expert_parallel=2))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _mpi(2, _args(text_file, resumed, steps=2, expert_parallel=2))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _mpi(2, ["train", "--resume", str(resumed), "--steps", "4"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resume  from {resumed / 'checkpoint-0000002'}" in proc.stdout
+    assert_same_run(whole, resumed, drop=("eval_loss", "eval_acc"))

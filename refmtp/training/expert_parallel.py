@@ -32,6 +32,7 @@ rank's share (a sum over its tokens), which the data-parallel reduction adds up.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,7 @@ from refmtp.model.moe import (PROJ, moe_combine_backward_ref, moe_combine_ref, m
                               moe_permute_backward_ref, moe_permute_ref, router_and_shared_backward)
 from refmtp.model.router import router_forward
 from refmtp.model.ops.swiglu import swiglu_backward, swiglu_forward
-from refmtp.params import BIAS, layer_prefix, mtp_layer, routed_expert, sub_params
+from refmtp.params import BIAS, layer_prefix, mtp_layer, param_shapes, routed_expert, sub_params
 from refmtp.training.distributed import World
 
 REPLICATED_ENV = "REFMTP_EP_REPLICATED"  # "1": ExpertShard.replicated (comparisons only)
@@ -102,6 +103,18 @@ class ExpertShard:
         """A parameter whose gradient stays on its owner: a routed expert when the experts are
         sharded (the data-parallel exchange carries every other gradient)."""
         return not self.replicated and routed_expert(name) is not None
+
+
+def held_params(cfg, shard: ExpertShard | None, rank: int = 0) -> tuple[int, int]:
+    """(replicated, routed-expert) parameter elements that ``rank`` holds (docs/distributed.md
+    §3: every rank the replicated P_rep, each E/N experts' P_exp / N)."""
+    holds = (lambda name: True) if shard is None else shard.held(rank)
+    rep = exp = 0
+    for name, shape in param_shapes(cfg).items():
+        if holds(name):
+            n = math.prod(shape)
+            rep, exp = (rep + n, exp) if routed_expert(name) is None else (rep, exp + n)
+    return rep, exp
 
 
 def _exchange(shard: ExpertShard, rows: np.ndarray, counts: np.ndarray, kind: str, what: str):

@@ -59,7 +59,8 @@ from refmtp.training.rundir import (LOCK_FILE, RUN_FORMAT, RUN_FORMAT_VERSION, S
                                    latest_checkpoint, repair_latest, run_checkpoints,
                                    truncate_metrics, write_checkpoint, write_json_atomic)
 from refmtp.training.distributed import SINGLE, World
-from refmtp.training.expert_parallel import REPLICATED_ENV, ExpertShard, serve_forward, sharded
+from refmtp.training.expert_parallel import (REPLICATED_ENV, ExpertShard, held_params, serve_forward,
+                                            sharded)
 from refmtp.training.step import NonFinite, check_microbatches, train_step
 
 HASHED_FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
@@ -569,10 +570,25 @@ class Trainer:
         lines.append(f"data    {self.corpus.description}")
         lines.append(f"        {self.corpus.train.size:,} training / {self.corpus.heldout.size:,} "
                      "held-out tokens (bytes)")
+        if self.world.size > 1:
+            lines.append(self._describe_ranks())
         if self.resumed_from is not None:
             lines.append(f"resume  from {self.resumed_from} (step {self.step})")
         lines.append(f"out     {self.out_dir}")
         return lines
+
+    def _describe_ranks(self) -> str:
+        w, c = self.world, self.cfg
+        line = f"mpi     {w.size} ranks x --grad-accum {self.grad_accum}"
+        if self.shard is not None:
+            rep, exp = held_params(c, self.shard, w.rank)
+            b = 3 * (8 if self.settings.dtype == "float64" else 4)  # weights + AdamW m, v
+            line += (f"; expert parallel, experts {'replicated' if self.shard.replicated else 'sharded'}: "
+                     f"rank {w.rank} holds {rep + exp:,} of {self.n_params:,} parameters "
+                     f"({exp:,} in {len(self.shard.experts) if not self.shard.replicated else c.n_routed_experts} "
+                     f"of {c.n_routed_experts} experts per MoE layer), ~{b * (rep + exp) / 2**20:.2f} MiB "
+                     "with the AdamW moments")
+        return line + (f"; --rank-timeout {w.timeout:g} s" if w.timeout > 0 else "; no --rank-timeout")
 
     # ---------------------------------------------------------------------------------------
     # the loop
