@@ -20,6 +20,7 @@ from refmtp.cli.common import invoke_guarded, one_line_text
 COMMANDS = [
     ("info", "info"),
     ("train", "train"),
+    ("launch", "launch"),
     ("plot", "plot"),
     ("generate", "generate"),
     ("speculate", "speculate"),

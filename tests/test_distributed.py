@@ -362,3 +362,117 @@ def test_resume_under_expert_parallel(tmp_path, text_file):  # noqa: F811
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"resume  from {resumed / 'checkpoint-0000002'}" in proc.stdout
     assert_same_run(whole, resumed, drop=("eval_loss", "eval_acc"))
+
+
+# -------------------------------------------------------------------------------------------
+# refmtp launch: a killed or hung rank ends the run with one line (docs/distributed.md §2)
+# -------------------------------------------------------------------------------------------
+def _ranks_gone(marker: str) -> bool:
+    """No process of the run is left (its --out directory is on every rank's command line)."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0")
+            state = (p / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmd and b"refmtp.cli.main" in cmd and state != "Z":
+            return False
+    return True
+
+
+def _start_and_hit(out: Path, cmd: list, rank: int, signum, wait_for: str = "checkpoint-0000002"):
+    """Start ``cmd``, wait for its first checkpoints, send ``signum`` to ``rank``:
+    (returncode, stdout, stderr, seconds from the signal to the end, pid)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_env())
+    pid = None
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not (out / wait_for).exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        pid = _rank_pid(str(out), rank, deadline)
+        t0 = time.monotonic()
+        os.kill(pid, signum)
+        stdout, stderr = proc.communicate(timeout=60)
+        return proc.returncode, stdout, stderr, time.monotonic() - t0, pid
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        if pid is not None and signum == signal.SIGSTOP:
+            try:  # never leave a stopped process behind, whatever the test found
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _launch(n, args):
+    return _refmtp("launch", "-n", str(n), *args)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank through /proc")
+@pytest.mark.parametrize("rank", [1, pytest.param(0, marks=pytest.mark.slow)])
+def test_launch_says_in_one_line_that_a_rank_was_killed(tmp_path, text_file, rank):  # noqa: F811
+    """SIGKILL one rank of `refmtp launch -n 2 train --expert-parallel 2` (a checkpoint every
+    step, so the kill often lands in a save): every process ends at once, stderr has one
+    `refmtp:` line naming the rank, its pid, the signal and the last checkpoint, no hydra
+    banner; exit 137; the last checkpoint loads and the run resumes from it."""
+    from refmtp.checkpoint import load_checkpoint
+    from refmtp.training.rundir import latest_checkpoint
+
+    out = tmp_path / "killed"
+    args = _args(text_file, out, steps=100000, checkpoint_every=1, expert_parallel=2)
+    code, stdout, stderr, took, pid = _start_and_hit(out, _launch(2, args), rank, signal.SIGKILL)
+    assert code == 128 + signal.SIGKILL, stdout + stderr
+    assert took < 30 and _ranks_gone(str(out))
+    lines = [x for x in stderr.splitlines() if x.strip()]
+    ckpt = latest_checkpoint(out)
+    assert lines == [f"refmtp: rank {rank} (pid {pid}) was killed by signal 9 (SIGKILL); all 2 "
+                     f"ranks stopped; last checkpoint: {ckpt}"], stderr
+    assert "BAD TERMINATION" not in stdout + stderr and "Abort(" not in stdout + stderr
+    load_checkpoint(ckpt)
+    step = int(ckpt.name.split("-")[1])
+    proc = _mpi(2, ["train", "--resume", str(out), "--steps", str(step + 1)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"resume  from {ckpt}" in proc.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank through /proc")
+@pytest.mark.parametrize("launcher, rank", [("launch", 1), pytest.param("launch", 0, marks=pytest.mark.slow),
+                                            pytest.param("mpiexec", 1, marks=pytest.mark.slow)])
+def test_a_stopped_rank_is_found_by_the_deadline(tmp_path, text_file, launcher, rank):  # noqa: F811
+    """SIGSTOP one rank (alive, but never arrives): after --rank-timeout 5 s the other rank
+    names the step, the exchange and the missing rank in one line, and every rank stops
+    (exit 124); under `refmtp launch` that is the only `refmtp:` line."""
+    out = tmp_path / "stopped"
+    args = _args(text_file, out, steps=100000, rank_timeout=5, expert_parallel=2)
+    cmd = _launch(2, args) if launcher == "launch" else [MPIEXEC, "-n", "2", *_refmtp(*args)]
+    code, stdout, stderr, took, pid = _start_and_hit(out, cmd, rank, signal.SIGSTOP)
+    assert code == 124, stdout + stderr
+    assert 5 <= took < 5 + 30
+    lines = [x for x in stderr.splitlines() if x.startswith("refmtp:")]
+    assert len(lines) == 1, stderr
+    other = 1 - rank
+    assert lines[0].startswith(f"refmtp: rank {other} of 2: step "), lines
+    assert f": rank {rank} has not arrived within --rank-timeout 5 s" in lines[0]
+    if launcher == "launch":
+        from refmtp.training.rundir import latest_checkpoint
+
+        assert lines[0].endswith(f"all 2 ranks stopped; last checkpoint: {latest_checkpoint(out)}")
+        assert [x for x in stderr.splitlines() if x.strip()] == lines  # nothing else
+        assert _ranks_gone(str(out))
+
+
+@pytest.mark.slow
+def test_the_deadline_changes_no_bit(tmp_path, text_file, accum):  # noqa: F811
+    """The exchanges poll against the deadline or wait forever (--rank-timeout 0): the same
+    bits as the single process with --grad-accum 2 either way (the default deadline is on in
+    every other test of this file)."""
+    out = tmp_path / "nodeadline"
+    proc = _mpi(2, _args(text_file, out, rank_timeout=0))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no --rank-timeout" in proc.stdout
+    assert_same_run(out, accum[2])
