@@ -5,7 +5,7 @@ gradient) hold the replicated tensors and its own E/N routed experts only, with 
 docs/distributed.md §3's formula, and that the checkpoint on disk is the whole one-process model.
 Prints one ``ok`` line on rank 0, or exits 1 naming the mismatch.
 
-    mpiexec -n 2 python tests/ep_train_ranks.py CORPUS OUT
+    mpiexec -n 2 python tests/ep_train_ranks.py CORPUS OUT [PRESET]
 """
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ from refmtp.training.expert_parallel import held_params
 from refmtp.training.trainer import Trainer, TrainSettings
 
 
-def main(corpus: str, out: str) -> int:
+def main(corpus: str, out: str, name: str = "tiny") -> int:
     world = detect_world()
     world.timeout = 60
     N = world.size
-    settings = TrainSettings(preset="tiny", data=corpus, steps=2, batch_size=4, seq_len=16,
+    settings = TrainSettings(preset=name, data=corpus, steps=2, batch_size=4, seq_len=16,
                              eval_every=1, eval_batches=1, log_every=1, checkpoint_every=0,
                              microbatches=N, expert_parallel=N, dtype="float32")
-    trainer = Trainer.distributed(world, lambda: Trainer.new(settings, preset("tiny"), out,
+    trainer = Trainer.distributed(world, lambda: Trainer.new(settings, preset(name), out,
                                                               world=world))
     result = trainer.run()
     t = trainer
@@ -63,10 +63,12 @@ def main(corpus: str, out: str) -> int:
     if problems:
         print("FAIL: " + "; ".join(problems))
         return 1
+    held = ", ".join(f"{rep['bytes']:,}" for rep in reports)
     print(f"ok: {N} ranks, each holds the replicated tensors and {E // N} of {E} experts per MoE "
-          f"layer ({reports[0]['bytes']:,} bytes on rank 0); the checkpoint holds all of them")
+          f"layer ({held} bytes of float32 weights and AdamW moments on ranks 0..{N - 1}, "
+          f"{name} preset); the checkpoint holds all of them")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:4]))

@@ -1,5 +1,5 @@
 """Expert parallelism: the DeepSeekMoE layer with its routed experts sharded over the ranks of a
-World, tokens sent to the experts' ranks by ``Alltoallv`` and back for the combine
+World, tokens sent to the experts' ranks by an all-to-all (``World.alltoallv``) and back for the combine
 (docs/distributed.md §3; the layer itself: refmtp.model.moe, docs/deepseek-v3.md §3).
 
     layer = ExpertShard(cfg, world)                   # rank r owns experts r*E/N .. (r+1)*E/N - 1
@@ -17,10 +17,10 @@ One forward, on rank r (every step in a fixed order)::
     topk_idx, g = router(x)                           the model's router, on r's tokens
     order = stable sort of r's slots by expert        moe_dispatch_plan_ref: also sorted by rank
     xs = x[order // K]                                moe_permute_ref
-    Alltoallv(xs, expert ids) -> owners               dispatch, source ranks in rank order
+    alltoallv(xs, expert ids) -> owners               dispatch, source ranks in rank order
     owner: per expert, its rows in (source rank, slot) order = the single process's block
     ys = SwiGLU_e(block)                              the model's swiglu_forward
-    Alltoallv(ys) -> home ranks                       combine, one row per slot
+    alltoallv(ys) -> home ranks                       combine, one row per slot
     y = combine(ys, order, g)                         moe_combine_ref: the single process's order
 
 The backward runs the same plan in reverse: dys = g dy to the owners, the experts' SwiGLU
@@ -29,6 +29,10 @@ single process would build and every token adds its slots in the single process'
 routed output, dx and the owned experts' gradients are bit-identical to refmtp.model.moe on the
 concatenation of all ranks' tokens; gate.weight and the shared experts' gradients are this
 rank's share (a sum over its tokens), which the data-parallel reduction adds up.
+
+In training a rank holds only its own experts (weights, gradients, AdamW moments;
+``ExpertShard.held``); evaluation runs the sharded layer too, the ranks without tokens only
+serving their experts (:func:`serve_forward`). docs/distributed.md §3.
 """
 from __future__ import annotations
 

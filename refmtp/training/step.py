@@ -20,7 +20,7 @@ grad_accum equal slices, slice m = rows m*B/M .. (m+1)*B/M - 1; rank r computes 
 r*grad_accum .. (r+1)*grad_accum - 1. Each slice's backward is that of ``total / M`` (every
 loss term is a mean over the slice's rows, or over its sequences, so the mean of the M slice
 losses is the loss of the batch); the gradients are summed ``((g_0 + g_1) + g_2) + ...`` in slice
-order on every rank, after an Allgather when there are several ranks, so a run on N ranks and
+order on every rank, after an all-gather when there are several ranks, so a run on N ranks and
 a single process with ``grad_accum=N`` take bit-identical steps. The reported losses are the
 means of the slices' terms; the expert-bias update uses the summed (global) loads.
 
