@@ -476,3 +476,27 @@ def test_the_deadline_changes_no_bit(tmp_path, text_file, accum):  # noqa: F811
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no --rank-timeout" in proc.stdout
     assert_same_run(out, accum[2])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["launch", "-n", "2"], "name the refmtp command to run on the ranks"),
+    (["launch", "-n", "2", "-f", "hosts"], "name the refmtp command to run on the ranks"),
+    (["launch", "-n", "2", "launch", "-n", "2", "train"], "not another launch"),
+    (["launch", "-n", "0", "train"], "'-n' / '--np'"),
+    (["launch", "train"], "Missing option '-n'"),
+])
+def test_launch_bad_input_is_one_line(args, says):
+    proc = subprocess.run(_refmtp(*args), capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+
+
+def test_launch_passes_the_command_s_exit_code(tmp_path, text_file):  # noqa: F811
+    """A run the ranks refuse themselves (2 ranks do not divide 3 windows): their one line, exit 2."""
+    proc = subprocess.run(_launch(2, _args(text_file, tmp_path / "x", batch_size=3)),
+                          capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "Error: 2 ranks x --grad-accum 1 = 2 must divide --batch-size 3 (every microbatch has "
+        "the same number of windows)"]
