@@ -329,9 +329,9 @@ def test_expert_parallel_ranks_hold_only_their_experts(tmp_path, text_file, n): 
     assert proc.stdout.startswith(f"ok: {n} ranks"), proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, extra", [(2, {"eval_every": 2}),
-                                      pytest.param(2, {"grad_accum": 2}, marks=pytest.mark.slow),
-                                      pytest.param(4, {"dtype": "float64"}, marks=pytest.mark.slow)])
+                                      (2, {"grad_accum": 2}), (4, {"dtype": "float64"})])
 def test_sharded_experts_write_the_bytes_of_replicated_experts(tmp_path, text_file, n, extra):  # noqa: F811
     """The run with every rank holding only its experts against the same run with the experts
     replicated on every rank (REFMTP_EP_REPLICATED=1, the layout before the sharding): the same
@@ -382,16 +382,22 @@ def _ranks_gone(marker: str) -> bool:
     return True
 
 
-def _start_and_hit(out: Path, cmd: list, rank: int, signum, wait_for: str = "checkpoint-0000002"):
-    """Start ``cmd``, wait for its first checkpoints, send ``signum`` to ``rank``:
-    (returncode, stdout, stderr, seconds from the signal to the end, pid)."""
+def _start_and_hit(out: Path, cmd: list, rank: int, signum):
+    """Start ``cmd``, wait until it has checkpointed step 2 or later, send ``signum`` to
+    ``rank``: (returncode, stdout, stderr, seconds from the signal to the end, pid)."""
+    from refmtp.training.rundir import latest_checkpoint
+
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_env())
     pid = None
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not (out / wait_for).exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        while True:
+            ckpt = latest_checkpoint(out) if out.is_dir() else None
+            if ckpt is not None and int(ckpt.name.split("-")[1]) >= 2:
+                break
+            assert proc.poll() is None, "the run ended before its second step"
+            assert time.monotonic() < deadline, "no checkpoint of step 2 in time"
             time.sleep(0.05)
         pid = _rank_pid(str(out), rank, deadline)
         t0 = time.monotonic()
@@ -441,8 +447,9 @@ def test_launch_says_in_one_line_that_a_rank_was_killed(tmp_path, text_file, ran
 
 
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank through /proc")
-@pytest.mark.parametrize("launcher, rank", [("launch", 1), pytest.param("launch", 0, marks=pytest.mark.slow),
-                                            pytest.param("mpiexec", 1, marks=pytest.mark.slow)])
+@pytest.mark.slow  # waits out the 5 s deadline
+@pytest.mark.parametrize("launcher, rank", [("launch", 1), ("launch", 0),
+                                            ("mpiexec", 1)])
 def test_a_stopped_rank_is_found_by_the_deadline(tmp_path, text_file, launcher, rank):  # noqa: F811
     """SIGSTOP one rank (alive, but never arrives): after --rank-timeout 5 s the other rank
     names the step, the exchange and the missing rank in one line, and every rank stops
