@@ -15,8 +15,8 @@ depend on the thread count. New arrays are returned; the inputs are not modified
 ``sum_squares`` (reference ``refmtp.training.optim.sum_squares_ref``): ``sum g^2`` with each
 square formed in float64 (exact for float32 input) and summed in 16 interleaved float64 partial
 sums (``row_total``, backends/numba_expf.py) over chunks of 4096 elements, the chunks' sums then
-added in order: the reference sums pairwise, so the two agree to rounding (~1e-16 relative),
-and the order is fixed, so the result does not depend on the thread count.
+added in order, in one thread: the reference sums pairwise, so the two agree to rounding
+(~1e-16 relative).
 """
 from __future__ import annotations
 
@@ -45,34 +45,29 @@ def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, p_ne
 adamw_update_numba = njit(cache=True, parallel=True)(_adamw_update_loop)
 
 
-def _sum_squares_loop(g, parts):
-    """g flat (n,) float; parts (ceil(n / CHUNK),) float64: parts[c] = sum of g^2 over chunk c."""
+def _sum_squares_loop(g, acc, sq):
+    """g flat (n,) float -> sum of g^2 in float64: each CHUNK's 16-lane sum, the chunks in order.
+    acc (LANES,), sq (CHUNK,) float64 scratch. Serial: the step's 167 tensors are small, and a
+    parallel loop's start-up cost per call was larger than the work."""
     n = g.shape[0]
-    for c in prange(parts.shape[0]):
-        acc = np.empty(LANES, np.float64)
-        sq = np.empty(CHUNK, np.float64)
-        lo = c * CHUNK
+    total = 0.0
+    for lo in range(0, n, CHUNK):
         m = min(n, lo + CHUNK) - lo
         for i in range(m):
             x = np.float64(g[lo + i])
             sq[i] = x * x
-        parts[c] = row_total(acc, sq, m)
+        total += row_total(acc, sq, m)
+    return total
 
 
-sum_squares_numba = njit(cache=True, parallel=True)(_sum_squares_loop)
+sum_squares_numba = njit(cache=True)(_sum_squares_loop)
 
 
 def sum_squares(g):
     """Numba twin of ``sum_squares_ref``: -> float64 0-d array."""
     check_sum_squares(g)
     flat = np.ascontiguousarray(g).reshape(-1)
-    parts = np.zeros((flat.size + CHUNK - 1) // CHUNK, np.float64)
-    if flat.size:
-        sum_squares_numba(flat, parts)
-    total = np.float64(0.0)
-    for x in parts:  # in chunk order
-        total += x
-    return np.asarray(total)
+    return np.asarray(sum_squares_numba(flat, np.empty(LANES), np.empty(CHUNK)), dtype=np.float64)
 
 
 def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2):
