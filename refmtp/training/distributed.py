@@ -28,6 +28,7 @@ then MPI_Abort stops every rank (exit code :data:`TIMEOUT_EXIT`).
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import sys
@@ -75,6 +76,26 @@ def import_mpi(why: str):
                              f"with {INSTALL_HINT}") from None
     return MPI
 
+
+
+class _RankUnpickler(pickle.Unpickler):
+    """Reads only what the ranks of one run send each other: builtins, numpy arrays, dtypes and
+    scalars, paths, and refmtp's own settings classes. Objects cross between the processes of one job
+    (never from a file: checkpoints are safetensors and JSON); anything else is refused, so a
+    stray message cannot run code."""
+
+    _NUMPY = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+              ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+              ("numpy._core.multiarray", "scalar"), ("numpy._core.numeric", "_frombuffer"),
+              ("numpy.core.numeric", "_frombuffer")}
+    _PATHS = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "Path")}
+    _BUILTINS = {"tuple", "list", "dict", "set", "frozenset", "bytearray", "complex", "slice", "range"}
+
+    def find_class(self, module, name):
+        if (module, name) in self._NUMPY | self._PATHS or (module == "builtins" and name in self._BUILTINS) or \
+                module == "refmtp" or module.startswith("refmtp.") or (module, name) == ("collections", "OrderedDict"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"rank message: {module}.{name} is not a type ranks exchange")
 
 @dataclass
 class World:
@@ -130,14 +151,14 @@ class World:
         self.exchange({q: np.array([len(b)], dtype=np.int64) for q, b in data.items()}, sizes, what)
         bufs = {q: bytearray(int(n[0])) for q, n in sizes.items()}
         self.exchange(data, bufs, what)
-        return {q: pickle.loads(b) for q, b in bufs.items()}
+        return {q: _RankUnpickler(io.BytesIO(b)).load() for q, b in bufs.items()}
 
     def allgather(self, obj, what: str = "the exchange of losses and loads") -> list:
         """Every rank's ``obj`` (small, pickled), in rank order."""
         if self.comm is None:
             return [obj]
         got = self._objects({q: obj for q in self.peers}, self.peers, what)
-        got[self.rank] = pickle.loads(pickle.dumps(obj))  # a copy, as the others receive
+        got[self.rank] = _RankUnpickler(io.BytesIO(pickle.dumps(obj))).load()  # a copy, as the others receive
         return [got[q] for q in range(self.size)]
 
     def bcast(self, obj, what: str = "the start of the run"):
