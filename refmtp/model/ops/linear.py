@@ -27,8 +27,11 @@ def linear_forward(x, weight):
             f"linear: input has {x.shape[-1]} features but weight is {tuple(weight.shape)} "
             "([out, in])"
         )
-    x2 = xp.reshape(x, (-1, x.shape[-1]))  # (N, in): one 2-D product, not one per leading index
-    y = xp.reshape(x2 @ weight.T, (*x.shape[:-1], weight.shape[0]))  # (..., out)
+    if x.ndim > 2 and x.shape[0] > 1:  # (B, T, in), B > 1: one 2-D product, not one per leading index
+        x2 = xp.reshape(x, (-1, x.shape[-1]))  # (N, in)
+        y = xp.reshape(x2 @ weight.T, (*x.shape[:-1], weight.shape[0]))  # (..., out)
+    else:  # one matrix already (decoding: B = 1): no reshapes on the per-token path
+        y = x @ weight.T
     return rounded(y), LinearCache(x=x, weight=weight)
 
 
