@@ -37,58 +37,60 @@ from refmtp.backends.numba_expf import LANES, expf_parts, row_total
 QUERY_BLOCK = 64  # query rows per block (T = 256: 5/8 of the square's products)
 
 
+@njit(inline="always", cache=True)
+def _scaled_row(sr, pr, scale, n):
+    """pr[:n] = scale * sr[:n] (rounded as the reference rounds it) -> their max."""
+    m = sr[0] * scale
+    for j in range(n):
+        x = sr[j] * scale
+        pr[j] = x
+        if x > m:
+            m = x
+    return m
+
+
+@njit(inline="always", cache=True)
+def _normalised_row(acc, pr, n):
+    """pr[:n] /= sum(pr[:n]) (16-lane row sum); pr[n:] = 0 (the masked keys)."""
+    total = row_total(acc, pr, n)
+    for j in range(n):
+        pr[j] = pr[j] / total
+    for j in range(n, pr.shape[0]):
+        pr[j] = 0
+
+
 def _softmax_rows_f32_loop(s, scale, i0, start, p):
     """s (R, Tb, L) raw q k^T of query rows i0.. (C-contiguous, overwritten: its memory holds 2^k);
     p (R, T, S): rows i0..i0+Tb written, softmax over keys j <= start + row of scale * s, 0 beyond."""
     R, Tb, L = s.shape
     s_bits = s.view(np.int32)
-    S = p.shape[2]
     for r in prange(R):
         acc = np.empty(LANES, np.float32)
         for t in range(Tb):
             row = i0 + t
             n = start + row + 1  # visible keys
             pr, sr, br = p[r, row], s[r, t], s_bits[r, t]
-            m = sr[0] * scale
-            for j in range(n):  # x = scale s (as the reference rounds it) and the row max
-                x = sr[j] * scale
-                pr[j] = x
-                if x > m:
-                    m = x
+            m = _scaled_row(sr, pr, scale, n)
             for j in range(n):  # e^(x - m) = e^f 2^k, the float32 2^k written into s's memory
                 pr[j], br[j] = expf_parts(pr[j] - m)
             for j in range(n):
                 pr[j] = pr[j] * sr[j]
-            total = row_total(acc, pr, n)
-            for j in range(n):
-                pr[j] = pr[j] / total
-            for j in range(n, S):
-                pr[j] = 0
+            _normalised_row(acc, pr, n)
 
 
 def _softmax_rows_f64_loop(s, scale, i0, start, p):
     """float64 twin of ``_softmax_rows_f32_loop`` with libm's exp (s is not overwritten)."""
     R, Tb, L = s.shape
-    S = p.shape[2]
     for r in prange(R):
         acc = np.empty(LANES, np.float64)
         for t in range(Tb):
             row = i0 + t
             n = start + row + 1
             pr, sr = p[r, row], s[r, t]
-            m = sr[0] * scale
-            for j in range(n):
-                x = sr[j] * scale
-                pr[j] = x
-                if x > m:
-                    m = x
+            m = _scaled_row(sr, pr, scale, n)
             for j in range(n):
                 pr[j] = math.exp(pr[j] - m)
-            total = row_total(acc, pr, n)
-            for j in range(n):
-                pr[j] = pr[j] / total
-            for j in range(n, S):
-                pr[j] = 0
+            _normalised_row(acc, pr, n)
 
 
 def _softmax_backward_rows_loop(p, dp, i0, start, ds):

@@ -101,3 +101,18 @@ def write_result(path, result: dict):
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return out
+
+
+def write_between_markers(page, begin: str, end: str, text: str) -> bool:
+    """Replace what lies between the ``begin`` and ``end`` markers of the file ``page`` by
+    ``text`` (a generated table); False, and nothing written, when a marker is missing."""
+    from pathlib import Path
+
+    page = Path(page)
+    old = page.read_text()
+    if begin not in old or end not in old:
+        return False
+    head, rest = old.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    page.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
+    return True

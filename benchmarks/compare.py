@@ -26,7 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _machine import machine_info, write_result  # noqa: E402
+from _machine import machine_info, write_between_markers, write_result  # noqa: E402
 
 REPO = HERE.parent
 DOCS = REPO / "docs" / "inference.md"
@@ -77,17 +77,13 @@ def main(argv=None) -> int:
               "machine": info, "report": report, "markdown": table}
     write_result(args.out, result)
     if args.write_docs:
-        text = DOCS.read_text()
-        if BEGIN not in text or END not in text:
-            print(f"{DOCS} has no {BEGIN} ... {END} block", file=sys.stderr)
-            return 2
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
         note = (f"Measured {stamp} on {info['cpu_model']} ({info['cpu_count']} cores shared with other "
                 f"jobs; load average {load_before[0]:.1f} before, {load_after[0]:.1f} after), numpy "
                 f"{info['numpy']}, one BLAS thread; written by `python benchmarks/compare.py "
                 f"--write-docs` (benchmarks/results/compare.json).")
-        DOCS.write_text(f"{head}{BEGIN}\n{table}\n\n{note}\n{END}{tail}")
+        if not write_between_markers(DOCS, BEGIN, END, f"{table}\n\n{note}"):
+            print(f"{DOCS} has no {BEGIN} ... {END} block", file=sys.stderr)
+            return 2
         print(f"wrote the table into {DOCS.relative_to(REPO)}")
     return 0
 

@@ -17,7 +17,12 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _machine import write_between_markers  # noqa: E402
+
+REPO = HERE.parent
 DOCS = REPO / "docs" / "performance.md"
 BEGIN, END = "<!-- vs-torch-issue17:begin -->", "<!-- vs-torch-issue17:end -->"
 TARGET_RATIO, TARGET_PEAK = 1.3, 50.0  # issue 17: >= 1.3x torch at 1 and 2 threads, >= 50% of peak at 1
@@ -79,13 +84,9 @@ def main(argv=None) -> int:
     text = table(results)
     print(text)
     if args.write_docs:
-        page = DOCS.read_text()
-        if BEGIN not in page or END not in page:
+        if not write_between_markers(DOCS, BEGIN, END, text):
             print(f"vs_torch_table: {DOCS.name} has no {BEGIN} ... {END} block", file=sys.stderr)
             return 2
-        head, rest = page.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        DOCS.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
         print(f"wrote the table into {DOCS.relative_to(REPO)}")
     return 0
 
