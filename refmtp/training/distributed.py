@@ -16,9 +16,10 @@ travel by an all-gather and every rank sums the rows itself in rank order (refmt
 so the result is the bits of a single process accumulating the same microbatches in order.
 
 A deadline on every exchange (``world.timeout`` seconds, ``--rank-timeout``; 0: none). Every
-exchange is point-to-point and nonblocking (``Isend`` / ``Irecv`` of the same buffers a
-collective would move, each message from its sender to its receiver), and the rank polls its
-requests against the deadline. A request still open at the deadline names its peer, so the line
+exchange is nonblocking and the rank polls its requests against the deadline: the expert
+dispatch and combine are MPI's all-to-all (``Ialltoall`` of the counts, ``Ialltoallv`` of the
+rows); the others are point-to-point (``Isend`` / ``Irecv`` of the same buffers a collective
+would move, each message from its sender to its receiver). A request still open at the deadline names its peer, so the line
 says which ranks have not arrived::
 
     refmtp: rank 0 of 2: step 7: the gradient all-gather: rank 1 has not arrived within
@@ -131,6 +132,15 @@ class World:
         comm = self.comm
         open_ = [(q, comm.Irecv(buf, source=q, tag=tag)) for q, buf in recvs.items()]
         open_ += [(q, comm.Isend(buf, dest=q, tag=tag)) for q, buf in sends.items()]
+        self._wait(open_, what)
+
+    def _wait_collective(self, request, what: str) -> None:
+        """:meth:`_wait` for one collective's request: any other rank may be the late one."""
+        self._wait([(q, request) for q in (self.peers or [self.rank])], what)
+
+    def _wait(self, open_: list, what: str) -> None:
+        """Poll the requests ``[(peer, request)]`` until all are done, or stop every rank at the
+        deadline, naming the peers whose requests are still open."""
         start = time.monotonic()
         while open_:
             open_ = [(q, r) for q, r in open_ if not r.Test()]
@@ -213,20 +223,22 @@ class World:
 
     def alltoallv(self, rows: np.ndarray, counts, what: str):
         """``rows`` (S, ...) sorted by destination, ``counts[q]`` of them for rank q -> (the rows
-        every rank sent here, in source-rank order; how many came from each rank)."""
+        every rank sent here, in source-rank order; how many came from each rank).
+
+        MPI's all-to-all, nonblocking (``Ialltoall`` of the counts, then ``Ialltoallv`` of the
+        rows) and waited for against the deadline; a collective does not say which rank is
+        missing, so a late exchange names every other rank."""
         rows = np.ascontiguousarray(rows)
         counts = np.asarray(counts, dtype=np.int64)
+        if self.comm is None:
+            return rows, counts
         got = np.empty_like(counts)
-        got[self.rank] = counts[self.rank]
-        self.exchange({q: counts[q:q + 1] for q in self.peers},
-                      {q: got[q:q + 1] for q in self.peers}, what)
-        send_at = np.concatenate([[0], np.cumsum(counts)])
-        recv_at = np.concatenate([[0], np.cumsum(got)])
-        out = np.empty((int(recv_at[-1]),) + rows.shape[1:], dtype=rows.dtype)
-        me = self.rank
-        out[recv_at[me]:recv_at[me + 1]] = rows[send_at[me]:send_at[me + 1]]
-        self.exchange({q: rows[send_at[q]:send_at[q + 1]] for q in self.peers if counts[q]},
-                      {q: out[recv_at[q]:recv_at[q + 1]] for q in self.peers if got[q]}, what)
+        self._wait_collective(self.comm.Ialltoall(counts, got), what)
+        width = int(np.prod(rows.shape[1:], dtype=np.int64))  # elements per row
+        out = np.empty((int(got.sum()),) + rows.shape[1:], dtype=rows.dtype)
+        send = (counts * width, np.concatenate([[0], np.cumsum(counts)[:-1]]) * width)
+        recv = (got * width, np.concatenate([[0], np.cumsum(got)[:-1]]) * width)
+        self._wait_collective(self.comm.Ialltoallv([rows.reshape(-1), send], [out.reshape(-1), recv]), what)
         return out, got
 
     def silence(self) -> None:
