@@ -7,7 +7,7 @@ import ctypes.util
 import numpy as np
 from array_api_compat import numpy as np_xp
 
-from refmtp.backends.base import Backend
+from refmtp.backends.base import Backend, kernels_enabled
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 _HEAP_KEPT = False
@@ -41,8 +41,6 @@ def keep_freed_memory() -> bool:
 
 def _rows_kernel_fits(out, idx, vals) -> bool:
     """Whether the row scatter-add kernel applies (otherwise np.add.at, whose semantics it copies)."""
-    from refmtp.backends.base import kernels_enabled
-
     if not (kernels_enabled() and isinstance(out, np.ndarray) and isinstance(idx, np.ndarray)
             and isinstance(vals, np.ndarray)):
         return False

@@ -9,9 +9,10 @@ import pytest
 from refmtp.verification.gradcheck import check_grad
 from refmtp.model.ops.attention import attention_backward, attention_forward
 
-# (B, H, T, start, Dq, Dv): one token, one token after a cache, odd sizes, Dq != Dv
+# (B, H, T, start, Dq, Dv): one token, one token after a cache, odd sizes, Dq != Dv, and T over
+# two query blocks of the numpy kernel (backends/numba_attention.py, blocks of 64) behind a cache
 CASES = [(1, 1, 1, 0, 3, 2), (2, 3, 4, 0, 5, 3), (1, 2, 3, 2, 4, 5), (2, 1, 1, 5, 3, 3),
-         (1, 2, 5, 1, 6, 1)]
+         (1, 2, 5, 1, 6, 1), (1, 1, 70, 3, 2, 2)]
 
 
 def _inputs(bk, B, H, T, start, Dq, Dv, seed, dtype="float64"):
@@ -54,8 +55,13 @@ def test_attention_forward_matches_naive_loop(backend, case):
     np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-14)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "plain"])
 @pytest.mark.parametrize("case", CASES)
-def test_attention_grad(backend, case):
+def test_attention_grad(backend, case, kernels, monkeypatch):
+    """Central differences of the backward, on the kernel (numpy backend) and on the plain path."""
+    import refmtp.backends.base as base
+
+    monkeypatch.setattr(base, "_KERNELS_ENABLED", kernels and base.kernels_enabled())
     q, k, v = _inputs(backend, *case, seed=2)
     start = case[3]
 

@@ -99,15 +99,15 @@ def global_grad_norm(grads: dict) -> float:
     """``||g|| = sqrt(sum over tensors of sum g^2)``, accumulated in float64 (a host float)."""
     total = None  # a device scalar: one host sync at the end, not one per tensor
     for name in sorted(grads):
-        part = squared_sum(grads[name])
+        part = sum_squares(grads[name])
         total = part if total is None else total + part
     return math.sqrt(float(total)) if total is not None else 0.0
 
 
-def squared_sum(g):
-    """``sum g^2`` of one gradient in float64 (a 0-d array): the term of :func:`global_grad_norm`
-    (the kernel, else :func:`sum_squares_ref`; expert parallelism adds every rank's terms in the
-    same sorted order)."""
+def sum_squares(g):
+    """``sum g^2`` of one gradient in float64 (a 0-d array), the term of :func:`global_grad_norm`:
+    the ``sum_squares`` kernel, else :func:`sum_squares_ref` (expert parallelism adds every
+    rank's terms in the same sorted order)."""
     return (backend_of(g).kernel("sum_squares") or sum_squares_ref)(g)
 
 

@@ -45,7 +45,7 @@ from refmtp.model import backward, forward, update_expert_bias
 from refmtp.training.distributed import SINGLE, World, flatten, unflatten
 from refmtp.training.expert_parallel import active as expert_parallel_active
 from refmtp.training.expert_parallel import current as current_expert_shard
-from refmtp.training.optim import clip_grads, first_nonfinite, global_grad_norm, squared_sum
+from refmtp.training.optim import clip_grads, first_nonfinite, global_grad_norm, sum_squares
 
 LOSS_ORDER = ("main", "mtp", "balance", "total")  # order in which non-finite terms are named
 
@@ -135,11 +135,11 @@ def _collector_paused():
 
 def _sharded_grad_norm(grads: dict, shard, world: World) -> tuple[float, str | None]:
     """The global gradient norm when each rank holds its own experts' gradients: every rank's
-    terms ``sum g^2`` (refmtp.training.optim.squared_sum) added in the sorted order of all names,
+    terms ``sum g^2`` (refmtp.training.optim.sum_squares) added in the sorted order of all names,
     the order and so the bits of global_grad_norm on the whole model. Also the first name (that
     order) whose term is not finite."""
-    parts = {n: squared_sum(g) for n, g in grads.items() if not shard.local(n)}
-    own = {n: float(squared_sum(g)) for n, g in grads.items() if shard.local(n)}
+    parts = {n: sum_squares(g) for n, g in grads.items() if not shard.local(n)}
+    own = {n: float(sum_squares(g)) for n, g in grads.items() if shard.local(n)}
     for terms in world.allgather(own, "the exchange of the experts' gradient norms"):
         parts.update(terms)
     total = None
