@@ -14,8 +14,8 @@ depend on the thread count. New arrays are returned; the inputs are not modified
 
 ``sum_squares`` (reference ``refmtp.training.optim.sum_squares_ref``): ``sum g^2`` with each
 square formed in float64 (exact for float32 input) and summed in 16 interleaved float64 partial
-sums (``row_total``, backends/numba_expf.py) over chunks of 4096 elements, the chunks' sums then
-added in order, in one thread: the reference sums pairwise, so the two agree to rounding
+sums (``row_total``'s order, backends/numba_expf.py, each square formed as it is added: one pass)
+over chunks of 4096 elements, the chunks' sums then added in order, in one thread: the reference sums pairwise, so the two agree to rounding
 (~1e-16 relative).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_adamw_update, check_sum_squares
-from refmtp.backends.numba_expf import LANES, row_total
+from refmtp.backends.numba_expf import LANES
 
 CHUNK = 4096  # elements per partial sum of sum_squares (one chunk per prange iteration)
 
@@ -45,18 +45,29 @@ def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, p_ne
 adamw_update_numba = njit(cache=True, parallel=True)(_adamw_update_loop)
 
 
-def _sum_squares_loop(g, acc, sq):
-    """g flat (n,) float -> sum of g^2 in float64: each CHUNK's 16-lane sum, the chunks in order.
-    acc (LANES,), sq (CHUNK,) float64 scratch. Serial: the step's 167 tensors are small, and a
-    parallel loop's start-up cost per call was larger than the work."""
+def _sum_squares_loop(g, acc):
+    """g flat (n,) float -> sum of g^2 in float64: each CHUNK's 16-lane sum (``row_total``'s
+    order, the squares formed as they are added), the chunks in order. acc (LANES,) float64
+    scratch. Serial: the step's 167 tensors are small, and a parallel loop's start-up cost per
+    call was larger than the work."""
     n = g.shape[0]
     total = 0.0
     for lo in range(0, n, CHUNK):
-        m = min(n, lo + CHUNK) - lo
-        for i in range(m):
-            x = np.float64(g[lo + i])
-            sq[i] = x * x
-        total += row_total(acc, sq, m)
+        hi = min(n, lo + CHUNK)
+        m16 = (hi - lo) - (hi - lo) % LANES
+        for u in range(LANES):
+            acc[u] = 0.0
+        for j0 in range(lo, lo + m16, LANES):
+            for u in range(LANES):
+                x = np.float64(g[j0 + u])
+                acc[u] += x * x
+        part = acc[0]
+        for u in range(1, LANES):
+            part += acc[u]
+        for j in range(lo + m16, hi):
+            x = np.float64(g[j])
+            part += x * x
+        total += part
     return total
 
 
@@ -67,7 +78,7 @@ def sum_squares(g):
     """Numba twin of ``sum_squares_ref``: -> float64 0-d array."""
     check_sum_squares(g)
     flat = np.ascontiguousarray(g).reshape(-1)
-    return np.asarray(sum_squares_numba(flat, np.empty(LANES), np.empty(CHUNK)), dtype=np.float64)
+    return np.asarray(sum_squares_numba(flat, np.empty(LANES)), dtype=np.float64)
 
 
 def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2):

@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_causal_attention, check_causal_attention_backward
-from refmtp.backends.numba_expf import LANES, expf_parts, row_total
+from refmtp.backends.numba_expf import LANES, dot_total, expf_parts, row_max_f32, row_total
 
 QUERY_BLOCK = 64  # query rows per block (T = 256: 5/8 of the square's products)
 
@@ -55,22 +55,23 @@ def _normalised_row(acc, pr, n):
     total = row_total(acc, pr, n)
     for j in range(n):
         pr[j] = pr[j] / total
-    for j in range(n, pr.shape[0]):
-        pr[j] = 0
+    pr[n:] = 0  # a slice fill (a memset), not an element loop
 
 
 def _softmax_rows_f32_loop(s, scale, i0, start, p):
     """s (R, Tb, L) raw q k^T of query rows i0.. (C-contiguous, overwritten: its memory holds 2^k);
     p (R, T, S): rows i0..i0+Tb written, softmax over keys j <= start + row of scale * s, 0 beyond."""
     R, Tb, L = s.shape
-    s_bits = s.view(np.int32)
+    s_bits, p_bits = s.view(np.int32), p.view(np.int32)
     for r in prange(R):
         acc = np.empty(LANES, np.float32)
         for t in range(Tb):
             row = i0 + t
             n = start + row + 1  # visible keys
             pr, sr, br = p[r, row], s[r, t], s_bits[r, t]
-            m = _scaled_row(sr, pr, scale, n)
+            for j in range(n):
+                pr[j] = sr[j] * scale  # rounded as the reference rounds it
+            m = row_max_f32(p_bits[r, row], n, acc)  # exact, through the int32 view (vectorises)
             for j in range(n):  # e^(x - m) = e^f 2^k, the float32 2^k written into s's memory
                 pr[j], br[j] = expf_parts(pr[j] - m)
             for j in range(n):
@@ -99,18 +100,14 @@ def _softmax_backward_rows_loop(p, dp, i0, start, ds):
     R, Tb, L = dp.shape
     for r in prange(R):
         acc = np.empty(LANES, p.dtype)
-        prod = np.empty(L, p.dtype)
         for t in range(Tb):
             row = i0 + t
             n = start + row + 1
             pr, dpr, dsr = p[r, row], dp[r, t], ds[r, row]
-            for j in range(n):
-                prod[j] = dpr[j] * pr[j]
-            dot = row_total(acc, prod, n)
+            dot = dot_total(acc, dpr, pr, n)  # sum_j dp p, 16 lanes
             for j in range(n):
                 dsr[j] = pr[j] * (dpr[j] - dot)
-            for j in range(n, L):
-                dsr[j] = 0
+            dsr[n:L] = 0
 
 
 softmax_rows_f32_numba = njit(cache=True, parallel=True)(_softmax_rows_f32_loop)

@@ -19,7 +19,16 @@ absolute error under 1.7e-38; above, ``e^x`` (> 1.65e38, near float32's overflow
 :func:`row_total` sums ``row[:n]`` in 16 interleaved partial sums (lane ``u`` adds ``row[u]``,
 ``row[u + 16]``, ... left to right, then the lanes in order, then the tail): a fixed order, so
 the result does not depend on the machine's vector width or the thread count, and the adds
-vectorise instead of waiting on each other.
+vectorise instead of waiting on each other. :func:`dot_total` is the same sum of the products
+``a[j] * b[j]`` (each rounded to the dtype) without writing them out first: the same bits as
+``row_total`` over a row of those products, in one pass.
+
+:func:`row_max_f32` is the largest of ``row[:n]`` read through an int32 view of the row: a float
+compare-and-select loop does not vectorise (LLVM may not reorder it without assuming no NaN),
+an integer max does. ``b ^ ((b >> 31) & 0x7FFFFFFF)`` maps float32 bit patterns to int32 keys
+in the floats' order (negative floats have their magnitude bits flipped), so the largest key is
+the largest float, exactly (a max does not round); a NaN maps above +inf, so a row holding one
+has a NaN maximum, as numpy's ``max`` has. The map is its own inverse.
 """
 from __future__ import annotations
 
@@ -66,6 +75,45 @@ def row_total(acc, row, n):
     for j in range(n16, n):
         total += row[j]
     return total
+
+
+@njit(inline="always", cache=True)
+def dot_total(acc, a, b, n):
+    """sum of a[j] * b[j] over j < n, in :func:`row_total`'s order (the same bits as row_total
+    over the rounded products); acc: (LANES,) scratch of the dtype."""
+    n16 = n - n % LANES
+    for u in range(LANES):
+        acc[u] = 0
+    for j0 in range(0, n16, LANES):
+        for u in range(LANES):
+            acc[u] += a[j0 + u] * b[j0 + u]
+    total = acc[0]
+    for u in range(1, LANES):
+        total += acc[u]
+    for j in range(n16, n):
+        total += a[j] * b[j]
+    return total
+
+
+_MAGNITUDE = np.int32(0x7FFFFFFF)
+
+
+@njit(inline="always", cache=True)
+def _order_key(b):
+    """int32 bits of a float32 -> an int32 in the floats' order (its own inverse)."""
+    return b ^ ((b >> 31) & _MAGNITUDE)
+
+
+@njit(inline="always", cache=True)
+def row_max_f32(bits, n, out):
+    """max of the float32 row whose int32 view is ``bits[:n]`` (n >= 1), exactly; ``out``: a
+    float32 scratch array of length >= 1 (the key goes back to a float through its memory)."""
+    key = _order_key(bits[0])
+    for j in range(1, n):
+        k = _order_key(bits[j])
+        key = k if k > key else key
+    out.view(np.int32)[0] = _order_key(key)
+    return out[0]
 
 
 def _expf_loop(x, bits, out):

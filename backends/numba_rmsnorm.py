@@ -7,7 +7,8 @@ References (same signatures, in ``refmtp.model.ops.rmsnorm``): ``rmsnorm_rows_re
     backward  n = x * rstd,  g = dout * w,  dx = rstd * (g - n * (sum(g * n) / d)),
               dweight = sum over rows of dout * n   (numpy's own column sum, as the reference)
 
-The row sums run in 16 interleaved partial sums here (``row_total``, backends/numba_expf.py)
+The row sums run in 16 interleaved partial sums here (``row_total``, backends/numba_expf.py; the
+forward's ``dot_total`` forms each ``x * x`` as it adds it)
 and pairwise in numpy (``mean``), so ``rstd``, ``y`` and
 ``dx`` agree with the reference to rounding; ``dweight`` is bit-exact when ``rstd`` is (the
 same products summed by the same numpy call). Rows are split over Numba's threads (``prange``),
@@ -21,22 +22,20 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_rmsnorm_rows, check_rmsnorm_rows_backward
-from refmtp.backends.numba_expf import LANES, row_total
+from refmtp.backends.numba_expf import LANES, dot_total, row_total
 
 
 ROWS = 64  # rows per prange chunk (one scratch buffer for the row sums per chunk)
 
 
 def _rmsnorm_rows_loop(x, w, eps, dd, one, y, rstd):
-    """dd = d in the array dtype (a plain int would promote the mean to float64).
-    y's row holds x * x until it is written (the row sum reads it)."""
+    """dd = d in the array dtype (a plain int would promote the mean to float64)."""
     N, d = x.shape
     for chunk in prange((N + ROWS - 1) // ROWS):
         acc = np.empty(LANES, x.dtype)
         for r in range(chunk * ROWS, min(N, (chunk + 1) * ROWS)):
-            for c in range(d):
-                y[r, c] = x[r, c] * x[r, c]
-            rs = one / math.sqrt(row_total(acc, y[r], d) / dd + eps)
+            xr = x[r]
+            rs = one / math.sqrt(dot_total(acc, xr, xr, d) / dd + eps)  # sum of the rounded x * x
             rstd[r, 0] = rs
             for c in range(d):
                 y[r, c] = w[c] * (x[r, c] * rs)

@@ -26,7 +26,7 @@ class _returned_total:
     def __call__(self, g, out):
         from refmtp.backends.numba_expf import LANES
 
-        out[0] = self.fn(g, np.empty(LANES), np.empty(numba_adamw.CHUNK))
+        out[0] = self.fn(g, np.empty(LANES))
 
 
 def _loops():
