@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import pytest
 
-from refmtp.backends import (get_backend, numba_adamw, numba_attention, numba_rmsnorm, numba_swiglu,
+from refmtp.backends import (get_backend, numba_adamw, numba_attention, numba_rmsnorm, numba_swiglu, numba_xent,
                              set_kernels_enabled)
 from refmtp.config import preset
 from refmtp.model import init_params
@@ -61,6 +61,17 @@ def _loops():
     def sumsq(dt):  # three chunks, the last one short; the total comes back in a 1-element array
         return (rng.standard_normal(2 * numba_adamw.CHUNK + 5).astype(dt), np.empty(1, np.float64))
 
+    def xent(dt):  # 5 rows (one ignored), 37 classes: two 16-lane rounds and a tail
+        z = (rng.standard_normal((5, 37)) * 4).astype(dt)
+        t = np.array([3, -100, 0, 36, 17], np.int64)
+        return (z, t, np.int64(-100), np.empty(5, dt), np.empty(5, dt))
+
+    def xent_bwd(dt):
+        z = (rng.standard_normal((5, 37)) * 4).astype(dt)
+        t = np.array([3, -100, 0, 36, 17], np.int64)
+        lse = np.log(np.exp(z.astype(np.float64)).sum(-1)).astype(dt)
+        return (rng.standard_normal(5).astype(dt), z, t, lse, np.int64(-100), np.empty_like(z))
+
     def adamw(dt):
         p, g, m = (rng.standard_normal(50).astype(dt) for _ in range(3))
         v = rng.random(50).astype(dt)
@@ -76,13 +87,15 @@ def _loops():
         ("swiglu_gate_backward", numba_swiglu.swiglu_gate_backward_numba, gate_bwd, True),
         ("rmsnorm_rows", numba_rmsnorm.rmsnorm_rows_numba, rms, True),
         ("rmsnorm_rows_backward", numba_rmsnorm.rmsnorm_rows_backward_numba, rms_bwd, True),
+        ("xent_forward_f32", numba_xent.xent_forward_f32_numba, xent, True),  # float32 only
+        ("xent_backward_f32", numba_xent.xent_backward_f32_numba, xent_bwd, True),  # float32 only
         ("adamw_update", numba_adamw.adamw_update_numba, adamw, True),
         ("sum_squares", _returned_total(numba_adamw.sum_squares_numba), sumsq, True),
     ]
 
 
 LOOPS = _loops()
-ONE_DTYPE = {"swiglu_gate_f32": np.float32, "softmax_rows_f32": np.float32, "softmax_rows_f64": np.float64}  # loops written for one dtype
+ONE_DTYPE = {"xent_forward_f32": np.float32, "xent_backward_f32": np.float32, "swiglu_gate_f32": np.float32, "softmax_rows_f32": np.float32, "softmax_rows_f64": np.float64}  # loops written for one dtype
 
 
 def _copies(args):
@@ -91,7 +104,7 @@ def _copies(args):
 
 
 N_OUT = {"swiglu_gate_f32": 2, "softmax_rows_f32": 1, "softmax_rows_f64": 1, "softmax_backward_rows": 1, "swiglu_gate": 2, "swiglu_gate_backward": 1,
-         "rmsnorm_rows": 2, "rmsnorm_rows_backward": 2, "adamw_update": 3, "sum_squares": 1}  # trailing output arrays
+         "rmsnorm_rows": 2, "rmsnorm_rows_backward": 2, "xent_forward_f32": 2, "xent_backward_f32": 1, "adamw_update": 3, "sum_squares": 1}  # trailing output arrays
 
 
 @pytest.mark.parametrize("name,fn,build,exact,dt", [
