@@ -35,6 +35,7 @@ from refmtp.backends.contracts import check_causal_attention, check_causal_atten
 from refmtp.backends.numba_expf import LANES, dot_total, expf_parts, row_max_f32, row_total
 
 QUERY_BLOCK = 64  # query rows per block (T = 256: 5/8 of the square's products)
+HEADS_PER_CHUNK = 4  # (batch, head) rows per product: a block's logits stay in the core's cache
 
 
 @njit(inline="always", cache=True)
@@ -120,6 +121,11 @@ def query_blocks(T: int, start: int) -> list:
     return [(i0, min(T, i0 + QUERY_BLOCK), start + min(T, i0 + QUERY_BLOCK)) for i0 in range(0, T, QUERY_BLOCK)]
 
 
+def head_chunks(B: int, H: int) -> list:
+    """[(b, h0, h1)]: batch row b, heads h0..h1-1, HEADS_PER_CHUNK heads at a time."""
+    return [(b, h0, min(H, h0 + HEADS_PER_CHUNK)) for b in range(B) for h0 in range(0, H, HEADS_PER_CHUNK)]
+
+
 def key_blocks(T: int, start: int) -> list:
     """[(j0, j1, t0)]: keys j0..j1-1 and the first query that sees them, t0 = max(0, j0 - start)."""
     cached = [(0, start, 0)] if start else []
@@ -142,17 +148,15 @@ def causal_attention(q, k, v, scale, start):
     kT = np.swapaxes(k, -1, -2)
     p = np.empty((B, H, T, S), dt)
     o = np.empty((B, H, T, v.shape[-1]), dt)  # every row written below (all 0 when no key exists)
-    p3 = p.reshape(B * H, T, S)
+    softmax_rows = softmax_rows_f32_numba if dt == np.float32 else softmax_rows_f64_numba
     if not p.size:
         o[...] = 0
     else:
         for i0, i1, L in query_blocks(T, start):
-            s = (q[:, :, i0:i1] @ kT[:, :, :, :L]).reshape(B * H, i1 - i0, L)  # raw logits
-            if dt == np.float32:
-                softmax_rows_f32_numba(s, dt.type(scale), np.int64(i0), np.int64(start), p3)
-            else:
-                softmax_rows_f64_numba(s, dt.type(scale), np.int64(i0), np.int64(start), p3)
-            np.matmul(p[:, :, i0:i1, :L], v[:, :, :L], out=o[:, :, i0:i1])
+            for b, h0, h1 in head_chunks(B, H):  # a few heads at a time: their logits stay in cache
+                s = q[b, h0:h1, i0:i1] @ kT[b, h0:h1, :, :L]  # raw logits (h1 - h0, i1 - i0, L)
+                softmax_rows(s, dt.type(scale), np.int64(i0), np.int64(start), p[b, h0:h1])
+                np.matmul(p[b, h0:h1, i0:i1, :L], v[b, h0:h1, :L], out=o[b, h0:h1, i0:i1])
     return o, p
 
 
@@ -162,11 +166,9 @@ def causal_attention_backward(dout, q, k, v, p, scale, start):
     dout, q, k, v = _dense(dout), _dense(q), _dense(k), _dense(v)
     B, H, T, Dq = q.shape
     S, dt = start + T, q.dtype
-    p3 = np.ascontiguousarray(p).reshape(B * H, T, S)
-    p = p3.reshape(B, H, T, S)
+    p = np.ascontiguousarray(p)
     vT = np.swapaxes(v, -1, -2)
     ds = np.empty((B, H, T, S), dt)
-    ds3 = ds.reshape(B * H, T, S)
     dq = np.empty((B, H, T, Dq), dt)  # the query blocks cover every row of dq,
     dk = np.empty((B, H, S, Dq), dt)  # the key blocks every row of dk and dv
     dv = np.empty((B, H, S, v.shape[-1]), dt)
@@ -175,9 +177,10 @@ def causal_attention_backward(dout, q, k, v, p, scale, start):
             a[...] = 0
     else:
         for i0, i1, L in query_blocks(T, start):
-            dp = (dout[:, :, i0:i1] @ vT[:, :, :, :L]).reshape(B * H, i1 - i0, L)
-            softmax_backward_rows_numba(p3, dp, np.int64(i0), np.int64(start), ds3)
-            np.matmul(ds[:, :, i0:i1, :L], k[:, :, :L], out=dq[:, :, i0:i1])
+            for b, h0, h1 in head_chunks(B, H):
+                dp = dout[b, h0:h1, i0:i1] @ vT[b, h0:h1, :, :L]  # (h1 - h0, i1 - i0, L)
+                softmax_backward_rows_numba(p[b, h0:h1], dp, np.int64(i0), np.int64(start), ds[b, h0:h1])
+                np.matmul(ds[b, h0:h1, i0:i1, :L], k[b, h0:h1, :L], out=dq[b, h0:h1, i0:i1])
         for j0, j1, t0 in key_blocks(T, start):
             np.matmul(np.swapaxes(p[:, :, t0:, j0:j1], -1, -2), dout[:, :, t0:], out=dv[:, :, j0:j1])
             np.matmul(np.swapaxes(ds[:, :, t0:, j0:j1], -1, -2), q[:, :, t0:], out=dk[:, :, j0:j1])
