@@ -5,14 +5,15 @@ References (same signatures, in ``refmtp.model.ops.rmsnorm``): ``rmsnorm_rows_re
 
     forward   rstd = 1 / sqrt(sum(x * x) / d + eps),   y = w * (x * rstd)
     backward  n = x * rstd,  g = dout * w,  dx = rstd * (g - n * (sum(g * n) / d)),
-              dweight = sum over rows of dout * n   (numpy's own column sum, as the reference)
+              dweight = sum over rows of dout * n   (rows added in order, as numpy's column sum)
 
 The row sums run in 16 interleaved partial sums here (``row_total``, backends/numba_expf.py; the
 forward's ``dot_total`` forms each ``x * x`` as it adds it)
 and pairwise in numpy (``mean``), so ``rstd``, ``y`` and
 ``dx`` agree with the reference to rounding; ``dweight`` is bit-exact when ``rstd`` is (the
-same products summed by the same numpy call). Rows are split over Numba's threads (``prange``),
-a chunk of rows per thread, so results do not depend on the thread count.
+same products added in the same order: numpy sums a C-contiguous array's axis 0 row by row).
+The forward's rows are split over Numba's threads (``prange``), a chunk of rows per thread; the
+backward runs in one thread (its column sum is serial); neither depends on the thread count.
 """
 from __future__ import annotations
 
@@ -41,24 +42,29 @@ def _rmsnorm_rows_loop(x, w, eps, dd, one, y, rstd):
                 y[r, c] = w[c] * (x[r, c] * rs)
 
 
-def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, dx, dn):
-    """dx's row holds (dout w) (x rstd) until it is written (the row sum reads it)."""
+def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, dx, dweight):
+    """dx's row holds (dout w) (x rstd) until it is written (the row sum reads it). dweight
+    adds the rows' dout * n in row order, starting from row 0 (N >= 1): the order, and so the
+    bits, of numpy's column sum in the reference. One thread: that order is serial, and the
+    pass is memory-bound (it reads dout and x once and writes dx)."""
     N, d = x.shape
-    for chunk in prange((N + ROWS - 1) // ROWS):
-        acc = np.empty(LANES, x.dtype)
-        for r in range(chunk * ROWS, min(N, (chunk + 1) * ROWS)):
-            rs = rstd[r, 0]
-            for c in range(d):
-                dx[r, c] = (dout[r, c] * w[c]) * (x[r, c] * rs)
-            mean = row_total(acc, dx[r], d) / dd
-            for c in range(d):
-                n = x[r, c] * rs
-                dx[r, c] = rs * (dout[r, c] * w[c] - n * mean)
-                dn[r, c] = dout[r, c] * n
+    acc = np.empty(LANES, x.dtype)
+    for r in range(N):
+        rs = rstd[r, 0]
+        for c in range(d):
+            dx[r, c] = (dout[r, c] * w[c]) * (x[r, c] * rs)
+        mean = row_total(acc, dx[r], d) / dd
+        for c in range(d):
+            n = x[r, c] * rs
+            dx[r, c] = rs * (dout[r, c] * w[c] - n * mean)
+            if r == 0:
+                dweight[c] = dout[r, c] * n
+            else:
+                dweight[c] += dout[r, c] * n
 
 
 rmsnorm_rows_numba = njit(cache=True, parallel=True)(_rmsnorm_rows_loop)
-rmsnorm_rows_backward_numba = njit(cache=True, parallel=True)(_rmsnorm_rows_backward_loop)
+rmsnorm_rows_backward_numba = njit(cache=True)(_rmsnorm_rows_backward_loop)
 
 
 def rmsnorm_rows(x, weight, eps):
@@ -82,11 +88,11 @@ def rmsnorm_rows_backward(dout, x, weight, rstd):
     d2 = np.ascontiguousarray(dout).reshape(-1, d)
     r2 = np.ascontiguousarray(rstd).reshape(-1, 1)
     dx = np.empty_like(x2)
-    dn = np.empty_like(x2)  # dout * n, summed over rows by numpy below
+    dweight = np.zeros(d, dtype=x2.dtype)  # stays 0 without rows, as numpy's empty sum
     if x2.size:
         t = x2.dtype.type
-        rmsnorm_rows_backward_numba(d2, x2, np.ascontiguousarray(weight), r2, t(d), dx, dn)
-    return dx.reshape(x.shape), np.sum(dn, axis=0)
+        rmsnorm_rows_backward_numba(d2, x2, np.ascontiguousarray(weight), r2, t(d), dx, dweight)
+    return dx.reshape(x.shape), dweight
 
 
 KERNELS: dict = {"rmsnorm_rows": rmsnorm_rows, "rmsnorm_rows_backward": rmsnorm_rows_backward}

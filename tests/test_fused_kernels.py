@@ -56,7 +56,7 @@ def _loops():
     def rms_bwd(dt):
         d, x, w = rng.standard_normal((70, 37)).astype(dt), rng.standard_normal((70, 37)).astype(dt), rng.standard_normal(37).astype(dt)
         r = rng.random((70, 1)).astype(dt) + dt(0.5)
-        return (d, x, w, r, dt(37), np.empty_like(x), np.empty_like(x))
+        return (d, x, w, r, dt(37), np.empty_like(x), np.empty(37, dt))
 
     def sumsq(dt):  # three chunks, the last one short; the total comes back in a 1-element array
         return (rng.standard_normal(2 * numba_adamw.CHUNK + 5).astype(dt), np.empty(1, np.float64))
