@@ -9,9 +9,9 @@ References (same signatures, in ``refmtp.model.moe``): ``moe_dispatch_plan_ref``
 * Combine and the permute's backward add the slots into their token in dispatch order
   p = 0..S-1, exactly as the reference's scatter-add (np.add.at) does, with the same products
   ``w * ys`` and no fastmath (so no fused multiply-add): bit-exact in float32 and float64.
-* combine_backward's ``dweight = <dy, ys>`` is a sequential float64 sum over d while numpy sums
-  pairwise in the input dtype: parity with the reference is to rounding there (everything else
-  is bit-exact).
+* combine_backward's ``dweight = <dy, ys>`` adds the products (rounded to the input dtype, as
+  the reference's) in 16 float64 lanes while numpy sums pairwise in the input dtype: parity with
+  the reference is to rounding there (everything else is bit-exact).
 
 The compiled loops ``<op>_numba`` are bit-exact with their ``.py_func``; NUMBA_DISABLE_JIT=1 runs
 them as plain Python.
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+from refmtp.backends.numba_expf import LANES
 
 from refmtp.backends.contracts import (check_moe_combine, check_moe_combine_backward,
                                        check_moe_dispatch_plan, check_moe_permute,
@@ -71,16 +73,29 @@ def _moe_combine_loop(ys, order, wflat, K, y):
 
 
 def _moe_combine_backward_loop(dy, ys, order, wflat, K, dys, dwflat):
+    """dweight's dot products in 16 float64 lanes (``row_total``'s order, backends/numba_expf.py;
+    the products in the dtype, as the reference forms them): the adds vectorise."""
     S, d = ys.shape
+    d16 = d - d % LANES
+    acc = np.empty(LANES, np.float64)  # float64 accumulators for either dtype
     for p in range(S):
         j = order[p]
         n = j // K
         w = wflat[j]
-        acc = np.float64(0.0)  # float64 accumulator for either dtype
+        dyr, ysr, dysr = dy[n], ys[p], dys[p]
         for c in range(d):
-            dys[p, c] = dy[n, c] * w
-            acc += dy[n, c] * ys[p, c]
-        dwflat[j] = acc
+            dysr[c] = dyr[c] * w
+        for u in range(LANES):
+            acc[u] = 0.0
+        for c0 in range(0, d16, LANES):
+            for u in range(LANES):
+                acc[u] += dyr[c0 + u] * ysr[c0 + u]
+        total = acc[0]
+        for u in range(1, LANES):
+            total += acc[u]
+        for c in range(d16, d):
+            total += dyr[c] * ysr[c]
+        dwflat[j] = total
 
 
 moe_dispatch_plan_numba = njit(cache=True)(_moe_dispatch_plan_loop)
