@@ -68,12 +68,32 @@ def test_shipped_set_covers_the_settings():
 
 
 def test_generate_is_deterministic(tmp_path):
-    generate(tmp_path, only=CASES)
-    for n in CASES:
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(a, only=CASES)
+    generate(b, only=CASES)
+    for n in CASES:  # the same machine makes the same bytes
         names = sorted(p.name for p in (ROOT / n).iterdir())
-        assert sorted(p.name for p in (tmp_path / n).iterdir()) == names
+        assert sorted(p.name for p in (a / n).iterdir()) == names
         for f in names:
-            assert filecmp.cmp(ROOT / n / f, tmp_path / n / f, shallow=False), (n, f)
+            assert filecmp.cmp(a / n / f, b / n / f, shallow=False), (n, f)
+    # The shipped files are what the recipe makes: config, inputs, weights, every decision and
+    # token exactly; the float outputs to rounding (BLAS picks its kernels by machine, and its
+    # float64 products move by ~1e-15 between kernels).
+    for n in CASES:
+        for f in ("config.json", "inputs.safetensors", "model.safetensors"):
+            assert filecmp.cmp(ROOT / n / f, a / n / f, shallow=False), (n, f)
+        shipped, fresh = _expected(n), read_tensors(a / n / "expected.safetensors")
+        assert sorted(shipped) == sorted(fresh)
+        for k, want in shipped.items():
+            got = fresh[k]
+            assert got.dtype == want.dtype and got.shape == want.shape, (n, k)
+            if want.dtype.kind == "f":
+                np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12 * float(np.abs(want).max(initial=1.0)),
+                                           err_msg=f"{n} {k}")
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=f"{n} {k}")
+        ms, mf = read_manifest(ROOT / n), read_manifest(a / n)
+        assert ms["recipe"] == mf["recipe"] and ms["command"] == mf["command"] and ms["tensors"] == mf["tensors"]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -257,8 +257,11 @@ def test_thresholds_cover_the_shipped_cases_and_match_the_doc():
 
 
 def test_the_thresholds_are_what_the_command_derives():
-    """`refmtp golden precision` re-derives the stored file (to 1 %: other BLAS libraries sum
-    float32 in another order)."""
+    """`refmtp golden precision` re-derives the stored file: bf16 and fp16 to 1 % (their
+    rounding dominates; other BLAS libraries sum float32 in another order). The fp32 rows are
+    float32 arithmetic itself, so they move with the BLAS kernels a machine gets (measured: 0.6x
+    to 1.4x between OpenBLAS's Haswell and SkylakeX kernels): there this machine's own fp32 run
+    must pass the stored threshold, and its worst case must be within 2x of the stored one."""
     code, out = run("precision")
     assert code == 0, out
     assert "| logits | top1_agreement |" in out
@@ -268,4 +271,13 @@ def test_the_thresholds_are_what_the_command_derives():
         assert set(fresh["precisions"][p]) == set(groups)
         for g, stats in groups.items():
             for s, e in stats.items():
-                assert fresh["precisions"][p][g][s]["threshold"] == pytest.approx(e["threshold"], rel=1e-2, abs=1e-12), (p, g, s)
+                f = fresh["precisions"][p][g][s]
+                if p != "fp32":
+                    assert f["threshold"] == pytest.approx(e["threshold"], rel=1e-2, abs=1e-12), (p, g, s)
+                    continue
+                if P.higher_is_better(s):
+                    assert f["emulated_worst"] >= e["threshold"], (p, g, s, f, e)
+                else:
+                    assert f["emulated_worst"] <= e["threshold"], (p, g, s, f, e)
+                    if e["emulated_worst"] > 0:
+                        assert 0.5 <= f["emulated_worst"] / e["emulated_worst"] <= 2.0, (p, g, s, f, e)
