@@ -94,17 +94,25 @@ def main() -> int:
     problems = []
     out_all = np.concatenate([g[0] for g in got])
     dx_all = np.concatenate([g[2] for g in got])
-    if out_all.tobytes() != ref_out.tobytes():
-        problems.append(f"forward differs (max {np.max(np.abs(out_all - ref_out)):.2e})")
     tol = 1e-12 if dtype == "float64" else 1e-5
+    # float64: bit for bit. float32: to rounding, because some BLAS kernels round a float32 row
+    # differently with the number of rows in the product (OpenBLAS's Haswell sgemm does, measured
+    # on an AMD EPYC), and the shared expert runs on one rank's tokens here, on all of them there.
+    exact = dtype == "float64"
+
+    def same(a, b, scale=1.0):
+        return a.tobytes() == b.tobytes() if exact else np.allclose(a, b, rtol=0, atol=tol * scale)
+
+    if not same(out_all, ref_out):
+        problems.append(f"forward differs (max {np.max(np.abs(out_all - ref_out)):.2e})")
     if not np.allclose(dx_all, ref_dx, rtol=0, atol=tol):
         problems.append(f"dx differs by {np.max(np.abs(dx_all - ref_dx)):.2e} > {tol}")
     if abs(np.mean([g[1] for g in got]) - float(ref_aux)) > tol:
         problems.append("balance loss differs")
     for name, ref in ref_grads.items():
-        if name.startswith("experts."):  # owned by one rank: bit for bit
+        if name.startswith("experts."):  # owned by one rank: bit for bit (float64)
             owner = int(name.split(".")[1]) // shard.per_rank
-            if got[owner][3][name].tobytes() != ref.tobytes():
+            if not same(got[owner][3][name], ref, max(1.0, float(np.max(np.abs(ref))))):
                 problems.append(f"{name} (rank {owner}) differs")
         else:  # each rank's share; summed here in rank order
             total = sum(g[3][name] for g in got)
@@ -127,7 +135,7 @@ def main() -> int:
         return 1
     sent = sum(g[4]["dispatch"] + g[4]["combine"] for g in got)
     print(f"ok: {N} ranks, topk_group={topk_group}, {dtype}: forward and expert gradients "
-          f"bit-identical, dx within {tol}, {len(fd)} central differences; {sent} bytes exchanged (= formula); at most "
+          f"{'bit-identical' if exact else f'within {tol}'}, dx within {tol}, {len(fd)} central differences; {sent} bytes exchanged (= formula); at most "
           f"{ranks_per_token} rank(s) per token")
     return 0
 
