@@ -135,6 +135,19 @@ def _rank_pids(pid_dir: Path) -> dict[int, int]:
     return out
 
 
+def _rank_abort_lines(pid_dir: Path) -> list[str]:
+    """The reasons of the ranks that stopped the run, from the files World.abort left, by rank."""
+    out = []
+    for f in sorted(pid_dir.glob("rank-*.abort"), key=lambda f: int(f.stem.split("-")[1])):
+        try:
+            m = RANK_LINE.match(f.read_text(encoding="utf-8").strip())
+        except (OSError, ValueError):
+            continue
+        if m:
+            out.append(m.group(0)[len("refmtp: "):-len("; stopping every rank")])
+    return out
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:  # a zombie has died: state Z
@@ -233,6 +246,8 @@ def _launch(mpiexec: str, n: int, mpi_opts: list, command: list) -> int:
         for t in pumps:
             t.join()
         pids = _rank_pids(pid_dir)
+        if not report.rank_lines:  # the ranks' own lines, where MPI_Abort outran their output
+            report.rank_lines = _rank_abort_lines(pid_dir)
         if not (report.banner or report.rank_lines):
             return code
         left = _stop_all(pids)

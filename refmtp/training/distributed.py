@@ -48,6 +48,7 @@ LAUNCHER_ENV = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE", "MV
 # `refmtp launch` sets it to a directory where every rank leaves ``rank-R.pid`` (its process id),
 # so the launcher can name the rank of a process that was killed (refmtp.cli.launch).
 PID_DIR_ENV = "REFMTP_LAUNCH_PID_DIR"
+ABORT_FLUSH_S = 0.5  # between a rank's last line and MPI_Abort
 DEFAULT_TIMEOUT = 300.0  # seconds, --rank-timeout: a rank waits this long for the others
 TIMEOUT_EXIT = 124  # exit code of a run stopped by the deadline (as timeout(1) has it)
 TAG_SPACE = 30000  # message tags 1 .. TAG_SPACE, one per exchange in turn (MPI guarantees 32767)
@@ -261,7 +262,15 @@ class World:
             os.write(fd, text.encode("utf-8", "replace"))
         except OSError:
             pass
+        pid_dir = os.environ.get(PID_DIR_ENV)
+        if pid_dir:  # refmtp launch also reads it there: MPI_Abort may outrun the forwarded line
+            try:
+                with open(os.path.join(pid_dir, f"rank-{self.rank}.abort"), "w") as f:
+                    f.write(text)
+            except OSError:
+                pass
         if self.comm is not None:
+            time.sleep(ABORT_FLUSH_S)  # let mpiexec forward the line before it tears the run down
             self.comm.Abort(int(code) or 1)
         os._exit(int(code) or 1)  # pragma: no cover - Abort does not return
 
