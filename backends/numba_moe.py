@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refmtp.backends.numba_expf import LANES
+from refmtp.backends.numba_expf import LANES, dot_total
 
 from refmtp.backends.contracts import (check_moe_combine, check_moe_combine_backward,
                                        check_moe_dispatch_plan, check_moe_permute,
@@ -73,10 +73,9 @@ def _moe_combine_loop(ys, order, wflat, K, y):
 
 
 def _moe_combine_backward_loop(dy, ys, order, wflat, K, dys, dwflat):
-    """dweight's dot products in 16 float64 lanes (``row_total``'s order, backends/numba_expf.py;
-    the products in the dtype, as the reference forms them): the adds vectorise."""
+    """dweight's dot products in 16 float64 lanes (``dot_total``, backends/numba_expf.py; the
+    products in the dtype, as the reference forms them): the adds vectorise."""
     S, d = ys.shape
-    d16 = d - d % LANES
     acc = np.empty(LANES, np.float64)  # float64 accumulators for either dtype
     for p in range(S):
         j = order[p]
@@ -85,17 +84,7 @@ def _moe_combine_backward_loop(dy, ys, order, wflat, K, dys, dwflat):
         dyr, ysr, dysr = dy[n], ys[p], dys[p]
         for c in range(d):
             dysr[c] = dyr[c] * w
-        for u in range(LANES):
-            acc[u] = 0.0
-        for c0 in range(0, d16, LANES):
-            for u in range(LANES):
-                acc[u] += dyr[c0 + u] * ysr[c0 + u]
-        total = acc[0]
-        for u in range(1, LANES):
-            total += acc[u]
-        for c in range(d16, d):
-            total += dyr[c] * ysr[c]
-        dwflat[j] = total
+        dwflat[j] = dot_total(acc, dyr, ysr, d)
 
 
 moe_dispatch_plan_numba = njit(cache=True)(_moe_dispatch_plan_loop)
