@@ -21,11 +21,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from refmtp.backends.numba_expf import LANES, dot_total
-
 from refmtp.backends.contracts import (check_moe_combine, check_moe_combine_backward,
                                        check_moe_dispatch_plan, check_moe_permute,
                                        check_moe_permute_backward)
+from refmtp.backends.numba_expf import LANES, dot_total
 
 
 def _moe_dispatch_plan_loop(flat_idx, n_experts, order, offsets):

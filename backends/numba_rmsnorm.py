@@ -8,9 +8,8 @@ References (same signatures, in ``refmtp.model.ops.rmsnorm``): ``rmsnorm_rows_re
               dweight = sum over rows of dout * n   (rows added in order, as numpy's column sum)
 
 The row sums run in 16 interleaved partial sums here (``row_total``, backends/numba_expf.py; the
-forward's ``dot_total`` forms each ``x * x`` as it adds it)
-and pairwise in numpy (``mean``), so ``rstd``, ``y`` and
-``dx`` agree with the reference to rounding; ``dweight`` is bit-exact when ``rstd`` is (the
+forward's ``dot_total`` forms each ``x * x`` as it adds it) and pairwise in numpy (``mean``), so
+``rstd``, ``y`` and ``dx`` agree with the reference to rounding; ``dweight`` is bit-exact when ``rstd`` is (the
 same products added in the same order: numpy sums a C-contiguous array's axis 0 row by row).
 The forward's rows are split over Numba's threads (``prange``), a chunk of rows per thread; the
 backward runs in one thread (its column sum is serial); neither depends on the thread count.
