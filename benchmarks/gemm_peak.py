@@ -18,7 +18,6 @@ Writes ``benchmarks/results/gemm_peak.json``. Not a test.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -29,6 +28,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from refmtp.backends import openblas  # noqa: E402
+
 SIZES = (256, 512, 1024, 2048)
 QUICK_SIZES = (256, 512, 1024)
 ENV_KEYS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
@@ -38,56 +39,9 @@ ENV_KEYS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA
 # -------------------------------------------------------------------------------------------
 # BLAS threads
 # -------------------------------------------------------------------------------------------
-def _openblas():
-    """The OpenBLAS shared library numpy loaded (ctypes handle, getter name, setter name), or None."""
-    import numpy  # noqa: F401  (loads the library)
-
-    paths = set()
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1]
-                if "openblas" in path.lower() and ".so" in path:
-                    paths.add(path)
-    except OSError:
-        return None
-    for path in sorted(paths):
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"),
-                               ("openblas", "")):
-            get, put = f"{prefix}_get_num_threads{suffix}", f"{prefix}_set_num_threads{suffix}"
-            if hasattr(lib, get) and hasattr(lib, put):
-                return lib, get, put
-    return None
-
-
-def blas_threads(n: int | None = None) -> int | None:
-    """Set OpenBLAS's thread count to ``n`` (when given) and return the count in effect
-    (None when numpy's BLAS is not an OpenBLAS this function can reach)."""
-    found = _openblas()
-    if found is None:
-        return None
-    lib, get, put = found
-    if n is not None:
-        getattr(lib, put)(ctypes.c_int(int(n)))
-    return int(getattr(lib, get)())
-
-
-def blas_kernel() -> str | None:
-    """The kernel family OpenBLAS chose (e.g. "Haswell", "SkylakeX"; OPENBLAS_CORETYPE overrides it)."""
-    found = _openblas()
-    if found is None:
-        return None
-    lib, get, _ = found
-    name = get.replace("get_num_threads", "get_corename")
-    if not hasattr(lib, name):
-        return None
-    fn = getattr(lib, name)
-    fn.restype = ctypes.c_char_p
-    return fn().decode()
+# read / set OpenBLAS's thread count at run time; the kernel family it chose (refmtp's own helpers)
+blas_threads = openblas.threads
+blas_kernel = openblas.kernels
 
 
 def load_average():

@@ -7,8 +7,9 @@
 One row per (result file, case, thread count): tokens/s of both sides (median over the
 alternations), the refmtp/torch ratio with its per-alternation median, min and max, refmtp's
 share of the GEMM peak measured in the same run (on the causal FLOP count, the full-square count
-beside it), the peak resident memory of one step per side, and the 1-minute load average. The
-rows sit between the ``vs-torch-issue17`` markers of docs/performance.md. Not a test.
+beside it), the peak resident memory of one step per side, the OpenBLAS kernels of the run and the
+1-minute load average. The rows sit between the ``vs-torch-issue17`` markers of
+docs/performance.md (``--markers NAME``: between the ``NAME`` markers instead). Not a test.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from _machine import write_between_markers  # noqa: E402
 
 REPO = HERE.parent
 DOCS = REPO / "docs" / "performance.md"
-BEGIN, END = "<!-- vs-torch-issue17:begin -->", "<!-- vs-torch-issue17:end -->"
+MARKERS = "vs-torch-issue17"  # <!-- NAME:begin --> ... <!-- NAME:end --> in docs/performance.md
 TARGET_RATIO, TARGET_PEAK = 1.3, 50.0  # issue 17: >= 1.3x torch at 1 and 2 threads, >= 50% of peak at 1
 
 
@@ -41,14 +42,15 @@ def rows(result: dict) -> list:
                 "peak": r["pct_of_gemm_peak"], "peak_full": r.get("pct_of_gemm_peak_full_square"),
                 "rss": (t["peak_rss"]["refmtp"]["step_mib"], t["peak_rss"]["torch"]["step_mib"]),
                 "load": t["load_average_1m"][0],
+                "kernels": result.get("context_start", {}).get("blas_kernel") or "?",
             })
     return out
 
 
 def table(results: list) -> str:
     head = ("| config | threads | refmtp tok/s | torch tok/s | ratio | per alternation: median (min-max) "
-            "| % of GEMM peak (full square) | step RSS MiB refmtp / torch | load 1 min |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+            "| % of GEMM peak (full square) | step RSS MiB refmtp / torch | OpenBLAS kernels | load 1 min |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for res in results:
         for w in rows(res):
@@ -57,7 +59,7 @@ def table(results: list) -> str:
             lines.append(
                 f"| {w['config']} | {w['threads']} | {w['refmtp']:,.0f} | {w['torch']:,.0f} | "
                 f"{ok_ratio}{w['ratio']:.2f}x{ok_ratio} | {w['alt'][0]:.2f}x ({w['alt'][1]:.2f}-{w['alt'][2]:.2f}) | "
-                f"{w['peak']:.1f}%{full} | {w['rss'][0]:.0f} / {w['rss'][1]:.0f} | {w['load']:.1f} |")
+                f"{w['peak']:.1f}%{full} | {w['rss'][0]:.0f} / {w['rss'][1]:.0f} | {w['kernels']} | {w['load']:.1f} |")
     first = results[0]
     lines.append("")
     lines.append(f"Measured {first['date'][:16].replace('T', ' ')} UTC on {first['machine']['cpu_model']} "
@@ -73,6 +75,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", nargs="+", help="vs_torch.py JSON files")
     ap.add_argument("--write-docs", action="store_true", help="replace the table in docs/performance.md")
+    ap.add_argument("--markers", default=MARKERS, help="the NAME of the <!-- NAME:begin/end --> block to write")
     args = ap.parse_args(argv)
     results = []
     for f in args.results:
@@ -84,8 +87,9 @@ def main(argv=None) -> int:
     text = table(results)
     print(text)
     if args.write_docs:
-        if not write_between_markers(DOCS, BEGIN, END, text):
-            print(f"vs_torch_table: {DOCS.name} has no {BEGIN} ... {END} block", file=sys.stderr)
+        begin, end = f"<!-- {args.markers}:begin -->", f"<!-- {args.markers}:end -->"
+        if not write_between_markers(DOCS, begin, end, text):
+            print(f"vs_torch_table: {DOCS.name} has no {begin} ... {end} block", file=sys.stderr)
             return 2
         print(f"wrote the table into {DOCS.relative_to(REPO)}")
     return 0

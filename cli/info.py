@@ -34,6 +34,10 @@ def collect_info() -> dict:
         "numpy": np.__version__,
         "blas": blas_info(),
     }
+    from refmtp.backends import openblas
+
+    info["blas_kernels"] = openblas.kernels()
+    info["blas_kernel_advice"] = openblas.kernel_advice(info["blas_kernels"])
     from importlib.metadata import PackageNotFoundError, version
 
     dists = {"numba": "numba", "scipy": "scipy", "click": "click", "safetensors": "safetensors",
@@ -72,7 +76,10 @@ def info(as_json):
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"refmtp {data['refmtp']}  (python {data['python']}, {data['platform']})")
-    click.echo(f"numpy {data['numpy']}  BLAS: {data['blas']}")
+    click.echo(f"numpy {data['numpy']}  BLAS: {data['blas']}"
+               + (f", {data['blas_kernels']} kernels" if data["blas_kernels"] else ""))
+    if data["blas_kernel_advice"]:
+        click.echo(f"  note: {data['blas_kernel_advice']}")
     for mod in ("numba", "scipy", "click", "safetensors", "array_api_compat"):
         mark = "ok" if data[mod] else "MISSING"
         click.echo(f"  {mod:<17} {data[mod] or '-':<10} {mark}")
