@@ -15,8 +15,9 @@ depend on the thread count. New arrays are returned; the inputs are not modified
 ``sum_squares`` (reference ``refmtp.training.optim.sum_squares_ref``): ``sum g^2`` with each
 square formed in float64 (exact for float32 input) and summed in 16 interleaved float64 partial
 sums (``row_total``'s order, backends/numba_expf.py, each square formed as it is added: one pass)
-over chunks of 4096 elements, the chunks' sums then added in order, in one thread: the reference sums pairwise, so the two agree to rounding
-(~1e-16 relative).
+over chunks of 4096 elements, the chunks' sums then added in order, in one thread: the reference
+sums pairwise, so the two agree to rounding (~1e-16 relative). (Not ``dot_total``: that would
+round each square to the input dtype.)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from numba import njit, prange
 from refmtp.backends.contracts import check_adamw_update, check_sum_squares
 from refmtp.backends.numba_expf import LANES
 
-CHUNK = 4096  # elements per partial sum of sum_squares (one chunk per prange iteration)
+CHUNK = 4096  # elements per partial sum of sum_squares (the partial sums then added in order)
 
 
 def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, p_new, m_new, v_new):

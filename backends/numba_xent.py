@@ -19,7 +19,7 @@ import numpy as np
 from numba import njit
 
 from refmtp.backends.contracts import check_xent_backward, check_xent_forward
-from refmtp.backends.numba_expf import LANES, expf_parts, row_max_f32
+from refmtp.backends.numba_expf import LANES, dot_total, expf_parts, row_max_f32
 
 
 def _xent_forward_loop(logits, targets, ignore_index, losses, lse):
@@ -62,22 +62,12 @@ def _xent_forward_f32_loop(logits, targets, ignore_index, losses, lse):
     two_k = np.empty(V, np.float32)  # 2^k, written through its int32 view
     two_k_bits = two_k.view(np.int32)
     acc = np.empty(LANES, np.float64)
-    V16 = V - V % LANES
     for n in range(N):
         zr = logits[n]
         m = row_max_f32(bits[n], V, ef)
         for v in range(V):
             ef[v], two_k_bits[v] = expf_parts(zr[v] - m)
-        for u in range(LANES):
-            acc[u] = 0.0
-        for v0 in range(0, V16, LANES):
-            for u in range(LANES):
-                acc[u] += np.float64(ef[v0 + u] * two_k[v0 + u])
-        s = acc[0]
-        for u in range(1, LANES):
-            s += acc[u]
-        for v in range(V16, V):
-            s += np.float64(ef[v] * two_k[v])
+        s = dot_total(acc, ef, two_k, V)  # sum of e^(z - m) = e^f 2^k, in float64 lanes
         lse[n] = math.log(s) + m
         t = targets[n]
         if t == ignore_index:

@@ -95,9 +95,9 @@ def _pump(src, dst, report: _Report) -> None:
                 report.banner.setdefault("seen", True)
                 blanks = []
                 continue
-            m = RANK_LINE.match(line)
-            if m:
-                report.rank_lines.append(line[len("refmtp: "):-len("; stopping every rank")])
+            reason = _rank_reason(line)
+            if reason is not None:
+                report.rank_lines.append(reason)
                 continue
             if ABORT_LINE.match(line) or HYDRA_CTRL_C.match(line):
                 continue
@@ -135,16 +135,23 @@ def _rank_pids(pid_dir: Path) -> dict[int, int]:
     return out
 
 
+def _rank_reason(line: str) -> str | None:
+    """``rank R of N: <why>`` from a rank's ``refmtp: ...; stopping every rank`` line, else None."""
+    if RANK_LINE.match(line):
+        return line[len("refmtp: "):-len("; stopping every rank")]
+    return None
+
+
 def _rank_abort_lines(pid_dir: Path) -> list[str]:
     """The reasons of the ranks that stopped the run, from the files World.abort left, by rank."""
     out = []
     for f in sorted(pid_dir.glob("rank-*.abort"), key=lambda f: int(f.stem.split("-")[1])):
         try:
-            m = RANK_LINE.match(f.read_text(encoding="utf-8").strip())
+            reason = _rank_reason(f.read_text(encoding="utf-8").strip())
         except (OSError, ValueError):
             continue
-        if m:
-            out.append(m.group(0)[len("refmtp: "):-len("; stopping every rank")])
+        if reason is not None:
+            out.append(reason)
     return out
 
 

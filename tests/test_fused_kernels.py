@@ -8,8 +8,8 @@ import numba
 import numpy as np
 import pytest
 
-from refmtp.backends import (get_backend, numba_adamw, numba_attention, numba_rmsnorm, numba_swiglu, numba_xent,
-                             set_kernels_enabled)
+from refmtp.backends import (get_backend, numba_adamw, numba_attention, numba_expf, numba_rmsnorm,
+                             numba_swiglu, numba_xent, set_kernels_enabled)
 from refmtp.config import preset
 from refmtp.model import init_params
 from refmtp.training.optim import AdamW
@@ -185,3 +185,43 @@ def test_vectorised_expf_error_and_clamps():
     assert lo == expf_rows(np.float32([X_MIN]))[0] and 0 < lo < 1.7e-38
     assert hi == expf_rows(np.float32([X_MAX]))[0] and np.isfinite(hi)
     assert np.isnan(expf_rows(np.float32([np.nan]))[0])
+
+
+
+@numba.njit
+def _row_max(row, n):
+    return numba_expf.row_max_f32(row.view(np.int32), n, np.empty(1, np.float32))
+
+
+@numba.njit
+def _dot_total(a, b, n):
+    return numba_expf.dot_total(np.empty(numba_expf.LANES, a.dtype), a, b, n)
+
+
+@numba.njit
+def _row_total_of_products(a, b, n):
+    prod = a[:n] * b[:n]
+    return numba_expf.row_total(np.empty(numba_expf.LANES, a.dtype), prod, n)
+
+
+def test_row_max_f32_is_numpy_max_on_edge_values():
+    """The max through int32 keys: exact on negatives, +-0, +-inf and subnormals; NaN wins."""
+    rng = np.random.default_rng(3)
+    for n in list(range(1, 40)) + [255, 256, 257]:
+        row = (rng.standard_normal(n) * 10 - 5).astype(np.float32)
+        assert _row_max(row, n) == row.max(), n
+    edge = np.array([-0.0, 0.0, -np.inf, np.inf, 1e-45, -1e-45, -3.4e38, 3.4e38], np.float32)
+    for i in range(1, len(edge) + 1):
+        assert _row_max(edge[:i], i) == edge[:i].max()
+    assert np.signbit(_row_max(np.array([-0.0], np.float32), 1))
+    assert _row_max(np.array([-np.inf, -np.inf], np.float32), 2) == -np.inf
+    assert np.isnan(_row_max(np.array([1.0, np.nan, 2.0], np.float32), 3))
+    assert _row_max(np.array([5.0, 7.0, 9.0], np.float32), 2) == 7.0  # only row[:n]
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_dot_total_is_row_total_of_the_rounded_products(dt):
+    rng = np.random.default_rng(4)
+    for n in (0, 1, 15, 16, 17, 37, 256):
+        a, b = rng.standard_normal(n + 3).astype(dt), rng.standard_normal(n + 3).astype(dt)
+        assert _dot_total(a, b, n) == _row_total_of_products(a, b, n), n

@@ -19,8 +19,8 @@ A deadline on every exchange (``world.timeout`` seconds, ``--rank-timeout``; 0: 
 exchange is nonblocking and the rank polls its requests against the deadline: the expert
 dispatch and combine are MPI's all-to-all (``Ialltoall`` of the counts, ``Ialltoallv`` of the
 rows); the others are point-to-point (``Isend`` / ``Irecv`` of the same buffers a collective
-would move, each message from its sender to its receiver). A request still open at the deadline names its peer, so the line
-says which ranks have not arrived::
+would move, each message from its sender to its receiver). A request still open at the deadline
+names its peer, so the line says which ranks have not arrived::
 
     refmtp: rank 0 of 2: step 7: the gradient all-gather: rank 1 has not arrived within
     --rank-timeout 5 s (hung, stopped or much slower); stopping every rank
@@ -79,7 +79,6 @@ def import_mpi(why: str):
     return MPI
 
 
-
 class _RankUnpickler(pickle.Unpickler):
     """Reads only what the ranks of one run send each other: builtins, numpy arrays, dtypes and
     scalars, paths, and refmtp's own settings classes. Objects cross between the processes of one job
@@ -98,6 +97,7 @@ class _RankUnpickler(pickle.Unpickler):
                 module == "refmtp" or module.startswith("refmtp.") or (module, name) == ("collections", "OrderedDict"):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"rank message: {module}.{name} is not a type ranks exchange")
+
 
 @dataclass
 class World:
