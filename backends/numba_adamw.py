@@ -1,7 +1,9 @@
 """Numba kernels of the optimizer step: the AdamW update of one tensor in one pass, and the sum
 of squares of one gradient for the global norm (numpy backend).
 
-Reference (same signature): ``refmtp.training.optim.adamw_update_ref``. Per element:
+Reference (same signature): ``refmtp.training.optim.adamw_update_ref``. Per element, with the
+clipped gradient ``g = g_raw * gscale`` (the clipping factor, rounded to the array dtype as
+numpy rounds ``g_raw * gscale``; 1.0 leaves g as it is):
 
     m' = beta1 m + (1 - beta1) g,   v' = beta2 v + (1 - beta2) (g g)
     p' = p (1 - lr wd) - lr ((m' / bc1) / (sqrt(v' / bc2) + eps))
@@ -32,10 +34,11 @@ from refmtp.backends.numba_expf import LANES
 CHUNK = 4096  # elements per partial sum of sum_squares (the partial sums then added in order)
 
 
-def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, p_new, m_new, v_new):
-    """All arrays flat (n,); keep = 1 - lr wd, c1 = 1 - beta1, c2 = 1 - beta2 (array dtype)."""
+def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, gs, p_new, m_new, v_new):
+    """All arrays flat (n,); keep = 1 - lr wd, c1 = 1 - beta1, c2 = 1 - beta2, gs the clipping
+    factor (array dtype)."""
     for i in prange(p.shape[0]):
-        gi = g[i]
+        gi = g[i] * gs
         mi = b1 * m[i] + c1 * gi
         vi = b2 * v[i] + c2 * (gi * gi)
         p_new[i] = p[i] * keep - lr * ((mi / bc1) / (math.sqrt(vi / bc2) + eps))
@@ -82,7 +85,7 @@ def sum_squares(g):
     return np.asarray(sum_squares_numba(flat, np.empty(LANES)), dtype=np.float64)
 
 
-def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2):
+def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2, gscale=1.0):
     """Numba twin of ``adamw_update_ref`` -> (new p, new m, new v), shaped like p."""
     check_adamw_update(p, g, m, v)
     t = p.dtype.type
@@ -90,7 +93,7 @@ def adamw_update(p, g, m, v, lr, wd, beta1, beta2, eps, bc1, bc2):
     out = [np.empty_like(flat[0]) for _ in range(3)]
     if p.size:
         adamw_update_numba(*flat, t(1.0 - lr * wd), t(lr), t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2),
-                           t(bc1), t(bc2), t(eps), *out)
+                           t(bc1), t(bc2), t(eps), t(gscale), *out)
     return tuple(a.reshape(p.shape) for a in out)
 
 

@@ -75,7 +75,7 @@ def _loops():
     def adamw(dt):
         p, g, m = (rng.standard_normal(50).astype(dt) for _ in range(3))
         v = rng.random(50).astype(dt)
-        scal = tuple(dt(c) for c in (0.9997, 3e-4, 0.9, 0.1, 0.95, 0.05, 0.271, 0.142, 1e-8))
+        scal = tuple(dt(c) for c in (0.9997, 3e-4, 0.9, 0.1, 0.95, 0.05, 0.271, 0.142, 1e-8, 0.37))
         return (p, g, m, v) + scal + tuple(np.empty_like(p) for _ in range(3))
 
     return [

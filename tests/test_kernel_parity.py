@@ -271,10 +271,10 @@ def adamw_update_cases():
             rng = np.random.default_rng(40 + i)
             p, g, m = (rng.standard_normal(sh).astype(dt) for _ in range(3))
             v = np.abs(rng.standard_normal(sh)).astype(dt) * 1e-3
-            for t, wd in ((1, 0.1), (7, 0.0)):  # first step (m = v = 0 there in training) and later
+            for t, wd, gs in ((1, 0.1, 1.0), (7, 0.0, 1.0), (3, 0.1, 0.37)):  # first step, later, clipped
                 bc1, bc2 = 1 - 0.9 ** t, 1 - 0.95 ** t
-                out.append((f"{'x'.join(map(str, sh))}-t{t}-{np.dtype(dt).name}",
-                            (p, g, m, v, 3e-4, wd, 0.9, 0.95, 1e-8, bc1, bc2)))
+                out.append((f"{'x'.join(map(str, sh))}-t{t}-gs{gs}-{np.dtype(dt).name}",
+                            (p, g, m, v, 3e-4, wd, 0.9, 0.95, 1e-8, bc1, bc2, gs)))
     return out
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from refmtp.params import decays
-from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, first_nonfinite, global_grad_norm, load_optimizer, save_optimizer)
+from refmtp.training.optim import (AdamW, AdamWSettings, CosineSchedule, clip_grads, clip_scales, first_nonfinite, global_grad_norm, load_optimizer, save_optimizer)
 
 
 def _host(backend, d):
@@ -128,6 +128,36 @@ def test_global_norm_and_clipping(backend):
     np.testing.assert_array_equal(backend.to_numpy(same["b"]), [[4.0]])
     off, _ = clip_grads(grads, 0.0)  # clipping off
     np.testing.assert_array_equal(backend.to_numpy(off["b"]), [[4.0]])
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6, 0.0], ids=["clipping", "under-the-norm", "off"])
+def test_adamw_reading_clip_scales_is_clip_then_step(backend, dtype, max_norm, kernels):
+    """AdamW applying the clipping factors as it reads the gradients (the training step's way)
+    takes the same updates, bit for bit, as AdamW on clip_grads' scaled copies."""
+    from refmtp.backends import set_kernels_enabled
+
+    rng = np.random.default_rng(3)
+    shapes = {"a.weight": (7, 5), "b.norm.weight": (5,), "c.weight": (3, 4, 2)}
+    params = {n: backend.asarray(rng.standard_normal(sh), dtype=dtype) for n, sh in shapes.items()}
+    steps = [{n: backend.asarray(rng.standard_normal(sh) * (t + 1), dtype=dtype) for n, sh in shapes.items()}
+             for t in range(3)]
+    prev = set_kernels_enabled(kernels)
+    try:
+        folded, copied = dict(params), dict(params)
+        opt_folded, opt_copied = AdamW(), AdamW()
+        for g in steps:
+            scales, norm = clip_scales(g, max_norm)
+            assert set(scales.values()) == {min(1.0, max_norm / (norm + 1e-6)) if 0 < max_norm < norm else 1.0}
+            opt_folded.step(folded, g, 1e-2, scales)
+            clipped, _ = clip_grads(g, max_norm)
+            opt_copied.step(copied, clipped, 1e-2)
+    finally:
+        set_kernels_enabled(prev)
+    for n in shapes:
+        np.testing.assert_array_equal(backend.to_numpy(folded[n]), backend.to_numpy(copied[n]))
+        assert not np.array_equal(backend.to_numpy(folded[n]), backend.to_numpy(params[n]))
 
 
 def test_global_norm_matches_numpy_and_finds_nonfinite(backend):

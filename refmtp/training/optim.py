@@ -111,21 +111,35 @@ def sum_squares(g):
     return (backend_of(g).kernel("sum_squares") or sum_squares_ref)(g)
 
 
-def clip_grads(grads: dict, max_norm: float, norm: float | None = None) -> tuple[dict, float]:
-    """Scale every gradient by ``min(1, max_norm / (||g|| + 1e-6))`` (global-norm clipping).
+def clip_scales(grads: dict, max_norm: float, norm: float | None = None) -> tuple[dict, float]:
+    """The factor each gradient is multiplied by in global-norm clipping:
+    ``min(1, max_norm / (||g|| + 1e-6))``, one Python float per name (all the same).
 
-    Returns ``(grads, norm)`` with ``norm`` the norm BEFORE clipping. ``max_norm <= 0`` turns
-    clipping off. The input dict and its arrays are not modified.
+    Returns ``(scales, norm)`` with ``norm`` the norm BEFORE clipping. ``max_norm <= 0`` turns
+    clipping off (every factor 1.0). AdamW applies the factors as it reads the gradients
+    (``AdamW.step(..., grad_scales=)``), which is :func:`clip_grads` without the scaled copies.
     """
     if norm is None:
         norm = global_grad_norm(grads)
     if max_norm <= 0 or not norm > max_norm:
-        return dict(grads), norm
-    scale = max_norm / (norm + 1e-6)  # Python float: float32 grads stay float32 (NEP 50)
+        return {name: 1.0 for name in grads}, norm
     if on("optim.clip_per_tensor"):
-        return {name: g * min(1.0, max_norm / (global_grad_norm({name: g}) + 1e-6))
+        return {name: min(1.0, max_norm / (global_grad_norm({name: g}) + 1e-6))
                 for name, g in grads.items()}, norm
-    return {name: g * scale for name, g in grads.items()}, norm
+    scale = max_norm / (norm + 1e-6)  # Python float: float32 grads stay float32 (NEP 50)
+    return {name: scale for name in grads}, norm
+
+
+def clip_grads(grads: dict, max_norm: float, norm: float | None = None) -> tuple[dict, float]:
+    """Every gradient times its :func:`clip_scales` factor (global-norm clipping).
+
+    Returns ``(grads, norm)`` with ``norm`` the norm BEFORE clipping. The input dict and its
+    arrays are not modified; without clipping the arrays are returned as they are.
+    """
+    scales, norm = clip_scales(grads, max_norm, norm)
+    if max_norm <= 0 or not norm > max_norm:
+        return dict(grads), norm
+    return {name: g * scales[name] for name, g in grads.items()}, norm
 
 
 def first_nonfinite(grads: dict) -> str | None:
@@ -142,11 +156,12 @@ def first_nonfinite(grads: dict) -> str | None:
 # AdamW
 # -------------------------------------------------------------------------------------------
 def adamw_update_ref(p, g, m, v, lr: float, wd: float, beta1: float, beta2: float, eps: float,
-                 bc1: float, bc2: float):
+                     bc1: float, bc2: float, gscale: float = 1.0):
     """One AdamW update of one tensor -> (new p, new m, new v); the inputs are not modified.
 
     The host floats act in the array dtype (NEP 50), bias corrections ``bc1 = 1 - beta1^t``,
-    ``bc2 = 1 - beta2^t``:
+    ``bc2 = 1 - beta2^t``; ``gscale`` is the clipping factor of :func:`clip_scales` (the
+    gradient used is ``g * gscale``, the array :func:`clip_grads` would return):
 
         m' = beta1 m + (1 - beta1) g,   v' = beta2 v + (1 - beta2) g^2
         p' = p (1 - lr wd) - lr (m'/bc1) / (sqrt(v'/bc2) + eps)
@@ -154,6 +169,8 @@ def adamw_update_ref(p, g, m, v, lr: float, wd: float, beta1: float, beta2: floa
     Kernel: ``adamw_update`` (backends/numba_adamw.py).
     """
     xp = backend_of(p, g, m, v).xp
+    if gscale != 1.0:
+        g = g * gscale  # clipped gradient
     m = beta1 * m + (1.0 - beta1) * g  # first moment
     v = beta2 * v + (1.0 - beta2) * (g * g)  # second moment
     m_hat = m / bc1
@@ -194,7 +211,9 @@ class AdamW:
         self.v: dict = {}
         self.step_count = 0  # number of updates taken so far (t of the last update)
 
-    def step(self, params: dict, grads: dict, lr: float) -> None:
+    def step(self, params: dict, grads: dict, lr: float, grad_scales: dict | None = None) -> None:
+        """One update with ``grads[name] * grad_scales[name]`` (the clipping factors of
+        :func:`clip_scales`; all 1.0 when None)."""
         s = self.settings
         t = self.step_count + 1
         bc1 = 1.0 - s.beta1 ** t  # bias corrections, host floats
@@ -217,11 +236,12 @@ class AdamW:
             if m is None:
                 m, v = xp.zeros_like(p), xp.zeros_like(p)
             wd = s.weight_decay if decays(name) else 0.0
+            gscale = 1.0 if grad_scales is None else grad_scales[name]
             if on("optim.coupled_decay"):
-                g, wd = g + wd * p, 0.0
+                g, wd, gscale = (g * gscale if gscale != 1.0 else g) + wd * p, 0.0, 1.0
             update = backend_of(p).kernel("adamw_update") or adamw_update_ref
             new_p[name], new_m[name], new_v[name] = update(p, g, m, v, lr, wd, s.beta1, s.beta2, s.eps,
-                                                           bc1, bc2)
+                                                           bc1, bc2, gscale)
         # commit: nothing above touched params or the state
         params.update(new_p)
         self.m.update(new_m)

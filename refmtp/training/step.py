@@ -11,8 +11,8 @@ order (docs/training.md)::
 
     out, cache = forward(params, cfg, tokens)        # losses: main, mtp.k, balance, total
     grads = backward(cache)                          # d total / d param
-    grads = clip(grads, grad_clip)                   # global-norm clipping; the norm before it is kept
-    opt.step(params, grads, lr)                      # AdamW
+    scales = clip_scales(grads, grad_clip)           # global-norm clipping; the norm before it is kept
+    opt.step(params, grads, lr, scales)              # AdamW on g * scale
     update_expert_bias(params, out.load, gamma)      # aux-loss-free balancing (V3 section 2.1.2)
 
 Microbatches (docs/distributed.md): the batch of B windows is cut into M = world.size *
@@ -45,7 +45,7 @@ from refmtp.model import backward, forward, update_expert_bias
 from refmtp.training.distributed import SINGLE, World, flatten, unflatten
 from refmtp.training.expert_parallel import active as expert_parallel_active
 from refmtp.training.expert_parallel import current as current_expert_shard
-from refmtp.training.optim import clip_grads, first_nonfinite, global_grad_norm, sum_squares
+from refmtp.training.optim import clip_scales, first_nonfinite, global_grad_norm, sum_squares
 
 LOSS_ORDER = ("main", "mtp", "balance", "total")  # order in which non-finite terms are named
 
@@ -207,9 +207,9 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
         norm, bad = _sharded_grad_norm(grads, shard, world)
     if not math.isfinite(norm):
         raise NonFinite(f"gradient of {bad!r} is not finite (grad norm {norm})")
-    grads, norm = clip_grads(grads, grad_clip, norm)
+    scales, norm = clip_scales(grads, grad_clip, norm)  # AdamW reads g * scale (no clipped copies)
     with commit():
-        opt.step(params, grads, lr)
+        opt.step(params, grads, lr, scales)
         update_expert_bias(params, load, cfg.refmtp.bias_update_gamma)
     if mark is not None:
         mark("update")
