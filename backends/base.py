@@ -118,6 +118,16 @@ class Backend:
     def prepare_training(self) -> None:
         """Called by every training step before its work (numpy: keep freed heap memory); no-op here."""
 
+    def prepare_worker_thread(self) -> None:
+        """Called once in each thread that runs a training step's microbatches side by side
+        (``train_step(..., workers=N)``; numpy: Numba's thread count, which is per thread); no-op here."""
+
+    def concurrent_microbatches(self) -> bool:
+        """Whether ``train_step(..., workers=N)`` may run microbatches side by side on threads:
+        numpy when Numba's threading layer allows concurrent kernels (a CPU gains cores); not on a
+        GPU, whose one stream would only serialise them (they then run one after another)."""
+        return False
+
     def scatter_add(self, out, idx, vals):
         """``out[idx[i]] += vals[i]`` along axis 0 with repeated indices summed (in place).
 

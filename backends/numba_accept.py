@@ -32,7 +32,7 @@ def _weight(p, q, n, j, i, d, mode):
     return p_i
 
 
-_weight_numba = njit(cache=True)(_weight)
+_weight_numba = njit(cache=True, nogil=True)(_weight)
 
 
 def _icdf_row(p, q, n, j, d, mode, u):
@@ -54,7 +54,7 @@ def _icdf_row(p, q, n, j, d, mode, u):
     return last_positive  # rounding only: the largest positive index (or -1: no mass)
 
 
-_icdf_row_numba = njit(cache=True)(_icdf_row)
+_icdf_row_numba = njit(cache=True, nogil=True)(_icdf_row)
 
 
 def _verify_drafts_batch_loop(p, q, has_q, drafts, u_accept, u_sample, greedy, scores,
@@ -105,7 +105,7 @@ def _verify_drafts_batch_loop(p, q, has_q, drafts, u_accept, u_sample, greedy, s
         is_bonus[n] = A == K
 
 
-verify_drafts_batch_numba = njit(cache=True)(_verify_drafts_batch_loop)
+verify_drafts_batch_numba = njit(cache=True, nogil=True)(_verify_drafts_batch_loop)
 
 
 def _prepare(p, q, drafts, u_accept, u_sample, greedy, logits):

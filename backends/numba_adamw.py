@@ -46,7 +46,7 @@ def _adamw_update_loop(p, g, m, v, keep, lr, b1, c1, b2, c2, bc1, bc2, eps, gs, 
         v_new[i] = vi
 
 
-adamw_update_numba = njit(cache=True, parallel=True)(_adamw_update_loop)
+adamw_update_numba = njit(cache=True, nogil=True, parallel=True)(_adamw_update_loop)
 
 
 def _sum_squares_loop(g, acc):
@@ -75,7 +75,7 @@ def _sum_squares_loop(g, acc):
     return total
 
 
-sum_squares_numba = njit(cache=True)(_sum_squares_loop)
+sum_squares_numba = njit(cache=True, nogil=True)(_sum_squares_loop)
 
 
 def sum_squares(g):

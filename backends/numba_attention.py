@@ -111,9 +111,9 @@ def _softmax_backward_rows_loop(p, dp, i0, start, ds):
             dsr[n:L] = 0
 
 
-softmax_rows_f32_numba = njit(cache=True, parallel=True)(_softmax_rows_f32_loop)
-softmax_rows_f64_numba = njit(cache=True, parallel=True)(_softmax_rows_f64_loop)
-softmax_backward_rows_numba = njit(cache=True, parallel=True)(_softmax_backward_rows_loop)
+softmax_rows_f32_numba = njit(cache=True, nogil=True, parallel=True)(_softmax_rows_f32_loop)
+softmax_rows_f64_numba = njit(cache=True, nogil=True, parallel=True)(_softmax_rows_f64_loop)
+softmax_backward_rows_numba = njit(cache=True, nogil=True, parallel=True)(_softmax_backward_rows_loop)
 
 
 def query_blocks(T: int, start: int) -> list:

@@ -134,4 +134,4 @@ def expf_rows(x):
     return (y * two_k).reshape(np.shape(x))
 
 
-_expf_numba = njit(cache=True)(_expf_loop)
+_expf_numba = njit(cache=True, nogil=True)(_expf_loop)

@@ -86,11 +86,11 @@ def _moe_combine_backward_loop(dy, ys, order, wflat, K, dys, dwflat):
         dwflat[j] = dot_total(acc, dyr, ysr, d)
 
 
-moe_dispatch_plan_numba = njit(cache=True)(_moe_dispatch_plan_loop)
-moe_permute_numba = njit(cache=True)(_moe_permute_loop)
-moe_permute_backward_numba = njit(cache=True)(_moe_permute_backward_loop)
-moe_combine_numba = njit(cache=True)(_moe_combine_loop)
-moe_combine_backward_numba = njit(cache=True)(_moe_combine_backward_loop)
+moe_dispatch_plan_numba = njit(cache=True, nogil=True)(_moe_dispatch_plan_loop)
+moe_permute_numba = njit(cache=True, nogil=True)(_moe_permute_loop)
+moe_permute_backward_numba = njit(cache=True, nogil=True)(_moe_permute_backward_loop)
+moe_combine_numba = njit(cache=True, nogil=True)(_moe_combine_loop)
+moe_combine_backward_numba = njit(cache=True, nogil=True)(_moe_combine_backward_loop)
 
 
 # -------------------------------------------------------------------------------------------

@@ -62,8 +62,8 @@ def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, dx, dweight):
                 dweight[c] += dout[r, c] * n
 
 
-rmsnorm_rows_numba = njit(cache=True, parallel=True)(_rmsnorm_rows_loop)
-rmsnorm_rows_backward_numba = njit(cache=True)(_rmsnorm_rows_backward_loop)
+rmsnorm_rows_numba = njit(cache=True, nogil=True, parallel=True)(_rmsnorm_rows_loop)
+rmsnorm_rows_backward_numba = njit(cache=True, nogil=True)(_rmsnorm_rows_backward_loop)
 
 
 def rmsnorm_rows(x, weight, eps):

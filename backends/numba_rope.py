@@ -34,7 +34,7 @@ def _rope_apply_loop(x, cos, sin, y):
                 y[n, t, 2 * j + 1] = a * s + b * c
 
 
-rope_apply_numba = njit(cache=True)(_rope_apply_loop)
+rope_apply_numba = njit(cache=True, nogil=True)(_rope_apply_loop)
 
 
 def rope_apply(x, cos, sin):

@@ -22,4 +22,4 @@ def _scatter_add_rows_loop(out, idx, vals):
             out[r, c] += vals[i, c]
 
 
-scatter_add_rows_numba = njit(cache=True)(_scatter_add_rows_loop)
+scatter_add_rows_numba = njit(cache=True, nogil=True)(_scatter_add_rows_loop)

@@ -62,9 +62,9 @@ def _swiglu_gate_backward_loop(dh, ab, sig, one, dab):
             dab[n, I + i] = g * (a * s)  # db
 
 
-swiglu_gate_numba = njit(cache=True, parallel=True)(_swiglu_gate_loop)
-swiglu_gate_f32_numba = njit(cache=True, parallel=True)(_swiglu_gate_f32_loop)
-swiglu_gate_backward_numba = njit(cache=True, parallel=True)(_swiglu_gate_backward_loop)
+swiglu_gate_numba = njit(cache=True, nogil=True, parallel=True)(_swiglu_gate_loop)
+swiglu_gate_f32_numba = njit(cache=True, nogil=True, parallel=True)(_swiglu_gate_f32_loop)
+swiglu_gate_backward_numba = njit(cache=True, nogil=True, parallel=True)(_swiglu_gate_backward_loop)
 
 
 def swiglu_gate(ab):

@@ -95,10 +95,10 @@ def _xent_backward_f32_loop(dlosses, logits, targets, lse, ignore_index, dlogits
         dr[t] -= g
 
 
-xent_forward_numba = njit(cache=True)(_xent_forward_loop)
-xent_backward_numba = njit(cache=True)(_xent_backward_loop)
-xent_forward_f32_numba = njit(cache=True)(_xent_forward_f32_loop)
-xent_backward_f32_numba = njit(cache=True)(_xent_backward_f32_loop)
+xent_forward_numba = njit(cache=True, nogil=True)(_xent_forward_loop)
+xent_backward_numba = njit(cache=True, nogil=True)(_xent_backward_loop)
+xent_forward_f32_numba = njit(cache=True, nogil=True)(_xent_forward_f32_loop)
+xent_backward_f32_numba = njit(cache=True, nogil=True)(_xent_backward_f32_loop)
 
 
 def xent_forward(logits, targets, ignore_index=-100):

@@ -80,6 +80,18 @@ class NumpyBackend(Backend):
     def prepare_training(self) -> None:
         keep_freed_memory()
 
+    def prepare_worker_thread(self) -> None:
+        # Numba's thread count is per thread (a new thread starts at NUMBA_NUM_THREADS, all the
+        # cores): without this, every worker's prange kernels would start a pool of their own
+        from refmtp.backends import numba_kernels
+
+        numba_kernels.set_thread_count()
+
+    def concurrent_microbatches(self) -> bool:
+        from refmtp.backends import numba_kernels
+
+        return numba_kernels.concurrent_launch_safe()
+
     def _load_kernels(self) -> dict:
         # Numba kernels compile lazily on first call (cache=True keeps them between runs).
         from refmtp.backends import numba_kernels

@@ -44,10 +44,12 @@ class StepRunner:
     """refmtp.training.step.train_step (the Trainer's step) without data loading, logging or
     checkpoints, timed by phase."""
 
-    def __init__(self, cfg, params, grad_clip: float = 1.0, lr: float = 1e-3):
+    def __init__(self, cfg, params, grad_clip: float = 1.0, lr: float = 1e-3, grad_accum: int = 1,
+                 workers: int = 1):
         from refmtp.training.optim import AdamW
 
         self.cfg, self.params, self.grad_clip, self.lr = cfg, params, grad_clip, lr
+        self.grad_accum, self.workers = grad_accum, workers
         self.opt = AdamW()
 
     def step(self, tokens):
@@ -55,6 +57,7 @@ class StepRunner:
 
         marks = [("start", time.perf_counter())]
         r = train_step(self.params, self.cfg, tokens, self.opt, self.lr, self.grad_clip,
+                       grad_accum=self.grad_accum, workers=self.workers,
                        mark=lambda phase: marks.append((phase, time.perf_counter())))
         t = dict(marks)
         return {"forward": t["forward"] - t["start"], "backward": t["backward"] - t["forward"],

@@ -19,8 +19,10 @@ float64, to show what those islands cost. Routing agrees with HF here: the small
 every group (n_group = topk_group = 2), so HF's group mask is inert and both pick the top-K of
 ``sigmoid(z) + bias``.
 
-Reported per dtype and thread count (BLAS threads = ``torch.set_num_threads``): tokens/s of the
-full training step (forward + backward + grad clip + AdamW + expert-bias update) for both,
+Reported per dtype and thread count n (torch: ``torch.set_num_threads(n)``; refmtp at n > 1: n
+microbatches side by side on n threads with OpenBLAS at 1 thread each, ``train_step(...,
+grad_accum=n, workers=n)``, or with ``--refmtp-cores blas`` one batch with OpenBLAS at n threads;
+each row's ``refmtp_schedule`` says which): tokens/s of the full training step (forward + backward + grad clip + AdamW + expert-bias update) for both,
 timed alternately (refmtp step, torch step, ...; median of ``--repeats`` after a warm-up), their
 ratio, and the max differences of the loss terms and of every gradient on the first batch
 (weights identical). For context each row also has both libraries' sustained 512 x 512 GEMM rate
@@ -444,7 +446,16 @@ def torch_gemm_share(tstep, tokens) -> dict:
     return {"gemm_ops": list(gemm_ops), "gemm_self_share": gemm / total if total else None}
 
 
-def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir):
+def refmtp_schedule(n: int, batch: int, mode: str) -> dict:
+    """How refmtp uses ``n`` cores: mode "threads" (n > 1, n dividing the batch): n microbatches side
+    by side on n worker threads, OpenBLAS at 1 thread each (train_step(..., workers=n), bit-identical
+    to grad_accum=n one after another); else ("blas") one batch with OpenBLAS at n threads."""
+    if mode == "threads" and n > 1 and batch % n == 0:
+        return {"mode": "threads", "workers": n, "grad_accum": n, "blas_threads": 1}
+    return {"mode": "blas", "workers": 1, "grad_accum": 1, "blas_threads": n}
+
+
+def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir, workers_mode="threads"):
     import torch
 
     from refmtp.backends import get_backend
@@ -470,10 +481,12 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir):
         timings = []
         bk = get_backend("numpy")
         for n in thread_counts:
-            blas_threads(n)
+            sched = refmtp_schedule(n, batch, workers_mode)
+            blas_threads(sched["blas_threads"])
             numba_threads = kernel_threads(n)
             torch.set_num_threads(n)
-            runner = StepRunner(cfg, init_params(cfg, seed=0, dtype=dtype))
+            runner = StepRunner(cfg, init_params(cfg, seed=0, dtype=dtype), grad_accum=sched["grad_accum"],
+                                workers=sched["workers"])
             tt = torch.from_numpy(tokens)
             xt = bk.asarray(tokens)
             runner.step(xt)
@@ -484,7 +497,8 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir):
                 tr.append(tstep.step(tt))
             med = lambda recs, k: statistics.median(r[k] for r in recs)  # noqa: E731
             pair = [t["step"] / r["step"] for r, t in zip(rr, tr)]  # refmtp/torch tokens/s, per alternation
-            row = {"threads": n, "blas_threads": blas_threads(), "numba_threads": numba_threads,
+            row = {"threads": n, "refmtp_schedule": sched, "blas_threads": blas_threads(),
+                   "numba_threads": numba_threads,
                    "torch_threads": torch.get_num_threads(),
                    "ratio_per_alternation": {"median": statistics.median(pair), "min": min(pair), "max": max(pair),
                                              "values": pair},
@@ -493,6 +507,7 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir):
                 row[tag] = {f"{k}_ms": med(recs, k) * 1e3 for k in ("forward", "backward", "optimizer", "step")}
                 row[tag]["tokens_per_s"] = batch * seq / med(recs, "step")
             row["ratio_refmtp_over_torch"] = row["refmtp"]["tokens_per_s"] / row["torch"]["tokens_per_s"]
+            blas_threads(n)  # the GEMM rates at n BLAS threads, whatever the schedule
             row["gemm_512"] = gemm_pair(dtype)
             row["numpy_gemm_peak"] = numpy_gemm_peak(dtype)
             # % of peak on the FLOPs a causal step needs (the attention products on the causal half:
@@ -536,6 +551,9 @@ def main(argv=None):
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=INT",
                     help="override integer config fields of every preset, e.g. --set hidden_size=256 "
                          "(the issue-17 config: small with d = 256)")
+    ap.add_argument("--refmtp-cores", choices=("threads", "blas"), default="threads",
+                    help="how refmtp uses n > 1 cores: 'threads' = n microbatches side by side on n threads "
+                         "(OpenBLAS at 1 thread each; the default), 'blas' = OpenBLAS at n threads")
     ap.add_argument("--out", default=str(HERE / "results" / "vs_torch.json"))
     args = ap.parse_args(argv)
     overrides = parse_overrides(args.set, ap)
@@ -564,7 +582,8 @@ def main(argv=None):
             for dtype in args.dtypes:
                 cfg = dataclasses.replace(preset(name), **overrides).validate()
                 label = name + "".join(f",{k}={v}" for k, v in overrides.items())
-                rows.append(run_case(cfg, label, dtype, args.threads, args.batch, args.seq, repeats, work))
+                rows.append(run_case(cfg, label, dtype, args.threads, args.batch, args.seq, repeats, work,
+                                     args.refmtp_cores))
     print(f"refmtp vs PyTorch eager (HF DeepseekV3 + MTP), training step, B*T = {args.batch}*{args.seq}, "
           f"median of {repeats}, OpenBLAS {blas_kernel()} kernels, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
@@ -592,6 +611,7 @@ def main(argv=None):
         "check": ("first batch, identical weights: |loss_refmtp - loss_torch| per term; grad_max_rel_diff = "
                   "max over tensors of max|g_refmtp - g_torch| / max|g_refmtp|; 'check' uses HF with the "
                   "float32 islands patched to the model dtype, 'stock_hf_check' the unpatched classes"),
+        "refmtp_cores": args.refmtp_cores,
         "config_overrides": overrides, "batch": args.batch, "seq": args.seq, "repeats": repeats,
         "rss": "peak resident memory of one untimed step per side, minus the memory before it (step_mib)",
         "torch": torch.__version__, "transformers": transformers.__version__,

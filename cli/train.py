@@ -95,13 +95,17 @@ def _fmt_step(rec: dict) -> str:
 @click.option("--grad-accum", type=click.IntRange(min=1), default=None,
               help="Microbatches per step on each process, summed in order (1); "
                    "ranks x N must divide --batch-size.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run N of the process's microbatches side by side on N threads (the CPU's "
+                   "cores; OpenBLAS gets cores / N threads each); the same bits as 1. Needs "
+                   "--grad-accum N or more (docs/performance.md).")
 @click.option("--rank-timeout", type=click.FloatRange(min=0, max=1e9), default=DEFAULT_TIMEOUT,
               show_default=True,
               help="Under MPI: seconds a rank waits for the others in an exchange before it "
                    "stops every rank, naming the ranks that did not arrive (0: wait forever).")
 def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
           decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
-          checkpoint_every, expert_parallel, grad_accum, rank_timeout):
+          checkpoint_every, expert_parallel, grad_accum, workers, rank_timeout):
     """Train a DeepSeek-V3-style model (MLA + MoE + MTP) on byte-level text.
 
     With no options: the `small` preset on the Python standard library source, numpy, float32
@@ -126,13 +130,13 @@ def train(preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup
     if world.size == 1:
         return _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr,
                       warmup_steps, decay_steps, backend, dtype, seed, out, resume_dir,
-                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum)
+                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum, workers)
     if not world.writes:
         world.silence()  # rank 0 speaks for the run
     try:
         return _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr,
                       warmup_steps, decay_steps, backend, dtype, seed, out, resume_dir,
-                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum)
+                      eval_every, log_every, checkpoint_every, expert_parallel, grad_accum, workers)
     except click.ClickException as exc:  # said once by rank 0 when every rank has it
         if not getattr(exc, "all_ranks", False):
             world.abort(one_line_text(exc.format_message()), exc.exit_code)
@@ -151,7 +155,7 @@ def _everyone(exc):
 
 def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr, warmup_steps,
            decay_steps, backend, dtype, seed, out, resume_dir, eval_every, log_every,
-           checkpoint_every, expert_parallel, grad_accum):
+           checkpoint_every, expert_parallel, grad_accum, workers):
     from refmtp.training.trainer import Aborted, NonFiniteError, RunError, Trainer, TrainSettings
 
     requested = {
@@ -167,6 +171,9 @@ def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr
         requested["microbatches"] = None  # the run's own; the trainer checks the ranks divide it
     def prepare():
         """Every check this rank can make on its own; returns how to build the trainer."""
+        if resume_dir is None and workers > (grad_accum or 1):
+            raise InputError(f"--workers {workers} runs microbatches side by side: give --grad-accum "
+                             f"{workers} or more (now {grad_accum or 1})")
         if resume_dir is None and (grad_accum or 1) * world.size > 1:
             from refmtp.training.step import check_microbatches
 
@@ -223,12 +230,25 @@ def _train(world, preset_name, config_file, data, steps, batch_size, seq_len, lr
     except errors as exc:
         raise _everyone(InputError(one_line(exc))) from None
 
+    trainer.workers = workers
+    if workers > 1:
+        _share_blas_threads(workers)
     try:
         for line in trainer.describe():
             click.echo(line)
         _run(trainer, NonFiniteError, Aborted)
     finally:
         trainer.close()
+
+
+def _share_blas_threads(workers: int) -> None:
+    """OpenBLAS at (its threads) // workers, at least 1: each worker thread's GEMMs run on its
+    share of the cores (a second BLAS pool would spin beside the first; docs/performance.md)."""
+    from refmtp.backends import openblas
+
+    n = openblas.threads()
+    if n is not None:
+        openblas.threads(max(1, n // workers))
 
 
 def _run(trainer, NonFiniteError, Aborted):

@@ -3,6 +3,7 @@
     result = train_step(params, cfg, tokens, opt, lr, grad_clip)   # params updated in place
     result.losses, result.grad_norm, result.load
     train_step(..., grad_accum=2)                 # two microbatches of B/2 windows, summed in order
+    train_step(..., grad_accum=2, workers=2)      # the same two, side by side on two threads (same bits)
     train_step(..., world=world)                  # under MPI: rank r computes its slice (data parallel)
 
 Every caller takes its steps through :func:`train_step`: the trainer (refmtp.training.trainer),
@@ -24,6 +25,15 @@ order on every rank, after an all-gather when there are several ranks, so a run 
 a single process with ``grad_accum=N`` take bit-identical steps. The reported losses are the
 means of the slices' terms; the expert-bias update uses the summed (global) loads.
 
+Workers (docs/performance.md): with ``workers=W`` a process runs its slices in waves of W, each
+wave's forwards side by side on W threads, then its backwards; NumPy's BLAS calls and the Numba
+kernels let go of the interpreter lock, so on a CPU the slices share the cores without a second
+BLAS pool spinning beside the first (give BLAS cores / W threads). Each slice is computed exactly
+as alone and the sums keep slice order, so any W takes the bits of ``workers=1``; a wave holds W
+slices' caches at once (the memory of W/M of the batch). W is 1 under expert parallelism (its
+exchanges run inside the forward, in order) and where the backend says side by side does not pay
+(a GPU) or is unsafe (Numba's "workqueue" layer).
+
 A non-finite loss term or gradient raises :class:`NonFinite` before anything is updated, so the
 parameters are those of the last good step. ``commit`` is a context manager around the two
 updates (the trainer defers Ctrl-C there); ``mark(phase)`` is called after "forward",
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import gc
 import math
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -83,7 +94,9 @@ class _Micro:
     grads: dict | None  # backward of total / M, None after an error
 
 
-def _microbatch(params, cfg, tokens, n_micro: int, on_forward, mark, world) -> tuple[_Micro, Any]:
+def _forward(params, cfg, tokens, world) -> tuple[_Micro, Any, Any]:
+    """One slice's forward -> (its _Micro without gradients, out, cache); on a failure the
+    _Micro names it (and out/cache are what there is)."""
     try:
         out, cache = forward(params, cfg, tokens)
     except ValueError as exc:  # inputs are validated by the caller: this is overflow (e.g. NaN router scores)
@@ -91,21 +104,39 @@ def _microbatch(params, cfg, tokens, n_micro: int, on_forward, mark, world) -> t
             world.abort(f"the forward pass failed ({exc})", 1)
         bad = first_nonfinite(params)
         return _Micro(f"parameter {bad!r} is not finite ({exc})" if bad
-                      else f"the forward pass failed ({exc})", {}, {}, None), None
+                      else f"the forward pass failed ({exc})", {}, {}, None), None, None
     losses = {k: float(v) for k, v in out.losses.items()}  # one host read per term
     for name in sorted(losses, key=_loss_rank):
         if not math.isfinite(losses[name]):
-            return _Micro(f"loss term {name!r} is {losses[name]} (not finite)", losses, {}, None), out
-    if on_forward is not None:
-        on_forward(out, cache)
-    if mark is not None:
-        mark("forward")
+            return _Micro(f"loss term {name!r} is {losses[name]} (not finite)", losses, {}, None), out, None
     load = {layer: backend_of(c).to_numpy(c) for layer, c in out.load.items()}  # (E,) host
-    grads = backward(cache, {"total": 1.0 / n_micro})  # d (total / M) / d params
-    del cache
-    if mark is not None:
-        mark("backward")
-    return _Micro(None, losses, load, grads), out
+    return _Micro(None, losses, load, None), out, cache
+
+
+def _in_waves(slices: list, workers: int):
+    """``slices`` in consecutive waves of ``workers`` (the last may be shorter)."""
+    return [slices[i:i + workers] for i in range(0, len(slices), workers)]
+
+
+def _each(fn, items: list, pool) -> list:
+    """``[fn(x) for x in items]``, on the pool's threads when there is one (results in order)."""
+    if pool is None or len(items) < 2:
+        return [fn(x) for x in items]
+    return list(pool.map(fn, items))
+
+
+_POOLS: dict = {}
+
+
+def _pool(workers: int, bk):
+    """The step's thread pool for ``workers`` > 1 (made once per count; its threads ask the backend
+    to set them up, e.g. Numba's thread count, which is per thread), else None."""
+    if workers < 2:
+        return None
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="refmtp-micro",
+                                             initializer=bk.prepare_worker_thread)
+    return _POOLS[workers]
 
 
 def _summed(acc, new: dict) -> dict:
@@ -151,30 +182,53 @@ def _sharded_grad_norm(grads: dict, shard, world: World) -> tuple[float, str | N
 
 @_collector_paused()  # the step frees its objects by reference counting
 def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
-               grad_accum: int = 1, world: World = SINGLE,
+               grad_accum: int = 1, workers: int = 1, world: World = SINGLE,
                commit: Callable = nullcontext, mark: Callable | None = None,
                on_forward: Callable | None = None) -> StepResult:
     """Take one update of ``params`` (in place) on ``tokens`` (B, T+1); see the module docstring.
 
     Under MPI every rank passes the same global batch and the same parameters; each computes
-    its own slices and every rank takes the same update."""
+    its own slices and every rank takes the same update. ``workers`` only schedules this
+    process's slices (side by side, in waves); it never changes a bit of the step."""
     n_micro = world.size * grad_accum
     bk = backend_of(tokens)
     bk.prepare_training()  # numpy: freed memory stays in the heap for the next step
     shard = current_expert_shard()  # expert parallel: this rank holds its own experts only
     b = check_microbatches(int(tokens.shape[0]), n_micro, "ranks x --grad-accum")
-    mine = range(world.rank * grad_accum, (world.rank + 1) * grad_accum)
+    mine = [tokens[m * b:(m + 1) * b] for m in range(world.rank * grad_accum, (world.rank + 1) * grad_accum)]
+    if expert_parallel_active() or not bk.concurrent_microbatches():  # EP: the exchanges go in order
+        workers = 1
+    workers = max(1, min(workers, len(mine)))
+    pool = _pool(workers, bk)
     micros, out = [], None
     grads = None
-    for m in mine:
-        mb, out_m = _microbatch(params, cfg, tokens[m * b:(m + 1) * b], n_micro, on_forward, mark, world)
-        out = out_m if out_m is not None else out
-        micros.append(mb)
-        if mb.error is not None:
+    for wave in _in_waves(mine, workers):  # one wave = ``workers`` slices side by side
+        fwd = _each(lambda t: _forward(params, cfg, t, world), wave, pool)
+        todo = []  # (micro, cache) of the wave's slices up to its first failure, in slice order
+        for mb, out_m, cache in fwd:
+            out = out_m if out_m is not None else out
+            micros.append(mb)
+            if mb.error is not None:
+                break
+            if on_forward is not None:
+                on_forward(out_m, cache)
+            todo.append((mb, cache))
+        del fwd
+        if mark is not None and todo:
+            mark("forward")
+        gs = _each(lambda job: backward(job[1], {"total": 1.0 / n_micro}), todo, pool)  # d (total / M) / d params
+        done = [mb for mb, _ in todo]
+        del todo  # the caches
+        for mb, g in zip(done, gs):
+            if world.size == 1:  # accumulate at once, in slice order
+                grads = _summed(grads, g)
+            else:
+                mb.grads = g
+        del gs
+        if mark is not None and micros[-1].error is None:
+            mark("backward")
+        if micros[-1].error is not None:
             break
-        if world.size == 1:  # accumulate at once: one set of gradients alive at a time
-            grads = _summed(grads, mb.grads)
-            mb.grads = None
     if world.size == 1:
         if micros[-1].error is not None:
             raise NonFinite(micros[-1].error)

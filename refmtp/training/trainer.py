@@ -259,6 +259,7 @@ class Trainer:
         self.lock = lock if lock is not None else RunLock(self.out_dir)
         self.world = world  # rank 0 writes run.json, metrics, checkpoints; every rank computes
         self.grad_accum, self.shard = parallel_plan(settings, cfg, world)
+        self.workers = 1  # microbatches side by side on threads (--workers; never changes a bit)
         self.backend = get_backend(settings.backend)
         self.schedule = settings.schedule()
         self.stop_requested = False
@@ -572,6 +573,10 @@ class Trainer:
                      "held-out tokens (bytes)")
         if self.world.size > 1:
             lines.append(self._describe_ranks())
+        if self.workers > 1:
+            side = self.workers if self.shard is None and self.backend.concurrent_microbatches() else 1
+            lines.append(f"workers {min(side, self.grad_accum)} of this process's {self.grad_accum} microbatch(es) "
+                         f"side by side (--workers {self.workers}; the same bits as one at a time)")
         if self.resumed_from is not None:
             lines.append(f"resume  from {self.resumed_from} (step {self.step})")
         lines.append(f"out     {self.out_dir}")
@@ -682,7 +687,8 @@ class Trainer:
         try:
             with sharded(self.shard) if self.shard is not None else nullcontext():
                 r = train_step(self.params, self.cfg, tokens, self.opt, lr, s.grad_clip,
-                               grad_accum=self.grad_accum, world=self.world, commit=self._commit)
+                               grad_accum=self.grad_accum, workers=self.workers, world=self.world,
+                               commit=self._commit)
         except NonFinite as exc:
             raise NonFiniteError(f"step {number}: {exc}; stopped without saving, "
                                  f"{self._last_good()}; lower --lr or check the data") from None
