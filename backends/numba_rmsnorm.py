@@ -43,23 +43,23 @@ def _rmsnorm_rows_loop(x, w, eps, dd, one, y, rstd):
 
 def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, dx, dweight):
     """dx's row holds (dout w) (x rstd) until it is written (the row sum reads it). dweight
-    adds the rows' dout * n in row order, starting from row 0 (N >= 1): the order, and so the
-    bits, of numpy's column sum in the reference. One thread: that order is serial, and the
-    pass is memory-bound (it reads dout and x once and writes dx)."""
+    (zeros on entry) adds the rows' dout * n in row order: the order, and so the bits, of
+    numpy's column sum in the reference, which starts from +0.0 too (a column of -0.0 sums to
+    +0.0). One thread: that order is serial, and the pass is memory-bound (it reads dout and x
+    once and writes dx). Each loop runs over one row (views, no branch inside), which LLVM
+    vectorises: 2.4x faster than one loop over 2-D indices that also tested r == 0."""
     N, d = x.shape
     acc = np.empty(LANES, x.dtype)
     for r in range(N):
         rs = rstd[r, 0]
+        dr, xr, dxr = dout[r], x[r], dx[r]
         for c in range(d):
-            dx[r, c] = (dout[r, c] * w[c]) * (x[r, c] * rs)
-        mean = row_total(acc, dx[r], d) / dd
+            dxr[c] = (dr[c] * w[c]) * (xr[c] * rs)
+        mean = row_total(acc, dxr, d) / dd
         for c in range(d):
-            n = x[r, c] * rs
-            dx[r, c] = rs * (dout[r, c] * w[c] - n * mean)
-            if r == 0:
-                dweight[c] = dout[r, c] * n
-            else:
-                dweight[c] += dout[r, c] * n
+            dxr[c] = rs * (dr[c] * w[c] - (xr[c] * rs) * mean)
+        for c in range(d):
+            dweight[c] += dr[c] * (xr[c] * rs)
 
 
 rmsnorm_rows_numba = njit(cache=True, nogil=True, parallel=True)(_rmsnorm_rows_loop)
@@ -87,7 +87,7 @@ def rmsnorm_rows_backward(dout, x, weight, rstd):
     d2 = np.ascontiguousarray(dout).reshape(-1, d)
     r2 = np.ascontiguousarray(rstd).reshape(-1, 1)
     dx = np.empty_like(x2)
-    dweight = np.zeros(d, dtype=x2.dtype)  # stays 0 without rows, as numpy's empty sum
+    dweight = np.zeros(d, dtype=x2.dtype)  # the kernel adds every row to it, as numpy's column sum
     if x2.size:
         t = x2.dtype.type
         rmsnorm_rows_backward_numba(d2, x2, np.ascontiguousarray(weight), r2, t(d), dx, dweight)

@@ -248,6 +248,12 @@ def rmsnorm_rows_backward_cases():
             x, w, dout = _rmsnorm_data(sh, dt, 2 * sum(sh))
             _, rstd = rmsnorm_rows_ref(x, w, 1e-6)
             out.append((f"{'x'.join(map(str, sh))}-{np.dtype(dt).name}", (dout, x, w, rstd)))
+    for dt in DTYPES:  # a column of -0.0 products: numpy's column sum starts from +0.0 (so +0.0)
+        x, w, dout = _rmsnorm_data((3, 5), dt, 7)
+        dout[:, 1] = 0.0  # column 1: every dout * n is -0.0 (x < 0), so is their sum
+        x[:, 1] = -1.0
+        _, rstd = rmsnorm_rows_ref(x, w, 1e-6)
+        out.append((f"signed-zeros-{np.dtype(dt).name}", (dout, x, w, rstd)))
     return out
 
 
@@ -337,6 +343,8 @@ def _compare(name, got, want, to_host):
         assert g.dtype == w.dtype, f"{name} output {i}: dtype {g.dtype} vs {w.dtype}"
         if i in entry.exact:
             np.testing.assert_array_equal(g, w, err_msg=f"{name} output {i} (bit-exact)")
+            if w.dtype.kind == "f":  # bit-exact includes the sign of zero (array_equal has -0.0 == 0.0)
+                np.testing.assert_array_equal(np.signbit(g), np.signbit(w), err_msg=f"{name} output {i} (signs)")
         else:
             bound = entry.tol[i][w.dtype.type]
             np.testing.assert_allclose(g, w, rtol=bound, atol=bound,
