@@ -139,11 +139,28 @@ def _pool(workers: int, bk):
     return _POOLS[workers]
 
 
-def _summed(acc, new: dict) -> dict:
-    """``acc + new`` per tensor (``new`` alone first): THE order of the accumulation."""
+def _shared_out(pool, workers: int):
+    """A drop-in for ``map`` that shares the items out among the pool's ``workers`` threads in
+    ``workers`` consecutive runs (one task per thread; results in item order); the builtin
+    ``map`` without a pool."""
+    if pool is None:
+        return map
+
+    def mapped(fn, items):
+        items = list(items)
+        runs = _in_waves(items, max(1, -(-len(items) // workers)))
+        return [r for run in _each(lambda run: [fn(x) for x in run], runs, pool) for r in run]
+
+    return mapped
+
+
+def _summed(acc, new: dict, map=map) -> dict:  # noqa: A002 (the builtin's name: a drop-in for it)
+    """``acc + new`` per tensor (``new`` alone first): THE order of the accumulation (``map``
+    may run the tensors' sums side by side: each is the same operation)."""
     if acc is None:
         return dict(new)
-    return {name: acc[name] + new[name] for name in acc}
+    names = list(acc)
+    return dict(zip(names, map(lambda name: acc[name] + new[name], names)))
 
 
 @contextmanager
@@ -200,6 +217,7 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
         workers = 1
     workers = max(1, min(workers, len(mine)))
     pool = _pool(workers, bk)
+    side_by_side = _shared_out(pool, workers)  # the gradient sums, shared out among the workers
     micros, out = [], None
     grads = None
     for wave in _in_waves(mine, workers):  # one wave = ``workers`` slices side by side
@@ -221,7 +239,7 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
         del todo  # the caches
         for mb, g in zip(done, gs):
             if world.size == 1:  # accumulate at once, in slice order
-                grads = _summed(grads, g)
+                grads = _summed(grads, g, side_by_side)
             else:
                 mb.grads = g
         del gs
