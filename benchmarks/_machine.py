@@ -27,6 +27,25 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _cpu_id() -> dict:
+    """The first CPU's family, model and AVX-512 flag from /proc/cpuinfo ("AMD EPYC" alone names
+    several generations: family 25 is Zen 3/4, family 26 Zen 5); {} where there is none."""
+    out = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("cpu family", "model") and key.replace(" ", "_") not in out:
+                    out[key.replace(" ", "_")] = int(value.strip()) if value.strip().isdigit() else value.strip()
+                elif key == "flags":
+                    out["avx512f"] = "avx512f" in value.split()
+                    break
+    except OSError:
+        pass
+    return out
+
+
 def _blas() -> dict:
     import numpy as np
 
@@ -55,6 +74,7 @@ def machine_info() -> dict:
 
     info = {
         "cpu_model": _cpu_model(),
+        "cpu_id": _cpu_id(),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "platform": platform.platform(),

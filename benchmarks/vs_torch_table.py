@@ -29,6 +29,14 @@ MARKERS = "vs-torch-issue17"  # <!-- NAME:begin --> ... <!-- NAME:end --> in doc
 TARGET_RATIO, TARGET_PEAK = 1.3, 50.0  # issue 17: >= 1.3x torch at 1 and 2 threads, >= 50% of peak at 1
 
 
+def cores(timing: dict) -> str:
+    """How refmtp used the row's cores (vs_torch.refmtp_schedule; older results: BLAS threads)."""
+    s = timing.get("refmtp_schedule") or {"mode": "blas", "blas_threads": timing.get("blas_threads")}
+    if s["mode"] == "threads":
+        return f"{s['workers']} workers x BLAS {s['blas_threads']}"
+    return f"BLAS {s['blas_threads']}"
+
+
 def rows(result: dict) -> list:
     out = []
     for case in result["results"]:
@@ -43,27 +51,30 @@ def rows(result: dict) -> list:
                 "rss": (t["peak_rss"]["refmtp"]["step_mib"], t["peak_rss"]["torch"]["step_mib"]),
                 "load": t["load_average_1m"][0],
                 "kernels": result.get("context_start", {}).get("blas_kernel") or "?",
+                "cores": cores(t),
             })
     return out
 
 
 def table(results: list) -> str:
-    head = ("| config | threads | refmtp tok/s | torch tok/s | ratio | per alternation: median (min-max) "
-            "| % of GEMM peak (full square) | step RSS MiB refmtp / torch | OpenBLAS kernels | load 1 min |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| config | threads | refmtp on them | refmtp tok/s | torch tok/s | ratio | per alternation: median "
+            "(min-max) | % of GEMM peak (full square) | step RSS MiB refmtp / torch | OpenBLAS kernels | load 1 min |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for res in results:
         for w in rows(res):
             full = f" ({w['peak_full']:.1f})" if w["peak_full"] is not None else ""
             ok_ratio = "**" if w["ratio"] >= TARGET_RATIO else ""
             lines.append(
-                f"| {w['config']} | {w['threads']} | {w['refmtp']:,.0f} | {w['torch']:,.0f} | "
+                f"| {w['config']} | {w['threads']} | {w['cores']} | {w['refmtp']:,.0f} | {w['torch']:,.0f} | "
                 f"{ok_ratio}{w['ratio']:.2f}x{ok_ratio} | {w['alt'][0]:.2f}x ({w['alt'][1]:.2f}-{w['alt'][2]:.2f}) | "
                 f"{w['peak']:.1f}%{full} | {w['rss'][0]:.0f} / {w['rss'][1]:.0f} | {w['kernels']} | {w['load']:.1f} |")
     first = results[0]
     lines.append("")
+    cid = first["machine"].get("cpu_id") or {}
+    family = f", CPU family {cid['cpu_family']} model {cid['model']}" if "cpu_family" in cid and "model" in cid else ""
     lines.append(f"Measured {first['date'][:16].replace('T', ' ')} UTC on {first['machine']['cpu_model']} "
-                 f"({first['machine']['cpu_count']} cores), numpy {first['machine']['numpy']} with "
+                 f"({first['machine']['cpu_count']} cores{family}), numpy {first['machine']['numpy']} with "
                  f"{first['machine']['numpy_blas']['name']} {first['machine']['numpy_blas']['version']}, torch "
                  f"{first['torch']}, float32, median of {first['repeats']} alternations; bold: the ratio "
                  f"meets the target ({TARGET_RATIO}x). Written by `python benchmarks/vs_torch_table.py ... "
