@@ -148,8 +148,9 @@ def _shared_out(pool, workers: int):
 
     def mapped(fn, items):
         items = list(items)
-        runs = _in_waves(items, max(1, -(-len(items) // workers)))
-        return [r for run in _each(lambda run: [fn(x) for x in run], runs, pool) for r in run]
+        runs = _in_waves(items, max(1, -(-len(items) // workers)))  # `workers` runs of consecutive items
+        results = _each(lambda run: [fn(x) for x in run], runs, pool)  # one list per run
+        return [r for part in results for r in part]
 
     return mapped
 
