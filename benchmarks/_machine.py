@@ -35,9 +35,9 @@ def _cpu_id() -> dict:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("cpu family", "model") and key.replace(" ", "_") not in out:
-                    out[key.replace(" ", "_")] = int(value.strip()) if value.strip().isdigit() else value.strip()
+                key, value = key.strip().lower().replace(" ", "_"), value.strip()
+                if key in ("cpu_family", "model") and key not in out:
+                    out[key] = int(value) if value.isdigit() else value
                 elif key == "flags":
                     out["avx512f"] = "avx512f" in value.split()
                     break

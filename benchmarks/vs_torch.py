@@ -22,7 +22,8 @@ every group (n_group = topk_group = 2), so HF's group mask is inert and both pic
 Reported per dtype and thread count n (torch: ``torch.set_num_threads(n)``; refmtp at n > 1: n
 microbatches side by side on n threads with OpenBLAS at 1 thread each, ``train_step(...,
 grad_accum=n, workers=n)``, or with ``--refmtp-cores blas`` one batch with OpenBLAS at n threads;
-each row's ``refmtp_schedule`` says which): tokens/s of the full training step (forward + backward + grad clip + AdamW + expert-bias update) for both,
+each row's ``refmtp_schedule`` says which): tokens/s of the full training step (forward +
+backward + grad clip + AdamW + expert-bias update) for both,
 timed alternately (refmtp step, torch step, ...; median of ``--repeats`` after a warm-up), their
 ratio, and the max differences of the loss terms and of every gradient on the first batch
 (weights identical). For context each row also has both libraries' sustained 512 x 512 GEMM rate

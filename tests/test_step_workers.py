@@ -144,3 +144,13 @@ def test_cli_workers_need_as_many_microbatches(tmp_path, text_file):  # noqa: F8
     assert r.exit_code == 2 and not (tmp_path / "x").exists()
     assert r.output.strip().splitlines()[-1] == (
         "Error: --workers 2 runs microbatches side by side: give --grad-accum 2 or more (now 1)")
+
+
+def test_side_by_side_workers_rule():
+    """The one rule the step and the trainer's description share: at most the slices there are,
+    1 under expert parallelism or where the backend refuses."""
+    bk = NumpyBackend()
+    assert step_mod.side_by_side_workers(2, 4, bk, False) == 2
+    assert step_mod.side_by_side_workers(4, 2, bk, False) == 2
+    assert step_mod.side_by_side_workers(2, 4, bk, True) == 1
+    assert step_mod.side_by_side_workers(1, 4, bk, False) == 1

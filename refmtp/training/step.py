@@ -113,6 +113,15 @@ def _forward(params, cfg, tokens, world) -> tuple[_Micro, Any, Any]:
     return _Micro(None, losses, load, None), out, cache
 
 
+def side_by_side_workers(workers: int, n_slices: int, bk, expert_parallel: bool) -> int:
+    """How many of a process's ``n_slices`` microbatches ``workers`` runs side by side: at most
+    ``n_slices``, and 1 under expert parallelism (its exchanges run inside each forward, in order)
+    or where the backend says side by side does not pay or is unsafe."""
+    if expert_parallel or not bk.concurrent_microbatches():
+        return 1
+    return max(1, min(workers, n_slices))
+
+
 def _in_waves(slices: list, workers: int):
     """``slices`` in consecutive waves of ``workers`` (the last may be shorter)."""
     return [slices[i:i + workers] for i in range(0, len(slices), workers)]
@@ -214,9 +223,7 @@ def train_step(params: dict, cfg, tokens, opt, lr: float, grad_clip: float, *,
     shard = current_expert_shard()  # expert parallel: this rank holds its own experts only
     b = check_microbatches(int(tokens.shape[0]), n_micro, "ranks x --grad-accum")
     mine = [tokens[m * b:(m + 1) * b] for m in range(world.rank * grad_accum, (world.rank + 1) * grad_accum)]
-    if expert_parallel_active() or not bk.concurrent_microbatches():  # EP: the exchanges go in order
-        workers = 1
-    workers = max(1, min(workers, len(mine)))
+    workers = side_by_side_workers(workers, len(mine), bk, expert_parallel_active())
     pool = _pool(workers, bk)
     side_by_side = _shared_out(pool, workers)  # the gradient sums, shared out among the workers
     micros, out = [], None

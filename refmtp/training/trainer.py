@@ -61,7 +61,7 @@ from refmtp.training.rundir import (LOCK_FILE, RUN_FORMAT, RUN_FORMAT_VERSION, S
 from refmtp.training.distributed import SINGLE, World
 from refmtp.training.expert_parallel import (REPLICATED_ENV, ExpertShard, held_params, serve_forward,
                                             sharded)
-from refmtp.training.step import NonFinite, check_microbatches, train_step
+from refmtp.training.step import NonFinite, check_microbatches, side_by_side_workers, train_step
 
 HASHED_FILES = ("model.safetensors", "optimizer.safetensors", "config.json")
 STOP_SIGNALS = ("SIGINT", "SIGTERM")  # both: finish the step, save, exit 128 + signal number
@@ -574,8 +574,8 @@ class Trainer:
         if self.world.size > 1:
             lines.append(self._describe_ranks())
         if self.workers > 1:
-            side = self.workers if self.shard is None and self.backend.concurrent_microbatches() else 1
-            lines.append(f"workers {min(side, self.grad_accum)} of this process's {self.grad_accum} microbatch(es) "
+            side = side_by_side_workers(self.workers, self.grad_accum, self.backend, self.shard is not None)
+            lines.append(f"workers {side} of this process's {self.grad_accum} microbatch(es) "
                          f"side by side (--workers {self.workers}; the same bits as one at a time)")
         if self.resumed_from is not None:
             lines.append(f"resume  from {self.resumed_from} (step {self.step})")
