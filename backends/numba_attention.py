@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_causal_attention, check_causal_attention_backward
-from refmtp.backends.numba_expf import LANES, dot_total, expf_parts, row_max_f32, row_total
+from refmtp.backends.numba_expf import LANES, dot_total, expf32, row_max_f32, row_total
 
 QUERY_BLOCK = 64  # query rows per block (T = 256: 5/8 of the square's products)
 HEADS_PER_CHUNK = 4  # (batch, head) rows per product: a block's logits stay in the core's cache
@@ -60,28 +60,27 @@ def _normalised_row(acc, pr, n):
 
 
 def _softmax_rows_f32_loop(s, scale, i0, start, p):
-    """s (R, Tb, L) raw q k^T of query rows i0.. (C-contiguous, overwritten: its memory holds 2^k);
-    p (R, T, S): rows i0..i0+Tb written, softmax over keys j <= start + row of scale * s, 0 beyond."""
+    """s (R, Tb, L) raw q k^T of query rows i0.. (C-contiguous, read only);
+    p (R, T, S): rows i0..i0+Tb written, softmax over keys j <= start + row of scale * s, 0 beyond.
+
+    The row max is taken on the raw logits and scaled after: rounding is monotone and scale > 0,
+    so ``round(max_j s_j * scale)`` is ``max_j round(s_j * scale)``, the reference's max, exactly."""
     R, Tb, L = s.shape
-    s_bits, p_bits = s.view(np.int32), p.view(np.int32)
+    s_bits = s.view(np.int32)
     for r in prange(R):
         acc = np.empty(LANES, np.float32)
         for t in range(Tb):
             row = i0 + t
             n = start + row + 1  # visible keys
-            pr, sr, br = p[r, row], s[r, t], s_bits[r, t]
+            pr, sr = p[r, row], s[r, t]
+            m = row_max_f32(s_bits[r, t], n, acc) * scale  # exact, through the int32 view (vectorises)
             for j in range(n):
-                pr[j] = sr[j] * scale  # rounded as the reference rounds it
-            m = row_max_f32(p_bits[r, row], n, acc)  # exact, through the int32 view (vectorises)
-            for j in range(n):  # e^(x - m) = e^f 2^k, the float32 2^k written into s's memory
-                pr[j], br[j] = expf_parts(pr[j] - m)
-            for j in range(n):
-                pr[j] = pr[j] * sr[j]
+                pr[j] = expf32(sr[j] * scale - m)  # scale * s rounded as the reference rounds it
             _normalised_row(acc, pr, n)
 
 
 def _softmax_rows_f64_loop(s, scale, i0, start, p):
-    """float64 twin of ``_softmax_rows_f32_loop`` with libm's exp (s is not overwritten)."""
+    """float64 twin of ``_softmax_rows_f32_loop`` with libm's exp."""
     R, Tb, L = s.shape
     for r in prange(R):
         acc = np.empty(LANES, np.float64)

@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_swiglu_gate, check_swiglu_gate_backward
-from refmtp.backends.numba_expf import expf_parts
+from refmtp.backends.numba_expf import expf32
 
 
 def _swiglu_gate_loop(ab, one, sig, h):
@@ -37,16 +37,13 @@ def _swiglu_gate_loop(ab, one, sig, h):
 
 
 def _swiglu_gate_f32_loop(ab, one, sig, h):
-    """float32 twin of ``_swiglu_gate_loop`` with the vectorised exp (backends/numba_expf.py):
-    e^(-a) = e^f 2^k, the float32 2^k written into h's memory until h is computed."""
+    """float32 twin of ``_swiglu_gate_loop`` with the vectorised exp ``expf32``
+    (backends/numba_expf.py)."""
     N, I = sig.shape
-    h_bits = h.view(np.int32)
     for n in prange(N):
         for i in range(I):
-            sig[n, i], h_bits[n, i] = expf_parts(-ab[n, i])
-        for i in range(I):
             a = ab[n, i]
-            s = one / (one + sig[n, i] * h[n, i])
+            s = one / (one + expf32(-a))
             sig[n, i] = s
             h[n, i] = a * s * ab[n, I + i]
 

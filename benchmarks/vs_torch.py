@@ -413,6 +413,34 @@ def numpy_gemm_peak(dtype: str, sizes=(512, 1024), samples: int = 3, seconds: fl
     return {"gflops_by_size": rates, "size": best, "peak_gflops": rates[best]}
 
 
+class PairedPeak:
+    """numpy's GEMM rate sampled right after each alternation (refmtp step, torch step), so the
+    step and the peak it is compared with see the same load: the best of one sample per size in
+    ``SIZES``, each as long as the refmtp step (at least 0.05 s), at the row's thread count n.
+    On a shared machine whose speed drifts by 10-20% between minutes, a peak measured once after
+    all the steps can come from a faster or slower minute than the steps; the per-alternation
+    ratio cancels that drift. (``numpy_gemm_peak`` after the run stays in the results too.)"""
+
+    SIZES = (512, 1024)
+
+    def __init__(self, dtype: str, blas_threads_during_steps: int, n: int):
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        self.pairs = [(rng.standard_normal((m, m)).astype(dtype), rng.standard_normal((m, m)).astype(dtype))
+                      for m in self.SIZES]
+        self.step_blas, self.n = blas_threads_during_steps, n
+
+    def sample(self, step_s: float) -> float:
+        from train_step import gemm_sample
+
+        blas_threads(self.n)
+        try:
+            return max(gemm_sample(a, b, max(0.05, step_s)) for a, b in self.pairs)
+        finally:
+            blas_threads(self.step_blas)
+
+
 def gemm_pair(dtype: str, n: int = 512, samples: int = 5, seconds: float = 0.2) -> dict:
     """Sustained n x n GEMM GFLOP/s of numpy (OpenBLAS) and torch (MKL), alternating samples."""
     import numpy as np
@@ -492,10 +520,12 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir, work
             xt = bk.asarray(tokens)
             runner.step(xt)
             tstep.step(tt)  # warm-ups
-            rr, tr = [], []
+            rr, tr, beside = [], [], []
+            paired = PairedPeak(dtype, sched["blas_threads"], n)
             for _ in range(repeats):  # alternate, so both see the same load
                 rr.append(runner.step(xt))
                 tr.append(tstep.step(tt))
+                beside.append(paired.sample(rr[-1]["step"]))  # the GEMM peak under this alternation's load
             med = lambda recs, k: statistics.median(r[k] for r in recs)  # noqa: E731
             pair = [t["step"] / r["step"] for r, t in zip(rr, tr)]  # refmtp/torch tokens/s, per alternation
             row = {"threads": n, "refmtp_schedule": sched, "blas_threads": blas_threads(),
@@ -518,6 +548,13 @@ def run_case(cfg, name, dtype, thread_counts, batch, seq, repeats, workdir, work
             row["refmtp"]["gflops"] = useful_train_step_flops(cfg, batch, seq) / step_s / 1e9
             row["refmtp"]["pct_of_gemm_peak"] = 100.0 * row["refmtp"]["gflops"] / peak
             row["refmtp"]["gflops_full_square"] = train_step_flops(cfg, batch, seq) / step_s / 1e9
+            # the same per alternation, against the peak sampled right after that alternation's steps
+            useful = useful_train_step_flops(cfg, batch, seq)
+            pct = [100.0 * useful / r["step"] / 1e9 / g for r, g in zip(rr, beside)]
+            row["gemm_peak_beside_steps"] = {"gflops": beside, "median_gflops": statistics.median(beside),
+                                             "sizes": list(PairedPeak.SIZES), "threads": n}
+            row["refmtp"]["pct_of_peak_beside_steps"] = {"median": statistics.median(pct), "min": min(pct),
+                                                         "max": max(pct), "values": pct}
             row["refmtp"]["pct_of_gemm_peak_full_square"] = 100.0 * row["refmtp"]["gflops_full_square"] / peak
             row["torch_profile"] = torch_gemm_share(tstep, tt)
             row["load_average_1m"] = run_context(n)["load_average_1_5_15m"]
@@ -590,7 +627,7 @@ def main(argv=None):
           f"transformers {transformers.__version__}")
     head = (f"{'preset':6} {'dtype':8} {'thr':>3} {'refmtp tok/s':>12} {'torch tok/s':>11} {'ratio':>6} "
             f"{'|dloss|':>9} {'grad rel':>9} {'stock HF rel':>12} {'routing':>7} {'GEMM np/torch':>13} "
-            f"{'torch GEMM%':>11} {'alt. ratio min-max':>18} {'% peak':>6} {'RSS MiB r/t':>11}")
+            f"{'torch GEMM%':>11} {'alt. ratio min-max':>18} {'% peak':>6} {'beside':>6} {'RSS MiB r/t':>11}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -603,6 +640,7 @@ def main(argv=None):
                   f"{100 * t['torch_profile']['gemm_self_share']:10.1f}% "
                   f"{t['ratio_per_alternation']['min']:8.2f}-{t['ratio_per_alternation']['max']:<9.2f} "
                   f"{t['refmtp']['pct_of_gemm_peak']:6.1f} "
+                  f"{t['refmtp']['pct_of_peak_beside_steps']['median']:6.1f} "
                   f"{t['peak_rss']['refmtp']['step_mib']:5.0f}/{t['peak_rss']['torch']['step_mib']:<5.0f}")
     result = {
         "benchmark": "vs_torch",

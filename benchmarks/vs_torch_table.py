@@ -7,7 +7,8 @@
 One row per (result file, case, thread count): tokens/s of both sides (median over the
 alternations), the refmtp/torch ratio with its per-alternation median, min and max, refmtp's
 share of the GEMM peak measured in the same run (on the causal FLOP count, the full-square count
-beside it), the peak resident memory of one step per side, the OpenBLAS kernels of the run and the
+beside it; then per alternation against the peak sampled right after that alternation's steps,
+median and range, where the results have it), the peak resident memory of one step per side, the OpenBLAS kernels of the run and the
 1-minute load average. The rows sit between the ``vs-torch-issue17`` markers of
 docs/performance.md (``--markers NAME``: between the ``NAME`` markers instead). Not a test.
 """
@@ -48,6 +49,7 @@ def rows(result: dict) -> list:
                 "refmtp": r["tokens_per_s"], "torch": t["torch"]["tokens_per_s"],
                 "ratio": t["ratio_refmtp_over_torch"], "alt": (a["median"], a["min"], a["max"]),
                 "peak": r["pct_of_gemm_peak"], "peak_full": r.get("pct_of_gemm_peak_full_square"),
+                "beside": r.get("pct_of_peak_beside_steps"),
                 "rss": (t["peak_rss"]["refmtp"]["step_mib"], t["peak_rss"]["torch"]["step_mib"]),
                 "load": t["load_average_1m"][0],
                 "kernels": result.get("context_start", {}).get("blas_kernel") or "?",
@@ -58,17 +60,19 @@ def rows(result: dict) -> list:
 
 def table(results: list) -> str:
     head = ("| config | threads | refmtp on them | refmtp tok/s | torch tok/s | ratio | per alternation: median "
-            "(min-max) | % of GEMM peak (full square) | step RSS MiB refmtp / torch | OpenBLAS kernels | load 1 min |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+            "(min-max) | % of GEMM peak (full square) | % of the peak beside each step: median (min-max) | step RSS MiB refmtp / torch | OpenBLAS kernels | load 1 min |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for res in results:
         for w in rows(res):
             full = f" ({w['peak_full']:.1f})" if w["peak_full"] is not None else ""
             ok_ratio = "**" if w["ratio"] >= TARGET_RATIO else ""
+            b = w["beside"]
+            beside = "-" if b is None else f"{b['median']:.1f}% ({b['min']:.1f}-{b['max']:.1f})"
             lines.append(
                 f"| {w['config']} | {w['threads']} | {w['cores']} | {w['refmtp']:,.0f} | {w['torch']:,.0f} | "
                 f"{ok_ratio}{w['ratio']:.2f}x{ok_ratio} | {w['alt'][0]:.2f}x ({w['alt'][1]:.2f}-{w['alt'][2]:.2f}) | "
-                f"{w['peak']:.1f}%{full} | {w['rss'][0]:.0f} / {w['rss'][1]:.0f} | {w['kernels']} | {w['load']:.1f} |")
+                f"{w['peak']:.1f}%{full} | {beside} | {w['rss'][0]:.0f} / {w['rss'][1]:.0f} | {w['kernels']} | {w['load']:.1f} |")
     first = results[0]
     lines.append("")
     cid = first["machine"].get("cpu_id") or {}

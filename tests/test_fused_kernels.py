@@ -187,6 +187,18 @@ def test_vectorised_expf_error_and_clamps():
     assert np.isnan(expf_rows(np.float32([np.nan]))[0])
 
 
+def test_expf32_bitcast_equals_two_pass_product():
+    """expf32 (2^k by a register bitcast) gives the bits of e^f times the 2^k stored through an
+    int32 view and multiplied in a second pass, clamps, subnormal-range inputs and NaN included."""
+    from refmtp.backends.numba_expf import X_MAX, X_MIN, expf_rows, expf_rows_two_pass
+
+    rng = np.random.default_rng(4)
+    x = np.concatenate([np.linspace(X_MIN - 5, X_MAX + 5, 100_001, dtype=np.float32),
+                        rng.standard_normal(50_000).astype(np.float32) * 30,
+                        np.float32([0.0, -0.0, np.nan, np.inf, -np.inf, 1e-30, -1e-30])])
+    np.testing.assert_array_equal(expf_rows(x).view(np.int32), expf_rows_two_pass(x).view(np.int32))
+
+
 
 @numba.njit
 def _row_max(row, n):
