@@ -24,6 +24,20 @@ def kernels_enabled() -> bool:
     return _KERNELS_ENABLED
 
 
+def topk_ref(scores, k: int):
+    """(idx int64, values) of the ``k`` largest entries along the last axis of NaN-free ``scores``
+    (``1 <= k <= n``; :meth:`Backend.topk` checks both): a stable argsort of ``-scores``, so the
+    order is descending and equal scores (``-0.0 == 0.0`` too) go to the lowest index first.
+
+    Kernel: ``topk`` (backends/numba_topk.py).
+    """
+    from array_api_compat import array_namespace
+
+    xp = array_namespace(scores)
+    idx = xp.argsort(-scores, axis=-1, stable=True)[..., :k]
+    return idx, xp.take_along_axis(scores, idx, axis=-1)
+
+
 class BackendUnavailable(RuntimeError):
     """A backend was asked for but cannot run here; the message says what is missing."""
 
@@ -151,9 +165,7 @@ class Backend:
             raise ValueError(f"topk: k={k} must be between 1 and the last dimension {n}")
         if bool(xp.any(xp.isnan(scores))):
             raise ValueError("topk: scores contain NaN")
-        order = xp.argsort(-scores, axis=-1, stable=True)
-        idx = order[..., :k]
-        return idx, xp.take_along_axis(scores, idx, axis=-1)
+        return (self.kernel("topk") or topk_ref)(scores, k)
 
     # -- kernels -----------------------------------------------------------------------------
     def kernel(self, name: str):

@@ -220,3 +220,15 @@ def check_adamw_update(p, g, m, v) -> None:
     for name, a in (("g", g), ("m", m), ("v", v)):
         if tuple(a.shape) != tuple(p.shape) or a.dtype != p.dtype:
             raise ValueError(f"adamw kernel: {name} is {tuple(a.shape)} {a.dtype}, p is {tuple(p.shape)} {p.dtype}")
+
+
+# -------------------------------------------------------------------------------------------
+# topk (reference: refmtp.backends.base.topk_ref; Backend.topk checks k and NaN first)
+# -------------------------------------------------------------------------------------------
+def check_topk(scores, k) -> None:
+    """scores (..., n) float32/float64 with n >= 1, k an integer with 1 <= k <= n."""
+    _float(scores, "scores", "topk")
+    if scores.ndim < 1 or scores.shape[-1] < 1:
+        raise ValueError(f"topk: scores must be (..., n) with n >= 1, got {tuple(scores.shape)}")
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"topk: k={k!r} must be an integer between 1 and the last dimension {scores.shape[-1]}")

@@ -9,7 +9,7 @@ in ``refmtp/``. No fastmath anywhere.
 Set ``NUMBA_DISABLE_JIT=1`` to run every kernel as plain Python when debugging.
 """
 from refmtp.backends import (numba_accept, numba_adamw, numba_attention, numba_moe, numba_rmsnorm, numba_rope, numba_swiglu,
-                             numba_xent)
+                             numba_topk, numba_xent)
 
 import importlib
 import os
@@ -60,5 +60,5 @@ set_thread_count()  # the importing thread; training's worker threads call it th
 
 KERNELS: dict = {}
 for _mod in (numba_rope, numba_xent, numba_moe, numba_accept, numba_attention, numba_swiglu, numba_rmsnorm,
-             numba_adamw):
+             numba_adamw, numba_topk):
     KERNELS.update(_mod.KERNELS)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from refmtp.backends import cupy_table, get_backend, numba_kernels
+from refmtp.backends.base import topk_ref
 from refmtp.inference.acceptance import verify_drafts_batch_ref
 from refmtp.model.moe import (moe_combine_backward_ref, moe_combine_ref, moe_dispatch_plan_ref,
                               moe_permute_backward_ref, moe_permute_ref)
@@ -45,7 +46,7 @@ ATTENTION_TOL = {np.float32: 1e-5, np.float64: 1e-13}
 # Kernels of the numpy backend only (issue 17's CPU speed levers: fused elementwise tails). On
 # cupy these names have no kernel and the plain array path runs; the GPU has no twin to check.
 CPU_ONLY = frozenset({"causal_attention", "causal_attention_backward", "swiglu_gate", "swiglu_gate_backward",
-                      "rmsnorm_rows", "rmsnorm_rows_backward", "adamw_update", "sum_squares"})
+                      "rmsnorm_rows", "rmsnorm_rows_backward", "adamw_update", "sum_squares", "topk"})
 
 
 @dataclass(frozen=True)
@@ -284,7 +285,30 @@ def adamw_update_cases():
     return out
 
 
+def topk_cases():
+    """router shapes (tokens x experts, tokens x groups x experts-per-group), k = 1 and k = n, ties
+    (repeated values, -0.0 beside 0.0), -inf rows (a masked group), +inf, one element, no rows."""
+    out = []
+    for i, (sh, k) in enumerate([((7, 8), 2), ((5, 2, 4), 2), ((6, 4), 1), ((3, 5), 5), ((1, 1), 1), ((0, 6), 3),
+                                 ((33, 256), 8), ((4, 9), 3)]):
+        for dt in DTYPES:
+            rng = np.random.default_rng(90 + i)
+            x = rng.standard_normal(sh).astype(dt)
+            if sh == (4, 9):
+                x[0] = 1.5  # a whole row of ties
+                x[1, ::2] = -np.inf  # masked experts among kept ones
+                x[2, :] = -np.inf  # every expert masked
+                x[3, :4] = (0.0, -0.0, 0.0, -0.0)
+                x[3, 4:] = -1.0
+                x[3, 7] = np.inf
+            if sh == (7, 8):
+                x[:, 3] = x[:, 5]  # equal scores on two experts
+            out.append((f"{'x'.join(map(str, sh))}-k{k}-{np.dtype(dt).name}", (x, k)))
+    return out
+
+
 TABLE: dict[str, Entry] = {
+    "topk": Entry(topk_ref, topk_cases, exact=(0, 1)),
     "rope_apply": Entry(rope_apply_ref, rope_cases, exact=(0,)),
     "xent_forward": Entry(xent_forward_ref, xent_forward_cases, exact=(),
                           tol={0: XENT_TOL, 1: XENT_TOL},
@@ -438,6 +462,9 @@ def _bad_cases():
         ("rmsnorm_rows_backward", (np.zeros((3, 4)), np.zeros((3, 4)), np.zeros(4), np.zeros((3,))), ValueError,
          r"rstd \(3, 1\)"),
         ("sum_squares", (np.zeros(3, np.int64),), TypeError, "float32 or float64"),
+        ("topk", (np.zeros((3, 4), np.int64), 2), TypeError, "float32 or float64"),
+        ("topk", (np.zeros((3, 4)), 5), ValueError, "between 1 and the last dimension 4"),
+        ("topk", (np.zeros((3, 0)), 1), ValueError, r"\(\.\.\., n\) with n >= 1"),
         ("adamw_update", (np.zeros(3), np.zeros(3), np.zeros(4), np.zeros(3), 1e-3, 0.1, 0.9, 0.95, 1e-8, 0.1, 0.05),
          ValueError, r"m is \(4,\)"),
     ]
