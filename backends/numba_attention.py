@@ -132,10 +132,11 @@ def key_blocks(T: int, start: int) -> list:
 
 
 def _dense(a):
-    """``a`` C-contiguous (a copy when it is a strided view, made once instead of once per block
-    inside every product), except a broadcast view (a zero stride: decoding's one latent key for
-    all heads), which BLAS reads as it is."""
-    return a if a.flags.c_contiguous or 0 in a.strides else np.ascontiguousarray(a)
+    """``a`` as BLAS can read it in every product: as it is when its last axis has unit stride
+    (numpy hands such a matrix, a head's (T, D) rows of a permuted (B, T, H, D) view or
+    decoding's broadcast latent key, to BLAS with its row stride, no copy), else one
+    C-contiguous copy, made once instead of once per block inside every product."""
+    return a if a.strides[-1] == a.itemsize or a.shape[-1] <= 1 else np.ascontiguousarray(a)
 
 
 def causal_attention(q, k, v, scale, start):

@@ -188,9 +188,29 @@ def _attention_data(B, H, T, start, dt, seed):
     return q, k, v, rng.standard_normal((B, H, T, 16)).astype(dt)
 
 
+def _attention_views(q, k, v, do):
+    """The same values in MLA's layouts: v and dout as heads of permuted (B, T, H, D) arrays
+    (unit inner stride, row stride H * D), k's last 8 columns a broadcast shared part, and q read
+    through a reversed last axis (a stride BLAS cannot take: the kernel copies it)."""
+    def heads(a):  # (B, H, T, D) values, stored (B, T, H, D + 5) and viewed back
+        B, H, T, D = a.shape
+        store = np.zeros((B, T, H, D + 5), a.dtype)
+        store[..., :D] = np.transpose(a, (0, 2, 1, 3))
+        return np.transpose(store, (0, 2, 1, 3))[..., :D]
+    k = k.copy()
+    k[..., 16:] = k[:, :1, :, 16:]  # one shared part for all heads, as k_pe
+    k_view = np.concatenate([k[..., :16], np.broadcast_to(k[:, :1, :, 16:], k[..., 16:].shape)], axis=-1)
+    q_rev = np.ascontiguousarray(q[..., ::-1])[..., ::-1]
+    return q_rev, k_view, heads(v), heads(do)
+
+
 def causal_attention_cases():
-    return [(f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", _attention_data(B, H, T, st, dt, B + T + st)[:3] + (0.2, st))
-            for B, H, T, st in ATTENTION_SHAPES for dt in DTYPES]
+    out = [(f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", _attention_data(B, H, T, st, dt, B + T + st)[:3] + (0.2, st))
+           for B, H, T, st in ATTENTION_SHAPES for dt in DTYPES]
+    for dt in DTYPES:  # strided views (MLA's layouts)
+        q, k, v, _ = _attention_views(*_attention_data(2, 3, 70, 0, dt, 11))
+        out.append((f"views-2x3x70-{np.dtype(dt).name}", (q, k, v, 0.2, 0)))
+    return out
 
 
 def causal_attention_backward_cases():
@@ -200,6 +220,10 @@ def causal_attention_backward_cases():
             q, k, v, do = _attention_data(B, H, T, st, dt, 2 * B + T + st)
             _, p = causal_attention_ref(q, k, v, 0.2, st)
             out.append((f"{B}x{H}x{T}-start{st}-{np.dtype(dt).name}", (do, q, k, v, p, 0.2, st)))
+    for dt in DTYPES:  # strided views (MLA's layouts)
+        q, k, v, do = _attention_views(*_attention_data(2, 3, 70, 0, dt, 12))
+        _, p = causal_attention_ref(q, k, v, 0.2, 0)
+        out.append((f"views-2x3x70-{np.dtype(dt).name}", (do, q, k, v, p, 0.2, 0)))
     return out
 
 
