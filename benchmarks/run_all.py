@@ -17,7 +17,8 @@ skipped, with the reason, when that Python cannot import them.
 
 BLAS kernels: when the environment pins OpenBLAS's kernel family (``OPENBLAS_CORETYPE``, e.g.
 Haswell = AVX2 on an AVX-512 machine), ``gemm_peak``, ``train_step`` and ``vs_torch`` run a second
-time without the pin (OpenBLAS picks its kernels for the CPU), writing ``<name>_auto-blas.json``;
+time without the pin (``OPENBLAS_CORETYPE`` and ``OPENBLAS_L2_SIZE`` both unset: OpenBLAS picks
+its kernels for the CPU), writing ``<name>_auto-blas.json``;
 ``--blas-variants env`` turns that off.
 """
 from __future__ import annotations
@@ -106,7 +107,7 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", choices=ORDER, default=list(ORDER))
     ap.add_argument("--blas-variants", nargs="+", choices=("env", "auto"),
                     default=["env", "auto"] if "OPENBLAS_CORETYPE" in os.environ else ["env"],
-                    help="env: the environment as it is; auto: without OPENBLAS_CORETYPE")
+                    help="env: the environment as it is; auto: without OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE")
     args = ap.parse_args(argv)
     common = (["--quick"] if args.quick else [])
     status = {}
@@ -125,9 +126,11 @@ def main(argv=None):
                 rc, secs = _run(python, name, extra)
                 status[name] = {"returncode": rc, "seconds": round(secs, 1)}
             else:
-                env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+                # both pins together: with OPENBLAS_L2_SIZE alone left set, some CPUs keep other kernels
+                env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}
                 out = ["--out", str(RESULTS / f"{name}{AUTO}.json")]
-                rc, secs = _run(python, name, extra + out, env=env, label=f"{name} (OPENBLAS_CORETYPE unset)")
+                rc, secs = _run(python, name, extra + out, env=env,
+                                label=f"{name} (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset)")
                 status[name + AUTO] = {"returncode": rc, "seconds": round(secs, 1)}
     summary = summarize(ORDER)  # the newest result of every benchmark, run now or earlier
     if "auto" in args.blas_variants or any((RESULTS / f"{n}{AUTO}.json").is_file() for n in BLAS_VARIANT_BENCHMARKS):
@@ -146,7 +149,7 @@ def main(argv=None):
               f"{st['seconds']:8.1f} s")
     _print_summary(summary)
     if "auto_blas" in summary:
-        print("\n--- again with OPENBLAS_CORETYPE unset (OpenBLAS's own kernel choice for this CPU)")
+        print("\n--- again with OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (OpenBLAS's own kernel choice for this CPU)")
         _print_summary(summary["auto_blas"])
     print(f"wrote {RESULTS / 'run_all.json'}")
     return 0 if all(st["returncode"] == 0 for st in status.values()) else 1
