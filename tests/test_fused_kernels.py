@@ -237,3 +237,34 @@ def test_dot_total_is_row_total_of_the_rounded_products(dt):
     for n in (0, 1, 15, 16, 17, 37, 256):
         a, b = rng.standard_normal(n + 3).astype(dt), rng.standard_normal(n + 3).astype(dt)
         assert _dot_total(a, b, n) == _row_total_of_products(a, b, n), n
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
+@pytest.mark.parametrize("B,H,T,start", [(2, 5, 70, 0), (1, 3, 130, 0), (2, 4, 33, 19)])
+def test_attention_backward_bits_do_not_depend_on_the_head_chunk(monkeypatch, dt, B, H, T, start):
+    """The backward runs one (batch row, head chunk) at a time with a reused ds scratch; every
+    product is the one a whole-batch loop takes, so any chunk size gives the same bits, and the
+    same bits as the plain loop that forms the whole ds first (written out here)."""
+    rng = np.random.default_rng(B * 100 + T + start)
+    S = start + T
+    q = (rng.standard_normal((B, H, T, 12)) * 3).astype(dt)
+    k, v = rng.standard_normal((B, H, S, 12)).astype(dt), rng.standard_normal((B, H, S, 8)).astype(dt)
+    do = rng.standard_normal((B, H, T, 8)).astype(dt)
+    _, p = numba_attention.causal_attention(q, k, v, 0.3, start)
+    # the whole-ds form: all query blocks of every (b, chunk) first, then all key blocks
+    ds = np.zeros((B, H, T, S), dt)
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    for i0, i1, L in numba_attention.query_blocks(T, start):
+        for b in range(B):
+            dp = np.ascontiguousarray(do[b, :, i0:i1] @ np.swapaxes(v[b, :, :L], -1, -2))
+            numba_attention.softmax_backward_rows_numba(p[b], dp, np.int64(i0), np.int64(start), ds[b])
+            np.matmul(ds[b, :, i0:i1, :L], k[b, :, :L], out=dq[b, :, i0:i1])
+    for j0, j1, t0 in numba_attention.key_blocks(T, start):
+        np.matmul(np.swapaxes(p[:, :, t0:, j0:j1], -1, -2), do[:, :, t0:], out=dv[:, :, j0:j1])
+        np.matmul(np.swapaxes(ds[:, :, t0:, j0:j1], -1, -2), q[:, :, t0:], out=dk[:, :, j0:j1])
+    whole = (dq * dt(0.3), dk * dt(0.3), dv)
+    for chunk in (1, 2, H):
+        monkeypatch.setattr(numba_attention, "HEADS_PER_CHUNK", chunk)
+        got = numba_attention.causal_attention_backward(do, q, k, v, p, 0.3, start)
+        for name, a, b in zip(("dq", "dk", "dv"), got, whole):
+            assert np.array_equal(a, b), f"{name} differs with {chunk} heads per chunk"
