@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import os
 
+from refmtp.backends import numba_cache
+
+numba_cache.drop_stale()  # before any kernel module loads its cache (backends/numba_cache.py)
+
 from refmtp.backends.base import Backend, BackendUnavailable, HostRNG, kernels_enabled, set_kernels_enabled
 from refmtp.backends.numpy_backend import NumpyBackend
 

@@ -239,6 +239,44 @@ def test_dot_total_is_row_total_of_the_rounded_products(dt):
         assert _dot_total(a, b, n) == _row_total_of_products(a, b, n), n
 
 
+@numba.njit
+def _lane_totals(acc, x):
+    """Row and column sums and dot products of x (R, n) by the vector lanes (the columns are
+    strided rows) and by the reference loops, in acc's dtype."""
+    R, n = x.shape
+    out = np.zeros((6, max(R, n)), acc.dtype)
+    for r in range(R):
+        out[0, r] = numba_expf.row_total(acc, x[r], n)
+        out[1, r] = numba_expf.row_total_loop(acc, x[r], n)
+        out[2, r] = numba_expf.dot_total(acc, x[r], x[R - 1 - r], n)
+        out[3, r] = numba_expf.dot_total_loop(acc, x[r], x[R - 1 - r], n)
+    for c in range(n):
+        out[4, c] = numba_expf.row_total(acc, x[:, c], R)
+        out[5, c] = numba_expf.row_total_loop(acc, x[:, c], R)
+    return out
+
+
+@pytest.mark.parametrize("dt,acc_dt", [(np.float32, np.float32), (np.float64, np.float64), (np.float32, np.float64)])
+def test_vector_lanes_give_the_loops_bits(dt, acc_dt):
+    """row_total / dot_total (one LLVM vector of 16 lanes) against the plain loops over an acc
+    array: the same bits, with inf, nan and signed zeros in rows, strided rows, rows shorter
+    than the 16 lanes and lanes wider than the row (float64 sums of float32 rows)."""
+    rng = np.random.default_rng(9)
+    for n in (0, 1, 15, 16, 17, 31, 48, 63, 256, 1000):
+        R = 37
+        x = (rng.standard_normal((R, n)) * 10.0 ** rng.uniform(-6, 6, (R, 1))).astype(dt)
+        if n >= 3:
+            x[0, 2], x[1, 1], x[2], x[3, :2] = np.inf, np.nan, -0.0, (-np.inf, np.inf)
+            x[4, :2] = (3e38, 3e38)  # overflows a float32 lane, not a float64 one
+        out = _lane_totals(np.empty(numba_expf.LANES, acc_dt), x)
+        for got, ref, m, what in ((0, 1, R, "row_total"), (2, 3, R, "dot_total"), (4, 5, n, "row_total, strided")):
+            g, r = out[got, :m], out[ref, :m]
+            assert np.array_equal(g, r, equal_nan=True) and np.array_equal(np.signbit(g), np.signbit(r)), (what, n)
+    if n >= 3:
+        assert out[0, 2] == 0 and not np.signbit(out[0, 2])  # lanes start at +0.0, as the loops' do
+        assert np.isnan(out[0, 1]) and out[0, 0] == np.inf  # the nan row, the inf row
+
+
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("B,H,T,start", [(2, 5, 70, 0), (1, 3, 130, 0), (2, 4, 33, 19)])
 def test_attention_backward_bits_do_not_depend_on_the_head_chunk(monkeypatch, dt, B, H, T, start):
