@@ -200,14 +200,20 @@ def lane_dots(typingctx, acc, a, b, lo, hi):
 
 
 @njit(inline="always", cache=True)
+def lanes_in_order(lanes):
+    """lanes[0] + lanes[1] + ... + lanes[LANES - 1], left to right."""
+    total = lanes[0]
+    for u in range(1, LANES):
+        total += lanes[u]
+    return total
+
+
+@njit(inline="always", cache=True)
 def row_total(acc, row, n):
     """sum of row[:n] in LANES interleaved partial sums of acc's dtype (module docstring); the
     same bits as :func:`row_total_loop`. acc: (LANES,), read for its dtype only."""
     n16 = n - n % LANES
-    lanes = lane_sums(acc, row, 0, n16)
-    total = lanes[0]
-    for u in range(1, LANES):
-        total += lanes[u]
+    total = lanes_in_order(lane_sums(acc, row, 0, n16))
     for j in range(n16, n):
         total += row[j]
     return total
@@ -218,10 +224,7 @@ def dot_total(acc, a, b, n):
     """sum of a[j] * b[j] over j < n, in :func:`row_total`'s order (the same bits as row_total
     over the rounded products, and as :func:`dot_total_loop`). acc: (LANES,), for its dtype."""
     n16 = n - n % LANES
-    lanes = lane_dots(acc, a, b, 0, n16)
-    total = lanes[0]
-    for u in range(1, LANES):
-        total += lanes[u]
+    total = lanes_in_order(lane_dots(acc, a, b, 0, n16))
     for j in range(n16, n):
         total += a[j] * b[j]
     return total
