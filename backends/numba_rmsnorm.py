@@ -47,7 +47,8 @@ def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, dx, dweight):
     numpy's column sum in the reference, which starts from +0.0 too (a column of -0.0 sums to
     +0.0). One thread: that order is serial, and the pass is memory-bound (it reads dout and x
     once and writes dx). Each loop runs over one row (views, no branch inside), which LLVM
-    vectorises: 2.4x faster than one loop over 2-D indices that also tested r == 0."""
+    vectorises: 2.4x faster than one loop over 2-D indices that also tested r == 0; dx and
+    dweight share the second pass (1.1-2x faster than a pass each, d = 256 down to 64)."""
     N, d = x.shape
     acc = np.empty(LANES, x.dtype)
     for r in range(N):
@@ -56,10 +57,10 @@ def _rmsnorm_rows_backward_loop(dout, x, w, rstd, dd, dx, dweight):
         for c in range(d):
             dxr[c] = (dr[c] * w[c]) * (xr[c] * rs)
         mean = row_total(acc, dxr, d) / dd
-        for c in range(d):
-            dxr[c] = rs * (dr[c] * w[c] - (xr[c] * rs) * mean)
-        for c in range(d):
-            dweight[c] += dr[c] * (xr[c] * rs)
+        for c in range(d):  # dx and dweight in one pass over the row
+            n = xr[c] * rs
+            dxr[c] = rs * (dr[c] * w[c] - n * mean)
+            dweight[c] += dr[c] * n
 
 
 rmsnorm_rows_numba = njit(cache=True, nogil=True, parallel=True)(_rmsnorm_rows_loop)
