@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from refmtp.backends.contracts import check_adamw_update, check_sum_squares
-from refmtp.backends.numba_expf import LANES
+from refmtp.backends.numba_expf import LANES, wide_squares_total
 
 CHUNK = 4096  # elements per partial sum of sum_squares (the partial sums then added in order)
 
@@ -51,23 +51,15 @@ adamw_update_numba = njit(cache=True, nogil=True, parallel=True)(_adamw_update_l
 
 def _sum_squares_loop(g, acc):
     """g flat (n,) float -> sum of g^2 in float64: each CHUNK's 16-lane sum (``row_total``'s
-    order, the squares formed as they are added), the chunks in order. acc (LANES,) float64
-    scratch. Serial: the step's 167 tensors are small, and a parallel loop's start-up cost per
-    call was larger than the work."""
+    order, the squares formed in float64 as they are added: ``wide_squares_total``), the
+    chunks in order. acc (LANES,) float64, for the lanes' dtype. Serial: the step's 167 tensors
+    are small, and a parallel loop's start-up cost per call was larger than the work."""
     n = g.shape[0]
     total = 0.0
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         m16 = (hi - lo) - (hi - lo) % LANES
-        for u in range(LANES):
-            acc[u] = 0.0
-        for j0 in range(lo, lo + m16, LANES):
-            for u in range(LANES):
-                x = np.float64(g[j0 + u])
-                acc[u] += x * x
-        part = acc[0]
-        for u in range(1, LANES):
-            part += acc[u]
+        part = wide_squares_total(acc, g, lo, lo + m16)  # the 16 lanes, one LLVM vector
         for j in range(lo + m16, hi):
             x = np.float64(g[j])
             part += x * x

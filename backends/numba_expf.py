@@ -43,6 +43,7 @@ has a NaN maximum, as numpy's ``max`` has. The map is its own inverse.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit
@@ -132,10 +133,14 @@ def dot_total_loop(acc, a, b, n):
     return total
 
 
-def _lanes_codegen(n_rows):
-    """LLVM IR of lane_sums (n_rows = 1) / lane_dots (2): a <LANES x acc dtype> vector, zero, then
-    for j0 = lo, lo + LANES, ... < hi: acc += row[j0 : j0 + LANES] (or a * b, multiplied in the
-    rows' dtype, then widened to the lanes' dtype); returned as a LANES-tuple."""
+def _lanes_codegen(term_of):
+    """LLVM IR of lane_sums / lane_dots / lane_wide_squares: a <LANES x acc dtype> vector, zero,
+    then for j0 = lo, lo + LANES, ... < hi: acc += the term of row[j0 : j0 + LANES] (``term_of``:
+    "sum" the elements, "dot" a * b multiplied in the rows' dtype, "wide_square" x * x multiplied
+    in the lanes' dtype; each widened to the lanes' dtype first where it is wider); returned as a
+    LANES-tuple."""
+    n_rows = 2 if term_of == "dot" else 1
+
     def codegen(context, builder, sig, args):
         row_types, lo, hi = sig.args[1:1 + n_rows], args[1 + n_rows], args[2 + n_rows]
         rows = [context.make_array(t)(context, builder, a) for t, a in zip(row_types, args[1:1 + n_rows])]
@@ -159,9 +164,11 @@ def _lanes_codegen(n_rows):
 
         with cgutils.for_range_slice(builder, lo, hi, intp(LANES)) as (j, _):
             vals = [load(a, t, j) for a, t in zip(rows, row_types)]
-            term = vals[0] if n_rows == 1 else builder.fmul(vals[0], vals[1])
+            term = builder.fmul(vals[0], vals[1]) if term_of == "dot" else vals[0]
             if lane != elem:
                 term = builder.fpext(term, ir.VectorType(lane, LANES))
+            if term_of == "wide_square":
+                term = builder.fmul(term, term)
             builder.store(builder.fadd(builder.load(acc), term), acc)
         vec = builder.load(acc)
         out = cgutils.get_null_value(context.get_value_type(sig.return_type))
@@ -189,14 +196,22 @@ def lane_sums(typingctx, acc, row, lo, hi):
     """The LANES partial sums of row[lo:hi] (hi - lo a multiple of LANES) in acc's dtype: lane u
     adds row[lo + u], row[lo + u + LANES], ... in order. ``acc`` only gives the dtype."""
     sig = _lanes_signature(acc, (row,), lo, hi)
-    return None if sig is None else (sig, _lanes_codegen(1))
+    return None if sig is None else (sig, _lanes_codegen("sum"))
 
 
 @intrinsic
 def lane_dots(typingctx, acc, a, b, lo, hi):
     """As :func:`lane_sums`, of the products a[j] * b[j] (rounded to the rows' dtype)."""
     sig = _lanes_signature(acc, (a, b), lo, hi)
-    return None if sig is None else (sig, _lanes_codegen(2))
+    return None if sig is None else (sig, _lanes_codegen("dot"))
+
+
+@intrinsic
+def lane_wide_squares(typingctx, acc, row, lo, hi):
+    """As :func:`lane_sums`, of the squares x * x formed in acc's dtype (exact for float32 x in
+    float64 lanes)."""
+    sig = _lanes_signature(acc, (row,), lo, hi)
+    return None if sig is None else (sig, _lanes_codegen("wide_square"))
 
 
 @njit(inline="always", cache=True)
@@ -228,6 +243,31 @@ def dot_total(acc, a, b, n):
     for j in range(n16, n):
         total += a[j] * b[j]
     return total
+
+
+@njit(inline="always", cache=True)
+def wide_squares_total(acc, row, lo, hi):
+    """sum of row[j] * row[j] over lo <= j < hi (hi - lo a multiple of LANES), each square
+    formed in acc's dtype, in :func:`row_total`'s lane order (the lanes one LLVM vector)."""
+    return lanes_in_order(lane_wide_squares(acc, row, lo, hi))
+
+
+def wide_squares_total_loop(acc, row, lo, hi):
+    """Reference of :func:`wide_squares_total`: the lanes in ``acc`` (LANES,), a plain loop."""
+    for u in range(LANES):
+        acc[u] = 0
+    for j0 in range(lo, hi, LANES):
+        for u in range(LANES):
+            x = acc.dtype.type(row[j0 + u])
+            acc[u] += x * x
+    total = acc[0]
+    for u in range(1, LANES):
+        total += acc[u]
+    return total
+
+
+if numba.config.DISABLE_JIT:  # plain Python (debugging): intrinsics cannot run there, the loops can
+    row_total, dot_total, wide_squares_total = row_total_loop, dot_total_loop, wide_squares_total_loop
 
 
 _MAGNITUDE = np.int32(0x7FFFFFFF)

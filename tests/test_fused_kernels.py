@@ -278,6 +278,24 @@ def test_vector_lanes_give_the_loops_bits(dt, acc_dt):
 
 
 @pytest.mark.parametrize("dt", [np.float32, np.float64])
+def test_wide_squares_lanes_give_the_loops_bits(dt):
+    """wide_squares_total (the sum of squares' lanes, float64 squares of float32 rows) against
+    its plain loop, on rows with inf, nan, huge and tiny values and on a strided row."""
+    rng = np.random.default_rng(10)
+    acc = np.empty(numba_expf.LANES, np.float64)
+    for n in (0, 16, 48, 256, 4096):
+        row = (rng.standard_normal(n + 7) * 10.0 ** rng.uniform(-30, 30, n + 7)).astype(dt)
+        if n:
+            row[3] = 3e38 if dt == np.float32 else 1e200  # its square overflows a float32 lane
+        for r in (row, row[::-1], np.repeat(row, 2)[::2]):
+            got = numba_expf.wide_squares_total(acc, r, 0, n)
+            with np.errstate(over="ignore"):  # the overflowing square, on purpose
+                assert got == numba_expf.wide_squares_total_loop(acc.copy(), r, 0, n), n
+    row[5] = np.nan
+    assert np.isnan(numba_expf.wide_squares_total(acc, row, 0, 16))
+
+
+@pytest.mark.parametrize("dt", [np.float32, np.float64])
 @pytest.mark.parametrize("B,H,T,start", [(2, 5, 70, 0), (1, 3, 130, 0), (2, 4, 33, 19)])
 def test_attention_backward_bits_do_not_depend_on_the_head_chunk(monkeypatch, dt, B, H, T, start):
     """The backward runs one (batch row, head chunk) at a time with a reused ds scratch; every
