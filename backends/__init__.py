@@ -20,7 +20,7 @@ import os
 
 from refmtp.backends import numba_cache
 
-numba_cache.drop_stale()  # before any kernel module loads its cache (backends/numba_cache.py)
+numba_cache.drop_stale(package=__name__)  # before any kernel module loads its cache (backends/numba_cache.py)
 
 from refmtp.backends.base import Backend, BackendUnavailable, HostRNG, kernels_enabled, set_kernels_enabled
 from refmtp.backends.numpy_backend import NumpyBackend

@@ -39,8 +39,10 @@ def test_a_numba_cache_dir_of_the_users_is_left_alone(tmp_path, monkeypatch):
     assert len(list(cache.glob("*.nb?"))) == 3
 
 
-def test_the_digest_covers_names_and_bytes(tmp_path):
+def test_the_digest_covers_names_bytes_and_the_package(tmp_path):
     (tmp_path / "numba_a.py").write_text("A = 1\n")
     d1 = numba_cache.sources_digest(tmp_path)
+    assert numba_cache.sources_digest(tmp_path, "backends") != d1  # imported under another name
     (tmp_path / "numba_a.py").rename(tmp_path / "numba_b.py")
     assert numba_cache.sources_digest(tmp_path) != d1
+    assert numba_cache.__package__ == "refmtp.backends"
