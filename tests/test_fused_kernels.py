@@ -239,7 +239,7 @@ def test_dot_total_is_row_total_of_the_rounded_products(dt):
         assert _dot_total(a, b, n) == _row_total_of_products(a, b, n), n
 
 
-@numba.njit
+@numba.njit(cache=True)  # three dtype pairs x two layouts: compiled once, not every run
 def _lane_totals(acc, x):
     """Row and column sums and dot products of x (R, n) by the vector lanes (the columns are
     strided rows) and by the reference loops, in acc's dtype."""
