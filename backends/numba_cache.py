@@ -7,9 +7,11 @@ from its old cache after that helper changes, so it would run the old code. Befo
 module is imported, :func:`drop_stale` hashes every ``numba_*.py`` source of this directory
 (and the name of the package they are imported under) and, when the hash differs from the one
 recorded beside the cache, removes this directory's cached kernels (``__pycache__/*.nbi``,
-``*.nbc``) so that they compile again from the current sources. When ``NUMBA_CACHE_DIR`` is set, Numba keeps the cache there instead, and it is left
-alone (whoever sets it owns it); a directory that cannot be written is left alone too (Numba
-then caches elsewhere or not at all).
+``*.nbc``) so that they compile again from the current sources. (Numba itself recompiles when a
+data file named in an index is gone, so another process removing them meanwhile is harmless.)
+When ``NUMBA_CACHE_DIR`` is set, Numba keeps the cache there instead, and it is left alone
+(whoever sets it owns it); a directory that cannot be written is left alone too (Numba then
+caches elsewhere or not at all).
 """
 from __future__ import annotations
 
