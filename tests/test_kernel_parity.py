@@ -176,7 +176,8 @@ def accept_cases():
 # (B, H, T, start): one query row over a long cache, several rows with and without a cache,
 # an empty batch, a single score, T over several query blocks (64) with and without a cache
 ATTENTION_SHAPES = [(1, 1, 1, 0), (2, 3, 5, 4), (2, 4, 64, 0), (1, 2, 1, 6), (0, 2, 3, 0), (3, 1, 7, 0),
-                    (1, 1, 33, 9), (2, 2, 150, 0), (1, 2, 130, 37)]
+                    (1, 1, 33, 9), (2, 2, 150, 0), (1, 2, 130, 37), (2, 2, 31, 0), (1, 3, 32, 5)]
+# (T = 31 and 32: either side of numba_attention.TRANSPOSE_FROM_ROWS, the view and the copy of k^T, v^T)
 
 
 def _attention_data(B, H, T, start, dt, seed):
