@@ -171,7 +171,9 @@ def causal_attention(q, k, v, scale, start):
     S, dt = start + T, q.dtype
     kT = _transposed(k, T)
     p = np.empty((B, H, T, S), dt)
-    o = np.empty((B, H, T, v.shape[-1]), dt)  # every row written below (all 0 when no key exists)
+    # o is stored (B, T, H, Dv) and returned as its (B, H, T, Dv) view: MLA's next step reads it
+    # as (B, T, H * Dv), so that permute is then free. Every row is written below (0 when no key exists).
+    o = np.swapaxes(np.empty((B, T, H, v.shape[-1]), dt), 1, 2)
     softmax_rows = softmax_rows_f32_numba if dt == np.float32 else softmax_rows_f64_numba
     if not p.size:
         o[...] = 0
