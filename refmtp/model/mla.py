@@ -226,8 +226,11 @@ def mla_backward(dout, cache: MLACache):
         dk_pe = ga.dk[:, 0, :, Dn:]
 
     # key/value path: forward kvb = c_KV Wkv_b^T with per-head rows [k_nope | v]
-    dkvb = xp.concat([dk_nope, ga.dv], axis=-1)  # (B,H,T,Dn+Dv)
-    dkvb = xp.reshape(xp.permute_dims(dkvb, (0, 2, 1, 3)), (B, T, H * (Dn + Dv)))  # (B,T,H*(Dn+Dv))
+    heads_last = (0, 2, 1, 3)  # (B,H,T,.) -> (B,T,H,.): each per-head concat is written in that order at once
+    dkvb = xp.empty((B, T, H, Dn + Dv), dtype=dout.dtype)  # [dk_nope | dv] per head
+    dkvb[..., :Dn] = xp.permute_dims(dk_nope, heads_last)
+    dkvb[..., Dn:] = xp.permute_dims(ga.dv, heads_last)
+    dkvb = xp.reshape(dkvb, (B, T, H * (Dn + Dv)))  # (B,T,H*(Dn+Dv)), no copy
     g = linear_backward(dkvb, c.kv_b_proj)
     grads["kv_b_proj.weight"] = g.dweight  # (H*(Dn+Dv), Rkv)
     gn = rmsnorm_backward(g.dx, c.kv_a_layernorm)  # forward: c_KV = norm(c_raw)
@@ -240,8 +243,10 @@ def mla_backward(dout, cache: MLACache):
 
     # query path: forward q_pe = RoPE(q[..., Dn:]), q rows h*(Dn+Dr)+c
     dq_pe_raw = rope_backward(dq_pe, c.q_rope).dx  # (B,H,T,Dr)
-    dq = xp.concat([dq_nope, dq_pe_raw], axis=-1)  # (B,H,T,Dn+Dr)
-    dq = xp.reshape(xp.permute_dims(dq, (0, 2, 1, 3)), (B, T, H * (Dn + cfg.qk_rope_head_dim)))
+    dq = xp.empty((B, T, H, Dn + cfg.qk_rope_head_dim), dtype=dout.dtype)  # [dq_nope | dq_pe_raw] per head
+    dq[..., :Dn] = xp.permute_dims(dq_nope, heads_last)
+    dq[..., Dn:] = xp.permute_dims(dq_pe_raw, heads_last)
+    dq = xp.reshape(dq, (B, T, H * (Dn + cfg.qk_rope_head_dim)))  # (B,T,H*(Dn+Dr)), no copy
     g = linear_backward(dq, c.q_proj)
     if cfg.q_lora_rank is None:
         grads["q_proj.weight"] = g.dweight  # (H*(Dn+Dr), d)
