@@ -163,6 +163,13 @@ def _transposed(a, rows):
     return np.ascontiguousarray(aT) if rows >= TRANSPOSE_FROM_ROWS else aT
 
 
+def _heads_last_empty(B, H, T, D, dt):
+    """An uninitialised (B, H, T, D) array stored as (B, T, H, D): the layout MLA reads and writes
+    per token ((B, T, H * D) rows), so its permutes to and from that layout copy nothing or copy
+    contiguous pieces. BLAS writes each head's (T, D) block with its row stride H * D."""
+    return np.swapaxes(np.empty((B, T, H, D), dt), 1, 2)
+
+
 def causal_attention(q, k, v, scale, start):
     """Kernel twin of ``causal_attention_ref``: q (B,H,T,Dq), k (B,H,S,Dq), v (B,H,S,Dv) -> (o, p)."""
     check_causal_attention(q, k, v, start)
@@ -173,7 +180,7 @@ def causal_attention(q, k, v, scale, start):
     p = np.empty((B, H, T, S), dt)
     # o is stored (B, T, H, Dv) and returned as its (B, H, T, Dv) view: MLA's next step reads it
     # as (B, T, H * Dv), so that permute is then free. Every row is written below (0 when no key exists).
-    o = np.swapaxes(np.empty((B, T, H, v.shape[-1]), dt), 1, 2)
+    o = _heads_last_empty(B, H, T, v.shape[-1], dt)
     softmax_rows = softmax_rows_f32_numba if dt == np.float32 else softmax_rows_f64_numba
     if not p.size:
         o[...] = 0
@@ -207,9 +214,10 @@ def causal_attention_backward(dout, q, k, v, p, scale, start):
     S, dt = start + T, q.dtype
     p = np.ascontiguousarray(p)
     vT = _transposed(v, T)
-    dq = np.empty((B, H, T, Dq), dt)  # the query blocks cover every row of dq,
-    dk = np.empty((B, H, S, Dq), dt)  # the key blocks every row of dk and dv
-    dv = np.empty((B, H, S, v.shape[-1]), dt)
+    # stored (B, T|S, H, D) like o, returned as (B, H, T|S, D) views: MLA gathers them per token
+    dq = _heads_last_empty(B, H, T, Dq, dt)  # the query blocks cover every row of dq,
+    dk = _heads_last_empty(B, H, S, Dq, dt)  # the key blocks every row of dk and dv
+    dv = _heads_last_empty(B, H, S, v.shape[-1], dt)
     if not p.size:
         for a in (dq, dk, dv):
             a[...] = 0
