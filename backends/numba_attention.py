@@ -15,7 +15,7 @@ exactly those) and the keys beyond are never read:
               dv[j0:j1] = p[t0:, j0:j1]^T dout[t0:],  dk[j0:j1] = scale ds[t0:, j0:j1]^T q[t0:]
 
 With ``TRANSPOSE_FROM_ROWS`` (32) query rows or more, ``k^T`` and ``v^T`` are C-contiguous
-copies made once per call, so ``q k^T`` and ``dout v^T`` are plain products: OpenBLAS runs
+copies, made once per (batch row, head chunk) while its keys are in cache, so ``q k^T`` and ``dout v^T`` are plain products: OpenBLAS runs
 these small shapes about twice as fast in that layout as with a transposed right operand. With
 fewer rows (decoding) the views are used: there the copy would cost as much as the product.
 The two layouts may round a product differently (another kernel), within the bound below.
@@ -151,7 +151,8 @@ def _dense(a):
 
 
 def _transposed(a, rows):
-    """``a`` (B, H, S, D) -> its (B, H, D, S) transpose for the ``x @ a^T`` products.
+    """``a`` (..., S, D), one chunk's keys or values -> its (..., D, S) transpose for the
+    ``x @ a^T`` products, made per (batch row, head chunk) just before its products read it.
 
     OpenBLAS's kernels for a product whose right operand is transposed (``q k^T``, ``dout v^T``)
     run these small shapes (64 x 48 x L) at about half the rate of the plain layout (measured
@@ -176,7 +177,6 @@ def causal_attention(q, k, v, scale, start):
     q, k, v = _dense(q), _dense(k), _dense(v)
     B, H, T, _ = q.shape
     S, dt = start + T, q.dtype
-    kT = _transposed(k, T)
     p = np.empty((B, H, T, S), dt)
     # o is stored (B, T, H, Dv) and returned as its (B, H, T, Dv) view: MLA's next step reads it
     # as (B, T, H * Dv), so that permute is then free. Every row is written below (0 when no key exists).
@@ -185,9 +185,10 @@ def causal_attention(q, k, v, scale, start):
     if not p.size:
         o[...] = 0
     else:
-        for i0, i1, L in query_blocks(T, start):
-            for b, h0, h1 in head_chunks(B, H):  # a few heads at a time: their logits stay in cache
-                s = q[b, h0:h1, i0:i1] @ kT[b, h0:h1, :, :L]  # raw logits (h1 - h0, i1 - i0, L)
+        for b, h0, h1 in head_chunks(B, H):  # a few heads at a time: their logits stay in cache
+            kT = _transposed(k[b, h0:h1], T)  # the chunk's k^T, made while it is in cache
+            for i0, i1, L in query_blocks(T, start):
+                s = q[b, h0:h1, i0:i1] @ kT[:, :, :L]  # raw logits (h1 - h0, i1 - i0, L)
                 softmax_rows(s, dt.type(scale), np.int64(i0), np.int64(start), p[b, h0:h1])
                 np.matmul(p[b, h0:h1, i0:i1, :L], v[b, h0:h1, :L], out=o[b, h0:h1, i0:i1])
     return o, p
@@ -213,7 +214,6 @@ def causal_attention_backward(dout, q, k, v, p, scale, start):
     B, H, T, Dq = q.shape
     S, dt = start + T, q.dtype
     p = np.ascontiguousarray(p)
-    vT = _transposed(v, T)
     # stored (B, T|S, H, D) like o, returned as (B, H, T|S, D) views: MLA gathers them per token
     dq = _heads_last_empty(B, H, T, Dq, dt)  # the query blocks cover every row of dq,
     dk = _heads_last_empty(B, H, S, Dq, dt)  # the key blocks every row of dk and dv
@@ -227,8 +227,9 @@ def causal_attention_backward(dout, q, k, v, p, scale, start):
     dp_buf = np.empty(chunk * min(T, QUERY_BLOCK) * S, dt)  # one query block's dp (heads, rows, L)
     for b, h0, h1 in head_chunks(B, H):
         ds = _scratch(ds_buf, (h1 - h0, T, S))
+        vT = _transposed(v[b, h0:h1], T)  # the chunk's v^T, made while it is in cache
         for i0, i1, L in query_blocks(T, start):
-            dp = np.matmul(dout[b, h0:h1, i0:i1], vT[b, h0:h1, :, :L], out=_scratch(dp_buf, (h1 - h0, i1 - i0, L)))
+            dp = np.matmul(dout[b, h0:h1, i0:i1], vT[:, :, :L], out=_scratch(dp_buf, (h1 - h0, i1 - i0, L)))
             softmax_backward_rows_numba(p[b, h0:h1], dp, np.int64(i0), np.int64(start), ds)
             np.matmul(ds[:, i0:i1, :L], k[b, h0:h1, :L], out=dq[b, h0:h1, i0:i1])
         for j0, j1, t0 in key_blocks(T, start):
