@@ -15,10 +15,12 @@ exactly those) and the keys beyond are never read:
               dv[j0:j1] = p[t0:, j0:j1]^T dout[t0:],  dk[j0:j1] = scale ds[t0:, j0:j1]^T q[t0:]
 
 With ``TRANSPOSE_FROM_ROWS`` (32) query rows or more, ``k^T`` and ``v^T`` are C-contiguous
-copies, made once per (batch row, head chunk) while its keys are in cache, so ``q k^T`` and ``dout v^T`` are plain products: OpenBLAS runs
-these small shapes about twice as fast in that layout as with a transposed right operand. With
-fewer rows (decoding) the views are used: there the copy would cost as much as the product.
-The two layouts may round a product differently (another kernel), within the bound below.
+copies, made once per (batch row, head chunk) while its keys are in cache, so ``q k^T`` and
+``dout v^T`` are plain products: OpenBLAS runs these small shapes about twice as fast in that
+layout as with a transposed right operand. With fewer rows (decoding) the views are used: there
+the copy would cost as much as the product. The two layouts may round a product differently
+(another kernel), within the bound below. The outputs o, dq, dk, dv are stored (B, T, H, D)
+(``_heads_last_empty``), the layout MLA reads next.
 
 The backward runs both loops for one (batch row, head chunk) before the next, so that chunk's
 ``ds`` lives in a reused scratch (never a whole (B, H, T, S) array) and its ``p`` rows are
@@ -46,7 +48,7 @@ from refmtp.backends.numba_expf import LANES, dot_total, expf32, row_max_f32, ro
 
 QUERY_BLOCK = 64  # query rows per block (T = 256: 5/8 of the square's products)
 HEADS_PER_CHUNK = 4  # (batch, head) rows per product: a block's logits stay in the core's cache
-TRANSPOSE_FROM_ROWS = 32  # with at least this many query rows, k^T and v^T are copied out once (below)
+TRANSPOSE_FROM_ROWS = 32  # from this many query rows on, each chunk's k^T and v^T are copied out (_transposed)
 
 
 @njit(inline="always", cache=True)
